@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the controller's virtualenv needs to build libvirt-python, once.
+# Safe to run twice: nothing is fetched when everything is present.
+set -euo pipefail
+
+packages=(libvirt-dev pkg-config gcc python3-dev python3-venv)
+
+if [[ $(id -u) -ne 0 ]]; then
+  echo "install-host-deps: run as root (apt-get installs ${packages[*]})" >&2
+  exit 1
+fi
+if ! command -v apt-get >/dev/null; then
+  echo "install-host-deps: no apt-get here; install the equivalents of: ${packages[*]}" >&2
+  exit 1
+fi
+
+missing=()
+for package in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing+=("$package")
+done
+if ((${#missing[@]})); then
+  echo "install-host-deps: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
