@@ -10,6 +10,8 @@ BUILD := $(CURDIR)/build
 COLLECTIONS := $(BUILD)/collections
 COLLECTION_LINK := $(COLLECTIONS)/ansible_collections/clonesafe/fleet
 SANITY_ROOT := $(BUILD)/sanity/ansible_collections/clonesafe/fleet
+# ansible-test installs its own pinned linters: keep them out of the project's virtualenv.
+SANITY_VENV ?= $(CURDIR)/.venv-sanity
 PYTEST_ARGS ?=
 
 export PATH := $(VENV)/bin:$(PATH)
@@ -44,10 +46,18 @@ lab: venv collection
 	ansible-playbook playbooks/lab.yml
 
 # ansible-test wants the collection's real path to end in ansible_collections/clonesafe/fleet.
-sanity: venv
+$(SANITY_VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(SANITY_VENV)
+	$(SANITY_VENV)/bin/pip install -q --upgrade pip
+	$(SANITY_VENV)/bin/pip install -q "$$(grep '^ansible-core==' requirements.txt)"
+	pip_version=$$($(SANITY_VENV)/bin/python -c 'from ansible_test._internal.python_requirements import get_venv_packages as p; from types import SimpleNamespace as n; print(p(n(version="3.11"))["pip"])') && \
+	  install -D -m 0644 hack/ansible-test-get-pip.py "$$HOME/.ansible/test/cache/get_pip_$${pip_version//./_}.py"
+	touch $@
+
+sanity: deps $(SANITY_VENV)/.installed
 	rm -rf $(SANITY_ROOT) && mkdir -p $(SANITY_ROOT)
 	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t $(SANITY_ROOT)
-	cd $(SANITY_ROOT) && ansible-test sanity --color no --python 3.11 --local
+	cd $(SANITY_ROOT) && git init -q && git add -A && $(SANITY_VENV)/bin/ansible-test sanity --color no --python 3.11 --local --requirements
 
 lint: venv collection
 	ansible-lint --profile production --offline

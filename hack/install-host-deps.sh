@@ -3,7 +3,7 @@
 # Safe to run twice: nothing is fetched when everything is present.
 set -euo pipefail
 
-packages=(libvirt-dev pkg-config gcc python3-dev python3-venv)
+packages=(libvirt-dev pkg-config gcc python3-dev python3-venv shellcheck git rsync)
 
 if [[ $(id -u) -ne 0 ]]; then
   echo "install-host-deps: run as root (apt-get installs ${packages[*]})" >&2

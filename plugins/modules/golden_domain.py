@@ -16,7 +16,7 @@ description:
     same-named domain that it did not create.
   - A second run with the same options changes nothing.
 author:
-  - clonesafe developers
+  - clonesafe developers (@clonesafe)
 extends_documentation_fragment:
   - clonesafe.fleet.connection
   - clonesafe.fleet.attributes
