@@ -1,0 +1,174 @@
+# Copyright (c) clonesafe developers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+"""Talk to many clones' agents at once over their host-side channel sockets.
+
+One thread, one selector: every request is written at the same time and the replies are read as
+they come, so N clones cost about one round trip, not N. Everything a guest sends is untrusted: a
+reply is capped in size, parsed against the protocol schema, and must arrive before the deadline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import secrets
+import selectors
+import socket
+import time
+import typing as t
+
+from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import wire
+
+# Replies to earlier requests (a previous client that left early) may still sit in the channel.
+MAX_STALE_REPLIES = 16
+READ_CHUNK = 65536
+
+
+@dataclasses.dataclass
+class ChannelCall:
+    """One request to one clone's agent and, once done, its reply or the reason there is none."""
+
+    clone: str
+    socket_path: str
+    op: str
+    args: dict[str, t.Any]
+    request_id: str = dataclasses.field(default_factory=lambda: secrets.token_hex(8))
+    reply: dict[str, t.Any] | None = None
+    error: str | None = None
+    latency_ms: float | None = None
+
+    @property
+    def result(self) -> dict[str, t.Any] | None:
+        """The result of a successful reply, else None."""
+        if self.reply is not None and self.reply.get("ok"):
+            return self.reply["result"]
+        return None
+
+    def failure(self) -> str | None:
+        """Why this call did not succeed, in words that name the clone; None on success."""
+        if self.error:
+            return self.error
+        if self.reply is not None and not self.reply.get("ok"):
+            problem = self.reply["error"]
+            return f"agent of clone '{self.clone}' refused {self.op}: {problem['code']}: {problem['message']}"
+        return None
+
+
+@dataclasses.dataclass
+class _Pending:
+    call: ChannelCall
+    sock: socket.socket
+    outgoing: bytes
+    lines: wire.LineBuffer
+    started: float
+    stale: int = 0
+
+
+def _connect(call: ChannelCall) -> socket.socket | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        sock.connect(call.socket_path)
+    except BlockingIOError:
+        return sock
+    except OSError as error:
+        sock.close()
+        hint = ""
+        if error.errno in (errno.ENOENT, errno.ECONNREFUSED):
+            hint = " (is the clone running, and does its domain XML have the org.clonesafe.agent.0 channel?)"
+        elif error.errno == errno.EAGAIN:
+            hint = " (another client holds the channel: one client at a time)"
+        call.error = f"cannot open the agent channel of clone '{call.clone}' at {call.socket_path}: {error.strerror}{hint}"
+        return None
+    return sock
+
+
+def _handle_line(pending: _Pending, line: bytes | wire.OversizedLine) -> bool:
+    """Take one reply line; True when the call is finished."""
+    call = pending.call
+    try:
+        message = wire.parse_response(line, call.request_id, call.op)
+    except wire.ProtocolError as error:
+        if error.code == "wrong_id" and pending.stale < MAX_STALE_REPLIES:
+            pending.stale += 1
+            return False
+        call.error = f"clone '{call.clone}' answered {call.op} with an invalid reply: {error.message}"
+        return True
+    call.reply = message
+    return True
+
+
+def call_all(calls: t.Sequence[ChannelCall], timeout: float) -> None:
+    """Send every call's request at once and wait, at most ``timeout`` seconds, for every reply."""
+    selector = selectors.DefaultSelector()
+    deadline = time.monotonic() + timeout
+    open_calls: dict[int, _Pending] = {}
+    try:
+        for call in calls:
+            try:
+                request = wire.encode_request(call.op, call.args, call.request_id)
+            except wire.ProtocolError as error:
+                call.error = f"request {call.op} for clone '{call.clone}' is invalid: {error.message}"
+                continue
+            sock = _connect(call)
+            if sock is None:
+                continue
+            pending = _Pending(call, sock, request, wire.LineBuffer(), time.monotonic())
+            open_calls[sock.fileno()] = pending
+            selector.register(sock, selectors.EVENT_WRITE, pending)
+
+        while open_calls:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            for key, events in selector.select(remaining):
+                pending = key.data
+                finished = _step(pending, events)
+                if finished:
+                    pending.call.latency_ms = round((time.monotonic() - pending.started) * 1000, 3)
+                    _close(selector, open_calls, pending)
+                elif not pending.outgoing:
+                    selector.modify(pending.sock, selectors.EVENT_READ, pending)
+        for pending in list(open_calls.values()):
+            pending.call.error = (
+                f"clone '{pending.call.clone}' did not answer {pending.call.op} within {timeout:g} s "
+                "(is its agent running?)"
+            )
+            _close(selector, open_calls, pending)
+    finally:
+        for pending in list(open_calls.values()):
+            _close(selector, open_calls, pending)
+        selector.close()
+
+
+def _step(pending: _Pending, events: int) -> bool:
+    """Write what is left of the request or read what arrived; True when the call is finished."""
+    call = pending.call
+    try:
+        if events & selectors.EVENT_WRITE and pending.outgoing:
+            sent = pending.sock.send(pending.outgoing)
+            pending.outgoing = pending.outgoing[sent:]
+            return False
+        if events & selectors.EVENT_READ:
+            data = pending.sock.recv(READ_CHUNK)
+            if not data:
+                call.error = f"the agent channel of clone '{call.clone}' closed before a reply to {call.op}"
+                return True
+            for line in pending.lines.feed(data):
+                if _handle_line(pending, line):
+                    return True
+    except BlockingIOError:
+        return False
+    except OSError as error:
+        call.error = f"talking to the agent of clone '{call.clone}' failed: {error.strerror or error}"
+        return True
+    return False
+
+
+def _close(selector: selectors.BaseSelector, open_calls: dict[int, _Pending], pending: _Pending) -> None:
+    fileno = pending.sock.fileno()
+    if fileno in open_calls:
+        del open_calls[fileno]
+        selector.unregister(pending.sock)
+    pending.sock.close()

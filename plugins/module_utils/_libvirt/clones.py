@@ -1,0 +1,531 @@
+# Copyright (c) clonesafe developers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+"""Clones of a template: create (overlay, define, boot or restore), find, converge and remove.
+
+A clone is a persistent libvirt domain with the clonesafe marker ``role="clone"`` and its own
+directory ``<clones_dir>/<name>/`` holding everything the module creates for it (overlay, console
+log, channel sockets, the transient restore FIFO). Removal deletes exactly those files.
+
+Restore without copying the memory state: the clone's save image is a new libvirt header (the
+clone's XML, the golden's cookie) followed by the golden's QEMU stream, written with sendfile into
+a FIFO that libvirt's restore reads (see save_image.py). libvirt gives the restored domain a new
+VM Generation ID, so the guest is told it is a clone.
+
+MACs of memory clones: the golden's MAC lives in the saved virtio-net state, so a new MAC in the
+XML would never reach the guest. The clone is restored paused with the golden's NIC, its link is
+put down before the guest runs, and once the guest runs the NIC is hot-unplugged and a NIC with
+the clone's own MAC is hot-plugged (live and config), so guest, QEMU and libvirt agree.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import threading
+import time
+import typing as t
+import uuid as uuidlib
+
+from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt import save_image, storage
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt._libvirt_dep import libvirt
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.clone_xml import (
+    CLONE_ROLE,
+    CloneIdentity,
+    ClonePaths,
+    channel_names,
+    clone_paths,
+    desired_names,
+    interface_macs,
+    interface_with,
+    live_interfaces,
+    random_mac,
+    rewrite_for_clone,
+)
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.connection import LibvirtConnection
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.domain_xml import read_clonesafe_marker, read_identity
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.template import Template, require_template, utc_now
+
+DEFAULT_CLONES_DIR = "/var/lib/clonesafe/clones"
+START_MODES = ("boot", "restore", "none")
+NETWORK_MODES = ("held", "released")
+# Hot-unplug needs the guest's cooperation (ACPI eject); TCG guests under load are slow.
+NIC_UNPLUG_TIMEOUT = 60.0
+
+
+def _live_and_config() -> int:
+    return libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG
+
+
+def domain_marker(conn: LibvirtConnection, domain: t.Any) -> dict[str, t.Any] | None:
+    """The clonesafe marker from the domain's persistent XML (live XML for a transient domain)."""
+    inactive = bool(conn.call(f"checking domain '{domain.name()}'", domain.isPersistent))
+    return read_clonesafe_marker(conn.domain_xml(domain, inactive=inactive))
+
+
+def describe_clone(conn: LibvirtConnection, domain: t.Any, spec: dict[str, t.Any]) -> dict[str, t.Any]:
+    """Everything clone_info and clone report about one clone."""
+    xml = conn.domain_xml(domain)
+    identity = read_identity(xml)
+    overlay = spec.get("overlay")
+    nics = live_interfaces(xml)
+    try:
+        overlay_size = storage.allocated_bytes(overlay) if overlay else None
+    except OSError:
+        overlay_size = None
+    return {
+        "name": identity["name"],
+        "uuid": identity["uuid"],
+        "genid": identity["genid"],
+        "state": conn.domain_state(domain),
+        "template": spec.get("template"),
+        "index": spec.get("index"),
+        "created_at": spec.get("created_at"),
+        "overlay": overlay,
+        "overlay_size": overlay_size,
+        "directory": spec.get("directory"),
+        "console_log": spec.get("console_log"),
+        "channel_sockets": {name: ClonePaths(spec["directory"]).channel_socket(name) for name in channel_names(xml)}
+        if spec.get("directory")
+        else {},
+        "macs": [nic["mac"] for nic in nics],
+        "links": [nic["link"] for nic in nics],
+        "network": "released" if nics and all(nic["link"] == "up" for nic in nics) else ("held" if nics else "none"),
+        "uri": conn.uri,
+    }
+
+
+def find_clones(conn: LibvirtConnection, template: str | None = None) -> list[tuple[t.Any, dict[str, t.Any]]]:
+    """(domain, marker spec) of every clonesafe clone on the connection, optionally of one template."""
+    found = []
+    for domain in conn.call("listing domains", conn.conn.listAllDomains, 0):
+        try:
+            marker = domain_marker(conn, domain)
+        except ClonesafeError:
+            continue  # vanished between listing and reading
+        if not marker or marker.get("role") != CLONE_ROLE:
+            continue
+        if template is not None and marker["spec"].get("template") != template:
+            continue
+        found.append((domain, marker["spec"]))
+    return sorted(found, key=lambda pair: pair[0].name())
+
+
+@dataclasses.dataclass
+class CloneResult:
+    """What happened to one clone during a run."""
+
+    name: str
+    actions: list[str] = dataclasses.field(default_factory=list)
+    info: dict[str, t.Any] = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
+    error: str | None = None
+
+    @property
+    def changed(self) -> bool:
+        """Whether anything was done to this clone."""
+        return bool(self.actions)
+
+    def as_dict(self) -> dict[str, t.Any]:
+        """Per-clone return value."""
+        return {"name": self.name, "actions": self.actions, "changed": self.changed, "seconds": round(self.seconds, 3),
+                "error": self.error, **{k: v for k, v in self.info.items() if k != "name"}}
+
+    def line(self) -> str:
+        """One human line, shown at -v through the module's ``progress`` return value."""
+        if self.error:
+            return f"{self.name}: FAILED after {self.seconds:.2f}s: {self.error}"
+        what = ", ".join(self.actions) if self.actions else "unchanged"
+        return f"{self.name}: {what} ({self.seconds:.2f}s)"
+
+
+def _restore_through_fifo(conn: LibvirtConnection, template: Template, xml: str, fifo: str) -> t.Any:
+    """Restore ``xml`` + the template's QEMU stream, paused, with libvirt reading from a FIFO."""
+    image = template.save_image()
+    os.mkfifo(fifo, 0o600)
+    feed_error: list[BaseException] = []
+
+    def feed() -> None:
+        try:
+            target = os.open(fifo, os.O_WRONLY)
+        except OSError as error:
+            feed_error.append(error)
+            return
+        try:
+            save_image.write_rewritten_image(target, template.memory, image, xml)
+        except BrokenPipeError:
+            pass  # libvirt stopped reading: its restore error says why
+        except OSError as error:
+            feed_error.append(error)
+        finally:
+            os.close(target)
+
+    writer = threading.Thread(target=feed, name=f"restore-feed-{os.path.basename(os.path.dirname(fifo))}", daemon=True)
+    writer.start()
+    try:
+        conn.call("restoring a clone", conn.conn.restoreFlags, fifo, None, libvirt.VIR_DOMAIN_SAVE_PAUSED)
+    finally:
+        if writer.is_alive():
+            # Unblock a writer still waiting for a reader (libvirt failed before opening the FIFO).
+            try:
+                os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+        writer.join(timeout=30)
+        storage.remove_files([fifo])
+    if feed_error:
+        raise ClonesafeError(f"feeding the save image to libvirt failed: {feed_error[0]}")
+    return conn.get_domain(read_identity(xml)["name"])
+
+
+def set_links(conn: LibvirtConnection, domain: t.Any, state: str, persistent: bool) -> bool:
+    """Put every NIC's link ``state`` (up/down) live (and in the config when persistent); True if one changed."""
+    flags = _live_and_config() if persistent else libvirt.VIR_DOMAIN_AFFECT_LIVE
+    changed = False
+    for nic in live_interfaces(conn.domain_xml(domain)):
+        if nic["link"] != state:
+            conn.call(
+                f"setting the link of {nic['mac']} {state} on '{domain.name()}'",
+                domain.updateDeviceFlags,
+                interface_with(nic["xml"], link=state),
+                flags,
+            )
+            changed = True
+    return changed
+
+
+def _wait_unplugged(conn: LibvirtConnection, domain: t.Any, mac: str) -> None:
+    deadline = time.monotonic() + NIC_UNPLUG_TIMEOUT
+    while mac in interface_macs(conn.domain_xml(domain)):
+        if time.monotonic() > deadline:
+            raise ClonesafeError(
+                f"the guest of '{domain.name()}' did not release NIC {mac} within {NIC_UNPLUG_TIMEOUT:.0f}s "
+                "(hot-unplug needs a running guest with ACPI PCI hotplug)"
+            )
+        time.sleep(0.1)
+
+
+def swap_nics(conn: LibvirtConnection, domain: t.Any, macs: list[str], link: str) -> bool:
+    """Replace every NIC whose MAC is not one of ``macs`` by a hot-plugged NIC with the next one of ``macs``.
+
+    The domain must be running (the guest acknowledges the unplug). True if a NIC was swapped.
+    """
+    nics = live_interfaces(conn.domain_xml(domain))
+    present = {nic["mac"] for nic in nics}
+    free_macs = [mac for mac in macs if mac not in present]
+    swapped = False
+    for nic in nics:
+        if nic["mac"] in macs:
+            continue
+        if not free_macs:
+            raise ClonesafeError(f"clone '{domain.name()}' has more NICs than MAC addresses in its metadata")
+        new_mac = free_macs.pop(0)
+        conn.call(f"unplugging NIC {nic['mac']} of '{domain.name()}'", domain.detachDeviceFlags, nic["xml"], _live_and_config())
+        _wait_unplugged(conn, domain, nic["mac"])
+        conn.call(
+            f"plugging NIC {new_mac} into '{domain.name()}'",
+            domain.attachDeviceFlags,
+            interface_with(nic["xml"], mac=new_mac, link=link),
+            _live_and_config(),
+        )
+        swapped = True
+    return swapped
+
+
+def new_identity(template: Template, name: str, index: int | None, clones_dir: str, start: str, network: str,
+                 taken_macs: set[str]) -> CloneIdentity:
+    """A fresh identity for clone ``name``: UUID, MACs (one per golden NIC), paths."""
+    nic_count = len(interface_macs(template.source_xml))
+    macs = []
+    for _nic in range(nic_count):
+        mac = random_mac(taken_macs)
+        taken_macs.add(mac)
+        macs.append(mac)
+    return CloneIdentity(
+        name=name,
+        uuid=str(uuidlib.uuid4()),
+        template=template.name,
+        index=index,
+        created_at=utc_now(),
+        paths=clone_paths(clones_dir, name),
+        macs=tuple(macs),
+        network=network,
+        start=start,
+    )
+
+
+def create_clone(conn: LibvirtConnection, runner: storage.Runner, template: Template, identity: CloneIdentity,
+                 paused: bool) -> CloneResult:
+    """Create one clone completely, or leave nothing of it behind."""
+    result = CloneResult(identity.name)
+    started = time.monotonic()
+    paths = identity.paths
+    try:
+        os.makedirs(paths.directory, mode=0o750)
+    except FileExistsError as error:
+        raise ClonesafeError(
+            f"{paths.directory} already exists but no domain '{identity.name}' does: remove that directory "
+            "(left over from a crash or made by someone else) or choose another name"
+        ) from error
+    except OSError as error:
+        raise ClonesafeError(f"cannot create the clone directory {paths.directory}: {error.strerror}") from error
+    domain = None
+    try:
+        storage.create_overlay(runner, template.base, paths.overlay)
+        result.actions.append("overlay")
+        if identity.start == "restore":
+            image = template.save_image()
+            xml = rewrite_for_clone(image.xml, identity, keep_source_macs=True)
+            domain = _restore_through_fifo(conn, template, xml, paths.restore_fifo)
+            result.actions.append("restored")
+            # The guest must never run with a link up before it is proven unique (and, until the
+            # NIC swap, it still carries the golden's MAC).
+            set_links(conn, domain, "down", persistent=False)
+            domain = conn.define_domain(conn.domain_xml(domain), identity.name)
+            result.actions.append("defined")
+            if not paused:
+                conn.call(f"resuming '{identity.name}'", domain.resume)
+                result.actions.append("resumed")
+                if swap_nics(conn, domain, list(identity.macs), "down" if identity.network == "held" else "up"):
+                    result.actions.append("nic swapped")
+        else:
+            xml = rewrite_for_clone(template.source_xml, identity, keep_source_macs=False)
+            domain = conn.define_domain(xml, identity.name)
+            result.actions.append("defined")
+            if identity.start == "boot":
+                flags = libvirt.VIR_DOMAIN_START_PAUSED if paused else 0
+                conn.call(f"starting '{identity.name}'", domain.createWithFlags, flags)
+                result.actions.append("booted")
+        result.info = describe_clone(conn, domain, identity.marker_spec())
+    except Exception as error:  # pylint: disable=broad-exception-caught
+        # Whatever failed (libvirt, qemu-img, a full disk), no half-made clone may remain.
+        result.error = error.msg if isinstance(error, ClonesafeError) else f"{type(error).__name__}: {error}"
+        cleanup_error = _remove_leftovers(conn, identity.name, identity.uuid, paths)
+        if cleanup_error:
+            result.error += f"; cleaning up also failed: {cleanup_error}"
+        result.actions = []
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _remove_leftovers(conn: LibvirtConnection, name: str, uuid: str, paths: ClonePaths) -> str | None:
+    """Remove the domain (only if it is the one we made) and the files of a failed clone."""
+    try:
+        domain = conn.find_domain(name)
+        if domain is not None and domain.UUIDString() == uuid:
+            if domain.isActive():
+                conn.destroy_domain(domain)
+            if domain.isPersistent():
+                conn.undefine_domain(domain)
+        storage.remove_files(paths.owned_files(_channel_files(paths)))
+        storage.remove_dir_if_empty(paths.directory)
+    except (ClonesafeError, OSError) as error:
+        return getattr(error, "msg", str(error))
+    return None
+
+
+def _channel_files(paths: ClonePaths) -> list[str]:
+    """Channel names whose sockets exist in the clone directory (names are '<channel>.sock')."""
+    try:
+        entries = os.listdir(paths.directory)
+    except OSError:
+        return []
+    return [entry[: -len(".sock")] for entry in entries if entry.endswith(".sock")]
+
+
+def remove_clone(conn: LibvirtConnection, domain: t.Any, spec: dict[str, t.Any]) -> CloneResult:
+    """Stop and undefine a clone and delete exactly the files the module created for it."""
+    result = CloneResult(domain.name())
+    started = time.monotonic()
+    xml = conn.domain_xml(domain)
+    if domain.isActive():
+        conn.destroy_domain(domain)
+    if domain.isPersistent():
+        conn.undefine_domain(domain)
+    result.actions.append("removed")
+    directory = spec.get("directory")
+    if directory:
+        paths = ClonePaths(directory)
+        storage.remove_files(paths.owned_files(channel_names(xml)))
+        storage.remove_dir_if_empty(directory)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def converge_existing(conn: LibvirtConnection, domain: t.Any, spec: dict[str, t.Any], state: str, paused: bool,
+                      network: str | None, check_mode: bool) -> CloneResult:
+    """Bring an existing clone to ``state``/``paused``/``network`` without recreating it."""
+    result = CloneResult(domain.name())
+    started = time.monotonic()
+    current = conn.domain_state(domain)
+    if state == "running":
+        if current in ("shutoff", "crashed", "nostate"):
+            if not check_mode:
+                flags = libvirt.VIR_DOMAIN_START_PAUSED if paused else 0
+                conn.call(f"starting '{domain.name()}'", domain.createWithFlags, flags)
+            result.actions.append("booted")
+            current = "paused" if paused else "running"
+        elif current == "paused" and not paused:
+            if not check_mode:
+                conn.call(f"resuming '{domain.name()}'", domain.resume)
+            result.actions.append("resumed")
+            current = "running"
+    if network is not None and current in ("running", "paused"):
+        macs = [mac.lower() for mac in spec.get("macs", [])]
+        link = "down" if network == "held" else "up"
+        nics = live_interfaces(conn.domain_xml(domain))
+        needs_swap = any(nic["mac"] not in macs for nic in nics) and bool(macs)
+        if needs_swap:
+            if current != "running":
+                if network == "released":
+                    raise ClonesafeError(
+                        f"clone '{domain.name()}' is paused and still has the golden's NIC: it can be released only "
+                        "while running (state: running, paused: false), because the guest must take part in the NIC swap"
+                    )
+            else:
+                if not check_mode:
+                    swap_nics(conn, domain, macs, link)
+                result.actions.append("nic swapped")
+        if any(nic["link"] != link for nic in nics) and not (needs_swap and current == "running"):
+            if not check_mode:
+                set_links(conn, domain, link, persistent=bool(domain.isPersistent()))
+            result.actions.append("network released" if network == "released" else "network held")
+    if not check_mode:
+        result.info = describe_clone(conn, domain, spec)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+@dataclasses.dataclass
+class Request:
+    """The clone module's options, as one value."""
+
+    template: str
+    templates_dir: str
+    clones_dir: str
+    state: str = "present"
+    count: int | None = None
+    names: list[str] | None = None
+    name_pattern: str = "{template}-{index:03d}"
+    start: str = "boot"
+    paused: bool = False
+    network: str | None = None
+    parallel: int = 4
+
+
+@dataclasses.dataclass
+class Report:
+    """What ensure_clones did, for the module's return value."""
+
+    results: list[CloneResult] = dataclasses.field(default_factory=list)
+    before: list[str] = dataclasses.field(default_factory=list)
+    after: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        """Whether any clone changed."""
+        return any(result.changed for result in self.results)
+
+    @property
+    def failed(self) -> list[CloneResult]:
+        """Clones that could not be made."""
+        return [result for result in self.results if result.error]
+
+
+def _run_parallel(work: list[t.Callable[[], CloneResult]], parallel: int) -> list[CloneResult]:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        return list(pool.map(lambda job: job(), work))
+
+
+def ensure_clones(conn: LibvirtConnection, runner: storage.Runner, request: Request, check_mode: bool) -> Report:
+    """Converge the set of clones of one template to ``request``."""
+    if request.start not in START_MODES:
+        raise ClonesafeError(f"invalid start {request.start!r}: use one of {', '.join(START_MODES)}")
+    report = Report()
+    ours = find_clones(conn, request.template)
+    by_name = {domain.name(): (domain, spec) for domain, spec in ours}
+    report.before = sorted(by_name)
+
+    if request.state == "absent":
+        targets = [name for name, _index in desired_names(request.template, None, request.names, request.name_pattern)] \
+            if request.names is not None else sorted(by_name)
+        for name in targets:
+            if name not in by_name:
+                _refuse_foreign(conn, name, request.template)
+                continue
+            domain, spec = by_name[name]
+            if check_mode:
+                report.results.append(CloneResult(name, actions=["removed"]))
+            else:
+                report.results.append(remove_clone(conn, domain, spec))
+        report.after = sorted(set(by_name) - set(targets))
+        return report
+
+    template = require_template(request.templates_dir, request.template)
+    if request.start == "restore":
+        template.save_image()
+    if request.state == "running" and request.start == "none":
+        raise ClonesafeError("state: running needs start: boot or restore for new clones")
+    wanted = desired_names(request.template, request.count, request.names, request.name_pattern)
+    wanted_names = {name for name, _ in wanted}
+    surplus = []
+    if request.names is None:
+        surplus = [
+            (domain, spec)
+            for name, (domain, spec) in by_name.items()
+            if name not in wanted_names and spec.get("index") is not None
+            and spec["index"] > (request.count or 0)
+        ]
+    taken_macs = {mac for _d, spec in find_clones(conn) for mac in spec.get("macs", [])}
+    taken_macs.update(interface_macs(template.source_xml))
+    to_create = []
+    for name, index in wanted:
+        if name in by_name:
+            continue
+        _refuse_foreign(conn, name, request.template)
+        to_create.append(new_identity(template, name, index, request.clones_dir, request.start,
+                                      request.network or "released", taken_macs))
+
+    existing_state = request.state if request.state == "running" else "present"
+    for name, _index in wanted:
+        if name in by_name:
+            domain, spec = by_name[name]
+            report.results.append(converge_existing(conn, domain, spec, existing_state, request.paused,
+                                                    request.network, check_mode))
+    for domain, spec in surplus:
+        report.results.append(CloneResult(domain.name(), actions=["removed"]) if check_mode
+                              else remove_clone(conn, domain, spec))
+    if to_create:
+        if check_mode:
+            report.results.extend(CloneResult(identity.name, actions=["created"]) for identity in to_create)
+        else:
+            if not os.path.isdir(request.clones_dir):
+                storage.require_writable_dir(request.clones_dir, "clones")
+            report.results.extend(_run_parallel(
+                [lambda identity=identity: create_clone(conn, runner, template, identity, request.paused)
+                 for identity in to_create],
+                request.parallel,
+            ))
+    created_ok = {result.name for result in report.results if not result.error}
+    report.after = sorted((set(by_name) - {domain.name() for domain, _ in surplus}) | (created_ok & wanted_names))
+    return report
+
+
+def _refuse_foreign(conn: LibvirtConnection, name: str, template: str) -> None:
+    domain = conn.find_domain(name)
+    if domain is None:
+        return
+    marker = domain_marker(conn, domain)
+    if not marker or marker.get("role") != CLONE_ROLE:
+        raise ClonesafeError(
+            f"domain '{name}' on {conn.uri} exists and is not a clonesafe clone: choose other clone names "
+            "or remove that domain yourself",
+            domain=name,
+        )
+    raise ClonesafeError(
+        f"domain '{name}' on {conn.uri} is a clone of template '{marker['spec'].get('template')}', not of "
+        f"'{template}': choose other clone names",
+        domain=name,
+    )

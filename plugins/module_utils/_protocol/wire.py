@@ -1,0 +1,476 @@
+# Copyright (c) clonesafe developers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+"""The host <-> agent wire protocol: framing, limits, schema and the allow-list of operations.
+
+Standalone on purpose (standard library only, no imports of the collection or of Ansible): the
+guest_agent role copies this file verbatim into every guest as part of the agent's library, and
+the modules import it from the collection. Both ends therefore parse with the same code.
+
+Messages are JSON objects, one per line, UTF-8, at most MAX_MESSAGE_BYTES including the newline.
+Everything read from the other end is untrusted: parse_request (agent side) and parse_response
+(host side) enforce size, encoding, JSON, exact field sets and types before anything looks inside.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import typing as t
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 65536
+MAX_HYPERVISOR_ENTROPY_BYTES = 4096
+MIN_HYPERVISOR_ENTROPY_BYTES = 32
+NONCE_BYTES = 32
+HASH_KEY_BYTES = 32
+
+OPERATIONS = ("hello", "rotate", "attest")
+ROTATE_OPERATIONS = ("erase", "modify", "regenerate")
+ENTROPY_SOURCES = ("guest", "hypervisor", "combined")
+PROVIDERS = ("identity", "ssh_host_keys", "machine_id", "rng", "tls", "hooks")
+PROVIDER_STATUSES = ("rotated", "erased", "unchanged", "failed")
+PROVIDER_METHODS = ("hkdf", "regenerated", "erased", "reseeded")
+TRIGGERS = ("channel", "generation", "boot_uuid")
+
+_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_HEX_PATTERN = re.compile(r"[0-9a-f]+")
+_ERROR_CODE_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_MAX_ERROR_MESSAGE = 2048
+_MAX_PROVIDER_NAME = 64
+
+
+class ProtocolError(ValueError):
+    """A message that breaks the protocol; ``code`` is the short code an error reply carries."""
+
+    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+# ---------------------------------------------------------------------------------------------
+# Framing
+
+
+class OversizedLine:
+    """Marker yielded by LineBuffer for a line longer than the limit (its bytes were dropped)."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+    def __repr__(self) -> str:
+        return f"OversizedLine({self.length})"
+
+
+class LineBuffer:
+    """Split a byte stream into lines of at most ``limit`` bytes (newline included).
+
+    A longer line is dropped as it arrives (memory stays bounded by ``limit``) and reported once
+    as an :class:`OversizedLine`; reading resynchronises at the next newline.
+    """
+
+    def __init__(self, limit: int = MAX_MESSAGE_BYTES) -> None:
+        self.limit = limit
+        self._buffer = bytearray()
+        self._discarding = 0
+
+    def feed(self, data: bytes) -> list[bytes | OversizedLine]:
+        """Add received bytes; return the complete lines (without newline) and oversize markers."""
+        out: list[bytes | OversizedLine] = []
+        start = 0
+        while start < len(data):
+            newline = data.find(b"\n", start)
+            end = len(data) if newline < 0 else newline
+            chunk = data[start:end]
+            if self._discarding:
+                self._discarding += len(chunk)
+            else:
+                self._buffer += chunk
+                if len(self._buffer) + 1 > self.limit:
+                    self._discarding = len(self._buffer)
+                    self._buffer = bytearray()
+            if newline < 0:
+                break
+            if self._discarding:
+                out.append(OversizedLine(self._discarding + 1))
+                self._discarding = 0
+            else:
+                out.append(bytes(self._buffer))
+                self._buffer = bytearray()
+            start = newline + 1
+        return out
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete line held (or being discarded)."""
+        return self._discarding or len(self._buffer)
+
+
+def encode_message(message: dict[str, t.Any]) -> bytes:
+    """One message as a compact JSON line; ProtocolError if it exceeds the limit."""
+    line = json.dumps(message, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    data = line.encode("utf-8") + b"\n"
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ProtocolError("too_large", f"message of {len(data)} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
+    return data
+
+
+def _reject_constant(name: str) -> t.NoReturn:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _unique_object(pairs: list[tuple[str, t.Any]]) -> dict[str, t.Any]:
+    result: dict[str, t.Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def decode_line(line: bytes | OversizedLine) -> dict[str, t.Any]:
+    """Size, UTF-8 and JSON checks of one line (newline optional); returns the JSON object."""
+    if isinstance(line, OversizedLine):
+        raise ProtocolError("too_large", f"message of {line.length} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
+    if not isinstance(line, (bytes, bytearray)):
+        raise ProtocolError("bad_message", "a message must be bytes")
+    if len(line) > MAX_MESSAGE_BYTES or (len(line) == MAX_MESSAGE_BYTES and not line.endswith(b"\n")):
+        raise ProtocolError("too_large", f"message of {len(line)} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
+    body = bytes(line[:-1]) if line.endswith(b"\n") else bytes(line)
+    if b"\n" in body:
+        raise ProtocolError("bad_message", "a message must be exactly one line")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ProtocolError("bad_encoding", f"message is not UTF-8: {error.reason} at byte {error.start}") from None
+    if not text.strip():
+        raise ProtocolError("bad_json", "empty message")
+    try:
+        value = json.loads(text, object_pairs_hook=_unique_object, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ProtocolError("bad_json", "message is nested too deeply") from None
+    except ValueError as error:
+        raise ProtocolError("bad_json", f"message is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise ProtocolError("bad_message", f"a message must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Field checks (shared by both ends)
+
+
+def _type_name(value: t.Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def check_fields(obj: t.Any, what: str, required: t.Iterable[str], optional: t.Iterable[str] = ()) -> dict:
+    """``obj`` must be an object holding every required field and nothing outside required+optional."""
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad_message", f"{what} must be an object, got {_type_name(obj)}")
+    required = tuple(required)
+    allowed = set(required) | set(optional)
+    missing = [name for name in required if name not in obj]
+    if missing:
+        raise ProtocolError("bad_message", f"{what} lacks field(s): {', '.join(missing)}")
+    extra = sorted(str(name)[:64] for name in obj if name not in allowed)
+    if extra:
+        raise ProtocolError("bad_message", f"{what} has unknown field(s): {', '.join(extra[:8])}")
+    return obj
+
+
+def check_int(value: t.Any, what: str, minimum: int = 0, maximum: int = 2**63 - 1) -> int:
+    """A JSON integer (not a bool) within bounds."""
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise ProtocolError("bad_message", f"{what} must be an integer in [{minimum}, {maximum}]")
+    return value
+
+
+def check_str(value: t.Any, what: str, max_length: int = 4096, pattern: re.Pattern | None = None) -> str:
+    """A string of bounded length, optionally matching ``pattern`` in full."""
+    if not isinstance(value, str) or len(value) > max_length:
+        raise ProtocolError("bad_message", f"{what} must be a string of at most {max_length} characters")
+    if pattern is not None and not pattern.fullmatch(value):
+        raise ProtocolError("bad_message", f"{what} has an invalid format")
+    return value
+
+
+def check_hex(value: t.Any, what: str, length_bytes: int) -> str:
+    """Lowercase hex of exactly ``length_bytes`` bytes."""
+    if not isinstance(value, str) or len(value) != 2 * length_bytes or not _HEX_PATTERN.fullmatch(value):
+        raise ProtocolError("bad_message", f"{what} must be {2 * length_bytes} lowercase hex characters ({length_bytes} bytes)")
+    return value
+
+
+def check_base64(value: t.Any, what: str, min_bytes: int = 0, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
+    """Standard padded base64; returns the decoded bytes."""
+    if not isinstance(value, str) or len(value) > 4 * (max_bytes // 3 + 1):
+        raise ProtocolError("bad_message", f"{what} must be a base64 string of at most {max_bytes} bytes")
+    try:
+        raw = base64.b64decode(value.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        raise ProtocolError("bad_message", f"{what} is not valid base64") from None
+    if not min_bytes <= len(raw) <= max_bytes:
+        raise ProtocolError("bad_message", f"{what} must decode to {min_bytes}..{max_bytes} bytes, got {len(raw)}")
+    return raw
+
+
+def check_request_id(value: t.Any) -> str:
+    """A request id: 1-64 characters from [A-Za-z0-9_-]."""
+    if not isinstance(value, str) or not _ID_PATTERN.fullmatch(value):
+        raise ProtocolError("bad_id", "id must be 1-64 characters from [A-Za-z0-9_-]")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests (built by the host, parsed by the agent)
+
+
+def _check_rotate_args(args: dict[str, t.Any]) -> None:
+    check_fields(args, "rotate args", ("operation", "nonce", "hash_key", "entropy_source"), ("providers", "entropy"))
+    if args["operation"] not in ROTATE_OPERATIONS:
+        raise ProtocolError("bad_args", f"operation must be one of {', '.join(ROTATE_OPERATIONS)}")
+    check_hex(args["nonce"], "nonce", NONCE_BYTES)
+    check_hex(args["hash_key"], "hash_key", HASH_KEY_BYTES)
+    if args["entropy_source"] not in ENTROPY_SOURCES:
+        raise ProtocolError("bad_args", f"entropy_source must be one of {', '.join(ENTROPY_SOURCES)}")
+    if "providers" in args:
+        providers = args["providers"]
+        if not isinstance(providers, list) or not providers or len(providers) > len(PROVIDERS):
+            raise ProtocolError("bad_args", f"providers must be a non-empty list of at most {len(PROVIDERS)} names")
+        for name in providers:
+            if name not in PROVIDERS:
+                raise ProtocolError("bad_args", f"unknown provider {str(name)[:64]!r}: use {', '.join(PROVIDERS)}")
+        if len(set(providers)) != len(providers):
+            raise ProtocolError("bad_args", "providers lists a name twice")
+    needs_entropy = args["entropy_source"] in ("hypervisor", "combined")
+    if needs_entropy and "entropy" not in args:
+        raise ProtocolError("bad_args", f"entropy_source {args['entropy_source']} needs entropy")
+    if not needs_entropy and "entropy" in args:
+        raise ProtocolError("bad_args", "entropy is only allowed with entropy_source hypervisor or combined")
+    if needs_entropy:
+        check_base64(args["entropy"], "entropy", MIN_HYPERVISOR_ENTROPY_BYTES, MAX_HYPERVISOR_ENTROPY_BYTES)
+
+
+def _check_attest_args(args: dict[str, t.Any]) -> None:
+    check_fields(args, "attest args", ("nonce", "hash_key"))
+    check_hex(args["nonce"], "nonce", NONCE_BYTES)
+    check_hex(args["hash_key"], "hash_key", HASH_KEY_BYTES)
+
+
+_ARG_CHECKS: dict[str, t.Callable[[dict[str, t.Any]], None]] = {
+    "hello": lambda args: check_fields(args, "hello args", ()),
+    "rotate": _check_rotate_args,
+    "attest": _check_attest_args,
+}
+
+
+def validate_request(message: dict[str, t.Any]) -> dict[str, t.Any]:
+    """Schema check of a decoded request; ProtocolError carries the id when one could be read."""
+    request_id = None
+    if isinstance(message.get("id"), str) and _ID_PATTERN.fullmatch(message["id"]):
+        request_id = message["id"]
+    try:
+        check_fields(message, "request", ("v", "id", "op", "args"))
+        if message["v"] != PROTOCOL_VERSION or isinstance(message["v"], bool):
+            raise ProtocolError("bad_version", f"protocol version {str(message['v'])[:16]} is not supported (this end speaks {PROTOCOL_VERSION})")
+        check_request_id(message["id"])
+        if message["op"] not in OPERATIONS:
+            raise ProtocolError("unknown_op", f"operation {str(message['op'])[:64]!r} is not allowed: use {', '.join(OPERATIONS)}")
+        if not isinstance(message["args"], dict):
+            raise ProtocolError("bad_args", "args must be an object")
+        try:
+            _ARG_CHECKS[message["op"]](message["args"])
+        except ProtocolError as error:
+            raise ProtocolError("bad_args", error.message) from None
+    except ProtocolError as error:
+        error.request_id = request_id
+        raise
+    return message
+
+
+def parse_request(line: bytes | OversizedLine) -> dict[str, t.Any]:
+    """Decode and validate one request line (agent side)."""
+    return validate_request(decode_line(line))
+
+
+def make_request(op: str, args: dict[str, t.Any], request_id: str) -> dict[str, t.Any]:
+    """A request object, validated exactly as the agent will validate it."""
+    return validate_request({"v": PROTOCOL_VERSION, "id": request_id, "op": op, "args": args})
+
+
+def encode_request(op: str, args: dict[str, t.Any], request_id: str) -> bytes:
+    """A request as a line, ready to write to the channel."""
+    return encode_message(make_request(op, args, request_id))
+
+
+# ---------------------------------------------------------------------------------------------
+# Responses (built by the agent, parsed by the host)
+
+
+def make_result(request_id: str, result: dict[str, t.Any]) -> dict[str, t.Any]:
+    """A success reply."""
+    return {"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "result": result}
+
+
+def make_error(request_id: str | None, code: str, message: str) -> dict[str, t.Any]:
+    """An error reply; ``request_id`` is None when the request's id could not be read."""
+    if not _ERROR_CODE_PATTERN.fullmatch(code):
+        code = "internal"
+    return {
+        "v": PROTOCOL_VERSION,
+        "id": request_id,
+        "ok": False,
+        "error": {"code": code, "message": message[:_MAX_ERROR_MESSAGE]},
+    }
+
+
+def _check_int_or_null(value: t.Any, what: str) -> None:
+    if value is not None:
+        check_int(value, what)
+
+
+def _check_int_list(value: t.Any, what: str, max_items: int = 4096) -> None:
+    if not isinstance(value, list) or len(value) > max_items:
+        raise ProtocolError("bad_message", f"{what} must be a list of at most {max_items} integers")
+    for item in value:
+        check_int(item, f"{what} item")
+
+
+def _check_str_dict(value: t.Any, what: str, max_items: int = 512) -> None:
+    if not isinstance(value, dict) or len(value) > max_items:
+        raise ProtocolError("bad_message", f"{what} must be an object of at most {max_items} strings")
+    for key, item in value.items():
+        check_str(key, f"{what} key", 512)
+        check_str(item, f"{what}[{key[:64]}]", 1024)
+
+
+def check_attestation_shape(value: t.Any) -> dict[str, t.Any]:
+    """The fields and types of an attestation (the signature is proof.verify_attestation's job)."""
+    check_fields(value, "attestation", ("nonce", "uuid", "generation", "fingerprints", "public_key", "signature"))
+    check_hex(value["nonce"], "attestation nonce", NONCE_BYTES)
+    check_str(value["uuid"], "attestation uuid", 64)
+    check_int(value["generation"], "attestation generation")
+    _check_str_dict(value["fingerprints"], "attestation fingerprints")
+    for name in ("public_key", "signature"):
+        if value[name] is not None:
+            check_str(value[name], f"attestation {name}", 256)
+    return value
+
+
+def _check_interrupt_source(value: t.Any, what: str) -> None:
+    check_fields(value, what, ("irq", "per_cpu"), ("irqs", "affinity", "name"))
+    _check_int_or_null(value["irq"], f"{what} irq")
+    _check_int_list(value["per_cpu"], f"{what} per_cpu")
+
+
+def _check_hello_result(result: dict[str, t.Any]) -> None:
+    check_fields(
+        result,
+        "hello result",
+        ("agent_version", "protocol", "generation", "uuid", "vcpus", "interrupts", "providers",
+         "identity_public_key", "last_trigger"),
+        ("registration_error",),
+    )
+    check_str(result["agent_version"], "agent_version", 64)
+    check_int(result["protocol"], "protocol")
+    check_int(result["generation"], "generation")
+    check_str(result["uuid"], "uuid", 64)
+    check_fields(result["vcpus"], "vcpus", ("online", "registered"))
+    _check_int_list(result["vcpus"]["online"], "vcpus online")
+    _check_int_list(result["vcpus"]["registered"], "vcpus registered")
+    check_fields(result["interrupts"], "interrupts", ("channel", "acpi_sci", "gpe_vmgenid"))
+    _check_interrupt_source(result["interrupts"]["channel"], "channel interrupts")
+    _check_interrupt_source(result["interrupts"]["acpi_sci"], "acpi_sci interrupts")
+    _check_int_or_null(result["interrupts"]["gpe_vmgenid"], "gpe_vmgenid")
+    providers = result["providers"]
+    if not isinstance(providers, dict) or len(providers) > 64:
+        raise ProtocolError("bad_message", "providers must be an object")
+    for name, state in providers.items():
+        check_str(name, "provider name", _MAX_PROVIDER_NAME)
+        check_fields(state, f"provider {name[:64]}", ("enabled", "state"), ("detail",))
+        if not isinstance(state["enabled"], bool):
+            raise ProtocolError("bad_message", f"provider {name[:64]} enabled must be a boolean")
+        check_str(state["state"], f"provider {name[:64]} state", 64)
+    if result["identity_public_key"] is not None:
+        check_str(result["identity_public_key"], "identity_public_key", 256)
+    trigger = result["last_trigger"]
+    if trigger is not None:
+        check_fields(trigger, "last_trigger", ("trigger", "time"), ("generation", "operation"))
+        if trigger["trigger"] not in TRIGGERS:
+            raise ProtocolError("bad_message", f"last_trigger must be one of {', '.join(TRIGGERS)}")
+        check_str(trigger["time"], "last_trigger time", 64)
+
+
+def _check_rotate_result(result: dict[str, t.Any]) -> None:
+    check_fields(
+        result,
+        "rotate result",
+        ("generation", "operation", "entropy_source", "providers", "duration_ms", "vcpu_interrupts", "attestation"),
+    )
+    check_int(result["generation"], "generation")
+    if result["operation"] not in ROTATE_OPERATIONS:
+        raise ProtocolError("bad_message", "rotate result operation is not an operation")
+    if result["entropy_source"] not in ENTROPY_SOURCES:
+        raise ProtocolError("bad_message", "rotate result entropy_source is not an entropy source")
+    providers = result["providers"]
+    if not isinstance(providers, dict) or len(providers) > 64:
+        raise ProtocolError("bad_message", "rotate result providers must be an object")
+    for name, outcome in providers.items():
+        check_str(name, "provider name", _MAX_PROVIDER_NAME)
+        check_fields(outcome, f"provider {name[:64]}", ("status", "method"), ("error", "detail"))
+        if outcome["status"] not in PROVIDER_STATUSES:
+            raise ProtocolError("bad_message", f"provider {name[:64]} status is not one of {', '.join(PROVIDER_STATUSES)}")
+        if outcome["method"] is not None and outcome["method"] not in PROVIDER_METHODS:
+            raise ProtocolError("bad_message", f"provider {name[:64]} method is not one of {', '.join(PROVIDER_METHODS)}")
+        if "error" in outcome:
+            check_str(outcome["error"], f"provider {name[:64]} error", _MAX_ERROR_MESSAGE)
+        if "detail" in outcome:
+            check_str(outcome["detail"], f"provider {name[:64]} detail", _MAX_ERROR_MESSAGE)
+    check_int(result["duration_ms"], "duration_ms")
+    _check_int_list(result["vcpu_interrupts"], "vcpu_interrupts")
+    check_attestation_shape(result["attestation"])
+
+
+_RESULT_CHECKS: dict[str, t.Callable[[dict[str, t.Any]], None]] = {
+    "hello": _check_hello_result,
+    "rotate": _check_rotate_result,
+    "attest": check_attestation_shape,
+}
+
+
+def parse_response(line: bytes | OversizedLine, expected_id: str, op: str | None = None) -> dict[str, t.Any]:
+    """Decode and validate one reply line (host side).
+
+    Returns the whole reply (``ok`` tells success from an error reply); a reply to another
+    request, a malformed reply or, when ``op`` is given, a result of the wrong shape raises
+    ProtocolError. An error reply may carry ``id: null`` (the agent could not read the id).
+    """
+    message = decode_line(line)
+    ok = message.get("ok")
+    if ok is True:
+        check_fields(message, "response", ("v", "id", "ok", "result"))
+    elif ok is False:
+        check_fields(message, "response", ("v", "id", "ok", "error"))
+    else:
+        raise ProtocolError("bad_message", "response field ok must be true or false")
+    if message["v"] != PROTOCOL_VERSION or isinstance(message["v"], bool):
+        raise ProtocolError("bad_version", f"response protocol version {str(message['v'])[:16]} is not {PROTOCOL_VERSION}")
+    if message["id"] != expected_id and not (ok is False and message["id"] is None):
+        raise ProtocolError("wrong_id", f"response is for request {str(message['id'])[:64]!r}, expected {expected_id!r}")
+    if ok:
+        if not isinstance(message["result"], dict):
+            raise ProtocolError("bad_message", "response result must be an object")
+        if op is not None:
+            if op not in _RESULT_CHECKS:
+                raise ProtocolError("unknown_op", f"no result schema for operation {op!r}")
+            _RESULT_CHECKS[op](message["result"])
+    else:
+        check_fields(message["error"], "response error", ("code", "message"))
+        check_str(message["error"]["code"], "error code", 64, _ERROR_CODE_PATTERN)
+        check_str(message["error"]["message"], "error message", _MAX_ERROR_MESSAGE)
+    return message

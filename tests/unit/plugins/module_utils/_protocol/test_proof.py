@@ -1,0 +1,135 @@
+"""Attestations: real Ed25519 signatures, fingerprints in OpenSSH's format, replay and tamper checks."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import json
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, wire
+
+NONCE = "0a" * 32
+HASH_KEY = "02" * 32
+
+
+def signed(key=None, nonce=NONCE, **fingerprints):
+    key = key or Ed25519PrivateKey.generate()
+    prints = {"identity": proof.identity_fingerprint(proof.raw_public_key(key)), **fingerprints}
+    return proof.sign_attestation(key, nonce, "6c1e1f4e-0000-4000-8000-000000000001", 3, prints)
+
+
+def test_signed_attestation_verifies_and_returns_fingerprints():
+    attestation = signed(machine_id="HMAC-SHA256:00")
+    assert proof.verify_attestation(attestation, NONCE) == attestation["fingerprints"]
+    wire.check_attestation_shape(attestation)
+
+
+def test_replayed_attestation_is_rejected():
+    with pytest.raises(proof.ProofError, match="replayed"):
+        proof.verify_attestation(signed(), "03" * 32)
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda a: a["fingerprints"].update(machine_id="HMAC-SHA256:ff"),
+        lambda a: a.update(generation=4),
+        lambda a: a.update(uuid="another"),
+        lambda a: a.update(signature=base64.b64encode(bytes(64)).decode()),
+    ],
+)
+def test_tampering_breaks_the_signature(tamper):
+    attestation = signed(machine_id="HMAC-SHA256:00")
+    tamper(attestation)
+    with pytest.raises(proof.ProofError, match="signature does not verify"):
+        proof.verify_attestation(attestation, NONCE)
+
+
+def test_public_key_must_match_the_identity_fingerprint():
+    attestation = signed()
+    other = Ed25519PrivateKey.generate()
+    attestation["public_key"] = base64.b64encode(proof.raw_public_key(other)).decode()
+    with pytest.raises(proof.ProofError, match="does not match"):
+        proof.verify_attestation(attestation, NONCE)
+
+
+def test_a_key_that_re_signs_other_fingerprints_is_caught_by_the_identity_binding():
+    victim = signed()
+    attacker = Ed25519PrivateKey.generate()
+    forged = copy.deepcopy(victim)
+    payload = proof.canonical_payload(NONCE, forged["uuid"], forged["generation"], forged["fingerprints"])
+    forged["signature"] = base64.b64encode(attacker.sign(payload)).decode()
+    forged["public_key"] = base64.b64encode(proof.raw_public_key(attacker)).decode()
+    with pytest.raises(proof.ProofError):
+        proof.verify_attestation(forged, NONCE)
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda a: a.pop("signature"),
+        lambda a: a.update(extra=1),
+        lambda a: a.update(nonce=NONCE.upper()),
+        lambda a: a.update(generation="3"),
+        lambda a: a.update(generation=True),
+        lambda a: a.update(fingerprints=[]),
+        lambda a: a["fingerprints"].pop("identity"),
+        lambda a: a.update(public_key="!!"),
+        lambda a: a.update(signature=base64.b64encode(bytes(10)).decode()),
+    ],
+)
+def test_malformed_attestations_are_named(mutate):
+    attestation = signed()
+    mutate(attestation)
+    with pytest.raises(proof.ProofError):
+        proof.verify_attestation(attestation, NONCE)
+
+
+def test_unsigned_attestation_only_when_allowed_and_erased():
+    attestation = proof.sign_attestation(None, NONCE, "u", 2, {"identity": proof.ERASED, "machine_id": proof.ERASED})
+    with pytest.raises(proof.ProofError, match="unsigned"):
+        proof.verify_attestation(attestation, NONCE)
+    assert proof.verify_attestation(attestation, NONCE, allow_unsigned=True)["identity"] == proof.ERASED
+    attestation["fingerprints"]["identity"] = "SHA256:claims"
+    with pytest.raises(proof.ProofError, match="claims an identity"):
+        proof.verify_attestation(attestation, NONCE, allow_unsigned=True)
+
+
+def test_canonical_payload_is_sorted_compact_json_with_the_domain():
+    payload = proof.canonical_payload(NONCE, "u", 1, {"b": "2", "a": "1"})
+    assert payload == json.dumps(
+        {"domain": "clonesafe-attestation-v1", "nonce": NONCE, "uuid": "u", "generation": 1, "fingerprints": {"b": "2", "a": "1"}},
+        sort_keys=True, separators=(",", ":"),
+    ).encode()
+
+
+def test_ssh_fingerprint_matches_openssh_format():
+    key = Ed25519PrivateKey.generate()
+    line = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    blob = base64.b64decode(line.split()[1])
+    expected = "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+    assert proof.ssh_public_key_fingerprint(line + " root@golden") == expected
+    assert "=" not in expected
+
+
+def test_keyed_hash_is_hmac_and_requires_a_proper_key():
+    assert proof.keyed_hash(HASH_KEY, b"abc") == proof.keyed_hash(HASH_KEY, b"abc")
+    assert proof.keyed_hash(HASH_KEY, b"abc") != proof.keyed_hash("03" * 32, b"abc")
+    assert proof.keyed_hash(HASH_KEY, b"abc").startswith("HMAC-SHA256:")
+    with pytest.raises(proof.ProofError):
+        proof.keyed_hash("short", b"abc")
+
+
+@settings(max_examples=300)
+@given(st.dictionaries(st.sampled_from(list(proof.ATTESTATION_FIELDS) + ["x"]),
+                       st.none() | st.integers() | st.text(max_size=100) | st.dictionaries(st.text(max_size=5), st.text(max_size=5))))
+def test_arbitrary_attestations_raise_only_proof_errors(attestation):
+    with pytest.raises(proof.ProofError):
+        proof.verify_attestation(attestation, NONCE)
