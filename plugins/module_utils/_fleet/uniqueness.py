@@ -15,8 +15,7 @@ import collections
 import dataclasses
 import typing as t
 
-# A value a provider reports for a secret it has removed: nothing to share, nothing to compare.
-ERASED = "erased"
+from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol.proof import ERASED
 
 Verifier = t.Callable[[t.Mapping[str, t.Any], str], t.Mapping[str, str]]
 

@@ -466,8 +466,6 @@ def ensure_clones(conn: LibvirtConnection, runner: storage.Runner, request: Requ
     template = require_template(request.templates_dir, request.template)
     if request.start == "restore":
         template.save_image()
-    if request.state == "running" and request.start == "none":
-        raise ClonesafeError("state: running needs start: boot or restore for new clones")
     wanted = desired_names(request.template, request.count, request.names, request.name_pattern)
     wanted_names = {name for name, _ in wanted}
     surplus = []
@@ -488,6 +486,8 @@ def ensure_clones(conn: LibvirtConnection, runner: storage.Runner, request: Requ
         to_create.append(new_identity(template, name, index, request.clones_dir, request.start,
                                       request.network or "released", taken_macs))
 
+    if to_create and request.state == "running" and request.start == "none":
+        raise ClonesafeError("state: running needs start: boot or restore for new clones")
     existing_state = request.state if request.state == "running" else "present"
     for name, _index in wanted:
         if name in by_name:

@@ -1,0 +1,92 @@
+"""The agent program (roles/guest_agent/files), loaded as a module and run against a temporary root."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+
+import pytest
+
+AGENT_PATH = pathlib.Path(__file__).resolve().parents[3] / "roles" / "guest_agent" / "files" / "clonesafe_agent.py"
+FAKE_UUID = "6c1e1f4e-0000-4000-8000-00000000abcd"
+
+INTERRUPTS = """\
+           CPU0       CPU1
+  0:         40          0   IO-APIC   2-edge      timer
+  9:          3          1   IO-APIC   9-fasteoi   acpi
+ 24:          0          0   PCI-MSI 81920-edge      virtio2-config
+ 25:         11          7   PCI-MSI 81921-edge      virtio2-virtqueues
+ 26:          5          0   PCI-MSI 49152-edge      virtio1-input.0
+NMI:          0          0   Non-maskable interrupts
+"""
+
+
+def load_agent_module():
+    spec = importlib.util.spec_from_file_location("clonesafe_agent", AGENT_PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def agent_module():
+    return load_agent_module()
+
+
+def make_guest_root(root: pathlib.Path, config: dict | None = None) -> pathlib.Path:
+    """A miniature guest: SSH host keys, machine-id, DMI UUID, virtio port, /proc and /sys files."""
+    (root / "etc/ssh").mkdir(parents=True)
+    if shutil.which("ssh-keygen"):
+        for kind in ("ed25519", "ecdsa"):
+            subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-C", "root@golden", "-f",
+                            str(root / f"etc/ssh/ssh_host_{kind}_key")], check=True)
+    else:  # write keys with cryptography in OpenSSH format
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+        for kind, key in (("ed25519", ed25519.Ed25519PrivateKey.generate()), ("ecdsa", ec.generate_private_key(ec.SECP256R1()))):
+            path = root / f"etc/ssh/ssh_host_{kind}_key"
+            path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+            path.with_suffix(".pub").write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b" root@golden\n")
+    (root / "etc/machine-id").write_text("0123456789abcdef0123456789abcdef\n")
+    (root / "var/lib/dbus").mkdir(parents=True)
+    (root / "var/lib/dbus/machine-id").write_text("0123456789abcdef0123456789abcdef\n")
+    (root / "var/lib/systemd").mkdir(parents=True)
+    (root / "var/lib/systemd/random-seed").write_bytes(b"s" * 512)
+    (root / "sys/class/dmi/id").mkdir(parents=True)
+    (root / "sys/class/dmi/id/product_uuid").write_text(FAKE_UUID.upper() + "\n")
+    (root / "sys/devices/system/cpu").mkdir(parents=True)
+    (root / "sys/devices/system/cpu/online").write_text("0-1\n")
+    (root / "sys/firmware/acpi/interrupts").mkdir(parents=True)
+    (root / "sys/firmware/acpi/interrupts/gpe05").write_text("       2     enabled      unmasked\n")
+    device = root / "sys/devices/pci0000:00/0000:00:05.0/virtio1"
+    device.mkdir(parents=True)
+    (root / "sys/class/virtio-ports/vport1p1").mkdir(parents=True)
+    os.symlink(device, root / "sys/class/virtio-ports/vport1p1/device")
+    (root / "dev/virtio-ports").mkdir(parents=True)
+    (root / "dev/vport1p1").write_bytes(b"")
+    os.symlink("../vport1p1", root / "dev/virtio-ports/org.clonesafe.agent.0")
+    (root / "proc").mkdir()
+    (root / "proc/interrupts").write_text(INTERRUPTS)
+    for irq in (9, 24, 25, 26):
+        (root / f"proc/irq/{irq}").mkdir(parents=True)
+        (root / f"proc/irq/{irq}/smp_affinity_list").write_text("0\n")
+    (root / "etc/clonesafe/hooks.d").mkdir(parents=True)
+    base = {"providers": {"ssh_host_keys": {"types": ["ed25519", "ecdsa"]}}}
+    (root / "etc/clonesafe/agent.json").write_text(json.dumps(config if config is not None else base))
+    return root
+
+
+@pytest.fixture
+def guest_root(tmp_path):
+    return make_guest_root(tmp_path / "guest")
+
+
+@pytest.fixture
+def agent(agent_module, guest_root):
+    instance = agent_module.Agent(str(guest_root))
+    instance.start()
+    return instance
