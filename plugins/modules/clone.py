@@ -11,7 +11,7 @@ version_added: 0.1.0
 description:
   - Creates, converges or removes the clones of a template made by M(clonesafe.fleet.golden_snapshot).
   - Each clone is a persistent libvirt domain with a thin qcow2 overlay on the template's base disk
-    (O(1) disk per clone), its own name, UUID, MAC addresses and VM Generation ID, its own directory
+    (constant disk use per clone, whatever the base size), its own name, UUID, MAC addresses and VM Generation ID, its own directory
     C(<clones_dir>/<name>/) for its overlay, console log and channel sockets, and clonesafe metadata
     (role clone, template, creation time, overlay) in its domain XML.
   - O(start=restore) resumes the template's memory state without copying it per clone; libvirt gives

@@ -194,6 +194,7 @@ def main() -> None:
         actions: list[str] = []
         with LibvirtConnection(params["uri"]) as conn:
             clones = find_clones(conn, name)
+            names = [pair[0].name() for pair in clones]
             if params["state"] == "present":
                 if existing is not None:
                     if bool(existing.memory) != params["memory"]:
@@ -212,9 +213,9 @@ def main() -> None:
                 after = {}
                 if clones and not params["force"]:
                     raise ClonesafeError(
-                        f"template '{name}' is used by {len(clones)} clone(s) ({', '.join(d.name() for d, _ in clones)}): "
+                        f"template '{name}' is used by {len(clones)} clone(s) ({', '.join(names)}): "
                         "remove them with clonesafe.fleet.clone state=absent, or set force: true to remove them too",
-                        clones=[domain.name() for domain, _ in clones],
+                        clones=names,
                     )
                 if clones:
                     actions.append("clones removed")
@@ -229,7 +230,7 @@ def main() -> None:
             "changed": bool(actions),
             "actions": actions,
             "template": after,
-            "clones": [domain.name() for domain, _ in clones],
+            "clones": [pair[0].name() for pair in clones],
         }
         if module._diff:
             result["diff"] = {"before": before, "after": after}

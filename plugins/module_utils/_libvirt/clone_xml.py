@@ -81,7 +81,7 @@ def desired_names(template: str, count: int | None, names: list[str] | None, pat
         raise ClonesafeError("count must be 0 or more (or give names)")
     check_name_pattern(pattern)
     wanted = [(clone_name(pattern, template, index), index) for index in range(1, count + 1)]
-    if len({name for name, _ in wanted}) != len(wanted):
+    if len({pair[0] for pair in wanted}) != len(wanted):
         raise ClonesafeError(f"name_pattern {pattern!r} gives several clones the same name")
     return wanted
 

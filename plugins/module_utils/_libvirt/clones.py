@@ -467,7 +467,7 @@ def ensure_clones(conn: LibvirtConnection, runner: storage.Runner, request: Requ
     if request.start == "restore":
         template.save_image()
     wanted = desired_names(request.template, request.count, request.names, request.name_pattern)
-    wanted_names = {name for name, _ in wanted}
+    wanted_names = {pair[0] for pair in wanted}
     surplus = []
     if request.names is None:
         surplus = [
@@ -509,7 +509,7 @@ def ensure_clones(conn: LibvirtConnection, runner: storage.Runner, request: Requ
                 request.parallel,
             ))
     created_ok = {result.name for result in report.results if not result.error}
-    report.after = sorted((set(by_name) - {domain.name() for domain, _ in surplus}) | (created_ok & wanted_names))
+    report.after = sorted((set(by_name) - {pair[0].name() for pair in surplus}) | (created_ok & wanted_names))
     return report
 
 

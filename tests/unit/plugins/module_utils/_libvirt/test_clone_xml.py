@@ -87,7 +87,7 @@ def test_pattern_that_collides_is_refused():
 
 def test_random_macs_are_local_and_avoid_taken():
     taken = set()
-    for _ in range(200):
+    for _attempt in range(200):
         mac = clone_xml.random_mac(taken)
         assert mac.startswith("52:54:00:") and mac not in taken
         taken.add(mac)

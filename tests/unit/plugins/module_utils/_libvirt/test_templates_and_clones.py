@@ -201,7 +201,7 @@ def test_failure_after_define_undefines_the_clone(conn, made, tmp_path, monkeypa
 
 def test_template_absent_refused_while_clones_exist(conn, made, tmp_path):
     clones.ensure_clones(conn, runner, request(tmp_path, count=1), check_mode=False)
-    assert [d.name() for d, _ in clones.find_clones(conn, "web")] == ["web-001"]
+    assert [pair[0].name() for pair in clones.find_clones(conn, "web")] == ["web-001"]
     assert clones.find_clones(conn, "other") == []
     removed = template.remove_template(made)
     assert sorted(os.path.basename(p) for p in removed) == ["base.qcow2", "manifest.json"]

@@ -1,0 +1,86 @@
+# Copyright (c) clonesafe developers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+"""verify_unique runs on the controller: it judges the multicast results of every host at once."""
+
+from __future__ import annotations
+
+import typing as t
+
+from ansible.errors import AnsibleActionFail
+from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
+from ansible.plugins.action import ActionBase
+
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet import uniqueness
+from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof
+
+ARGUMENT_SPEC = {
+    "results": {"type": "raw", "required": True},
+    "golden_fingerprints": {"type": "dict", "default": {}},
+    "fail_on_duplicate": {"type": "bool", "default": True},
+}
+
+
+def results_by_host(results: t.Any) -> dict[str, t.Mapping[str, t.Any]]:
+    """Accept ``{host: multicast result}`` or a list of multicast results that name their hypervisor."""
+    if isinstance(results, t.Mapping):
+        return {str(host): value for host, value in results.items()}
+    if isinstance(results, list):
+        by_host: dict[str, t.Mapping[str, t.Any]] = {}
+        for index, value in enumerate(results):
+            if not isinstance(value, t.Mapping) or not value.get("hypervisor"):
+                raise AnsibleActionFail(
+                    f"results[{index}] is not a clonesafe.fleet.secret_multicast result naming its hypervisor; "
+                    "pass a dict {host: result} instead"
+                )
+            by_host[str(value["hypervisor"])] = value
+        return by_host
+    raise AnsibleActionFail(f"results must be a dict of host -> secret_multicast result or a list of results, got {type(results).__name__}")
+
+
+def verified_clones(verdict: uniqueness.Verdict) -> dict[str, list[str]]:
+    """Clones whose proof verified and none of whose fingerprints is shared: they may be released."""
+    bad: set[tuple[str, str]] = set()
+    for row in verdict.rows:
+        if row["status"] not in ("unique", "erased"):
+            bad.add((row["host"], row["clone"]))
+    released: dict[str, list[str]] = {}
+    for row in verdict.rows:
+        key = (row["host"], row["clone"])
+        if key not in bad and row["clone"] not in released.get(row["host"], []):
+            released.setdefault(row["host"], []).append(row["clone"])
+    return released
+
+
+class ActionModule(ActionBase):
+    """Verify every clone's signed proof and fail, naming them, if any secret is shared."""
+
+    TRANSFERS_FILES = False
+    _requires_connection = False
+
+    def run(self, tmp: t.Any = None, task_vars: dict[str, t.Any] | None = None) -> dict[str, t.Any]:
+        result = super().run(tmp, task_vars)
+        validation = ArgumentSpecValidator(ARGUMENT_SPEC).validate(self._task.args)
+        if validation.error_messages:
+            raise AnsibleActionFail(f"verify_unique: {'; '.join(validation.error_messages)}")
+        args = validation.validated_parameters
+
+        proofs = uniqueness.collect_proofs(results_by_host(args["results"]))
+        verdict = uniqueness.judge(proofs, args["golden_fingerprints"], proof.verify_attestation)
+        result.update(
+            changed=False,
+            unique=verdict.unique,
+            clones_checked=verdict.clones_checked,
+            table=verdict.rows,
+            duplicates=[dict(d, clones=[{"host": h, "clone": c} for h, c in d["clones"]]) for d in verdict.duplicates],
+            same_as_golden=verdict.same_as_golden,
+            bad_proofs=verdict.bad_proofs,
+            verified=verified_clones(verdict),
+        )
+        if not proofs:
+            result.update(failed=True, msg="verify_unique found no clone proofs in results: did secret_multicast run and select any clone?")
+        elif not verdict.unique and args["fail_on_duplicate"]:
+            result.update(failed=True, msg=f"clones are not proven unique: {verdict.failure_message()}")
+        else:
+            result["msg"] = f"{verdict.clones_checked} clone(s) proven unique" if verdict.unique else verdict.failure_message()
+        return result
