@@ -95,6 +95,13 @@ options:
     description: MAC address of the NIC when O(nic=user); libvirt picks one when omitted.
     type: str
     version_added: 0.1.0
+  ssh_forward_port:
+    description:
+      - Forward this TCP port on the hypervisor host's 127.0.0.1 to the guest's port 22, through the
+        C(passt) backend of the user-mode NIC (needs O(nic=user) and the C(passt) program on the host).
+      - For reaching a lab guest over SSH (Ansible connections, molecule); unset gives no forwarding.
+    type: int
+    version_added: 0.1.0
   stop_timeout:
     description: Seconds to wait for a guest shutdown before powering the domain off; V(0) powers off at once.
     type: int
@@ -186,7 +193,7 @@ from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.managed_d
 from ansible_collections.clonesafe.fleet.plugins.module_utils._module import run_module
 
 SPEC_OPTIONS = ("disk", "kernel", "initrd", "cmdline", "console_log", "channel_socket",
-                "domain_type", "memory_mib", "vcpus", "nic", "mac")
+                "domain_type", "memory_mib", "vcpus", "nic", "mac", "ssh_forward_port")
 
 
 def main() -> None:
@@ -207,6 +214,7 @@ def main() -> None:
             "vcpus": {"type": "int", "default": 1},
             "nic": {"type": "str", "default": "none", "choices": ["none", "user"]},
             "mac": {"type": "str"},
+            "ssh_forward_port": {"type": "int"},
             "stop_timeout": {"type": "int", "default": 0},
             "restart_on_change": {"type": "bool", "default": False},
         },

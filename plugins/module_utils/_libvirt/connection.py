@@ -128,3 +128,15 @@ class LibvirtConnection:
         """Remove a domain's persistent definition, with its snapshot and save-image metadata."""
         flags = libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
         self.call(f"undefining domain '{domain.name()}'", domain.undefineFlags, flags)
+
+
+def require_local_uri(uri: str, why: str) -> None:
+    """Refuse a libvirt URI that names a remote host, for work that needs files on this host."""
+    _scheme, _, rest = uri.partition("://")
+    host = rest.split("/", 1)[0]
+    if host and host not in ("localhost", "127.0.0.1", "::1"):
+        raise ClonesafeError(
+            f"{why}, so it must run on the hypervisor host itself: uri '{uri}' names the remote host '{host}'. "
+            "Run the task on that host (inventory the hypervisor hosts) with a local URI such as qemu:///system",
+            uri=uri,
+        )

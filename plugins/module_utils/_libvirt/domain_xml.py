@@ -46,6 +46,7 @@ class DomainSpec:
     vcpus: int = 1
     nic: str = "none"
     mac: str | None = None
+    ssh_forward_port: int | None = None
     role: str = "golden"
 
     def validate(self) -> None:
@@ -56,6 +57,11 @@ class DomainSpec:
             raise ClonesafeError(f"invalid domain_type {self.domain_type!r}: use one of {', '.join(DOMAIN_TYPES)}")
         if self.nic not in NIC_MODES:
             raise ClonesafeError(f"invalid nic {self.nic!r}: use one of {', '.join(NIC_MODES)}")
+        if self.ssh_forward_port is not None:
+            if self.nic != "user":
+                raise ClonesafeError("ssh_forward_port needs nic=user (a user-mode NIC with the passt backend)")
+            if not 1024 <= self.ssh_forward_port <= 65535:
+                raise ClonesafeError(f"ssh_forward_port={self.ssh_forward_port} is invalid: use a port in 1024-65535")
         if self.memory_mib < 64:
             raise ClonesafeError(f"memory_mib={self.memory_mib} is too small for a Linux guest: use at least 64")
         if self.vcpus < 1:
@@ -67,7 +73,11 @@ class DomainSpec:
 
     def as_dict(self) -> dict[str, t.Any]:
         """The spec as plain data, for diffs and the metadata element."""
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        # Added later: left out when unset, so domains defined before it still compare equal.
+        if data["ssh_forward_port"] is None:
+            del data["ssh_forward_port"]
+        return data
 
 
 def build_domain_xml(spec: DomainSpec, uuid: str | None = None, genid: str | None = None) -> str:
@@ -119,6 +129,11 @@ def build_domain_xml(spec: DomainSpec, uuid: str | None = None, genid: str | Non
         interface = ET.SubElement(devices, "interface", type="user")
         if spec.mac:
             ET.SubElement(interface, "mac", address=spec.mac)
+        if spec.ssh_forward_port is not None:
+            # libvirt's default user-mode backend (SLIRP) has no port forwarding; passt has.
+            ET.SubElement(interface, "backend", type="passt")
+            forward = ET.SubElement(interface, "portForward", proto="tcp", address="127.0.0.1")
+            ET.SubElement(forward, "range", start=str(spec.ssh_forward_port), to="22")
         ET.SubElement(interface, "model", type="virtio")
 
     # Guests under TCG would otherwise wait long for their CRNG to initialise.

@@ -86,3 +86,24 @@ def test_bad_spec_is_named(change, message):
 def test_unparsable_xml_is_a_clear_error():
     with pytest.raises(ClonesafeError, match="does not parse"):
         domain_xml.read_identity("<domain>")
+
+
+def test_ssh_forward_port_uses_passt_and_binds_loopback():
+    spec = dataclasses.replace(SPEC, nic="user", ssh_forward_port=2222)
+    interface = ET.fromstring(domain_xml.build_domain_xml(spec)).find("devices/interface")
+    assert interface.find("backend").get("type") == "passt"
+    forward = interface.find("portForward")
+    assert (forward.get("proto"), forward.get("address")) == ("tcp", "127.0.0.1")
+    assert (forward.find("range").get("start"), forward.find("range").get("to")) == ("2222", "22")
+    assert spec.as_dict()["ssh_forward_port"] == 2222
+
+
+def test_ssh_forward_port_needs_a_user_nic_and_a_sane_port():
+    for bad in (dataclasses.replace(SPEC, ssh_forward_port=2222), dataclasses.replace(SPEC, nic="user", ssh_forward_port=22)):
+        with pytest.raises(ClonesafeError, match="ssh_forward_port"):
+            bad.validate()
+
+
+def test_unset_ssh_forward_port_keeps_older_specs_equal():
+    assert "ssh_forward_port" not in SPEC.as_dict()
+    assert ET.fromstring(domain_xml.build_domain_xml(dataclasses.replace(SPEC, nic="user"))).find("devices/interface/backend") is None

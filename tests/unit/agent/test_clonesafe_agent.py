@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, wire
 
-from conftest import AGENT_PATH, FAKE_UUID, make_guest_root
+from agent_testlib import AGENT_PATH, FAKE_UUID, agent, agent_module, guest_root, load_agent_module, make_guest_root  # noqa: F401  pylint: disable=unused-import
 
 NONCE = "5a" * 32
 HASH_KEY = "c3" * 32
@@ -332,7 +332,6 @@ def test_kmsg_and_uevent_markers(agent_module):
 
 
 def test_parsers():
-    from conftest import load_agent_module
     module = load_agent_module()
     assert module.parse_cpu_list("0-2,5,7-8\n") == [0, 1, 2, 5, 7, 8]
     cpus, table = module.parse_interrupts("  CPU0 CPU2\n 5: 1 2 IO-APIC 5-edge acpi\nERR: 0\n")

@@ -1,0 +1,322 @@
+# Copyright (c) clonesafe developers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+"""One multicast on one hypervisor host: hello to every selected clone, then the instruction to all at once.
+
+The libvirt side (which clones, where their channel sockets are, resuming paused clones) is
+:func:`select_targets`; the rest talks to agents only, so tests drive it with fake agents on real
+sockets. Nothing here ever sees key material: agents return fingerprints and signatures.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import os
+import secrets
+import time
+import typing as t
+
+from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.fanout import ChannelCall, call_all
+from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, wire
+
+OPERATIONS = wire.ROTATE_OPERATIONS
+ENTROPY_SOURCES = wire.ENTROPY_SOURCES
+TRIGGERS = ("channel", "generation", "both")
+POLICIES = ("fail", "skip")
+HYPERVISOR_ENTROPY_BYTES = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A selected clone: its name, the host side of its agent channel, and its domain state."""
+
+    name: str
+    socket_path: str | None
+    state: str = "running"
+    role: str = "clone"
+
+
+@dataclasses.dataclass
+class Settings:
+    """What the user asked the multicast to do."""
+
+    operation: str = "regenerate"
+    providers: list[str] | None = None
+    entropy_source: str = "combined"
+    trigger: str = "channel"
+    hash_key: str = ""
+    missing_agent: str = "fail"
+    timeout: float = 60.0
+    hello_timeout: float = 15.0
+    generation_timeout: float = 30.0
+    poll_interval: float = 0.5
+
+    def validate(self) -> None:
+        """Reject settings that cannot work, naming the bad one."""
+        checks = (
+            ("operation", self.operation, OPERATIONS),
+            ("entropy_source", self.entropy_source, ENTROPY_SOURCES),
+            ("trigger", self.trigger, TRIGGERS),
+            ("missing_agent", self.missing_agent, POLICIES),
+        )
+        for name, value, allowed in checks:
+            if value not in allowed:
+                raise ClonesafeError(f"invalid {name} {value!r}: use one of {', '.join(allowed)}")
+        for provider in self.providers or []:
+            if provider not in wire.PROVIDERS:
+                raise ClonesafeError(f"unknown provider {provider!r}: use some of {', '.join(wire.PROVIDERS)}")
+        if len(self.hash_key) != 2 * wire.HASH_KEY_BYTES or any(c not in "0123456789abcdef" for c in self.hash_key):
+            raise ClonesafeError(
+                "hash_key must be 64 lowercase hex characters: the template manifest's comparison key, "
+                "the same on every host of the fleet"
+            )
+        if self.trigger == "generation" and self.operation != "regenerate":
+            raise ClonesafeError("trigger=generation waits for the agent's own regeneration: use operation=regenerate")
+
+
+@dataclasses.dataclass
+class CloneOutcome:
+    """Everything the module returns about one clone (fingerprints and proofs only, never secrets)."""
+
+    name: str
+    role: str = "clone"
+    status: str = "pending"
+    reason: str | None = None
+    agent_version: str | None = None
+    generation_before: int | None = None
+    generation: int | None = None
+    registered_vcpus: list[int] = dataclasses.field(default_factory=list)
+    interrupted_vcpus: list[int] = dataclasses.field(default_factory=list)
+    vcpu_interrupts: list[int] = dataclasses.field(default_factory=list)
+    trigger: str | None = None
+    providers: dict[str, t.Any] = dataclasses.field(default_factory=dict)
+    fingerprints: dict[str, str] = dataclasses.field(default_factory=dict)
+    nonce: str | None = None
+    attestation: dict[str, t.Any] | None = None
+    entropy_source: str | None = None
+    latency_ms: float | None = None
+    hello: dict[str, t.Any] = dataclasses.field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, t.Any]:
+        """Plain data for the module result."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Report:
+    """The multicast on this host."""
+
+    clones: list[CloneOutcome]
+    collisions: list[dict[str, t.Any]]
+    elapsed_ms: float
+
+    @property
+    def changed(self) -> bool:
+        """True when at least one clone rotated."""
+        return any(clone.status == "rotated" for clone in self.clones)
+
+    def summary(self) -> dict[str, t.Any]:
+        """Counts per status and collisions within this host."""
+        counts: dict[str, int] = {}
+        for clone in self.clones:
+            counts[clone.status] = counts.get(clone.status, 0) + 1
+        return {
+            "selected": len(self.clones),
+            "rotated": counts.get("rotated", 0),
+            "failed": counts.get("failed", 0),
+            "skipped": counts.get("skipped", 0),
+            "checked": counts.get("checked", 0),
+            "collisions": self.collisions,
+            "elapsed_ms": self.elapsed_ms,
+        }
+
+    def failures(self) -> list[CloneOutcome]:
+        """Clones that failed, in the order they were selected."""
+        return [clone for clone in self.clones if clone.status == "failed"]
+
+
+def _fail_or_skip(outcome: CloneOutcome, reason: str, policy: str) -> None:
+    outcome.status = "skipped" if policy == "skip" else "failed"
+    outcome.reason = reason
+
+
+def _interrupted_vcpus(before: list[int], after: list[int]) -> list[int]:
+    """vCPUs whose count of the channel interrupt grew between hello and the instruction."""
+    return [cpu for cpu, (old, new) in enumerate(zip(before, after)) if new > old]
+
+
+def _rotate_args(settings: Settings, nonce: str) -> dict[str, t.Any]:
+    args: dict[str, t.Any] = {
+        "operation": settings.operation,
+        "nonce": nonce,
+        "hash_key": settings.hash_key,
+        "entropy_source": settings.entropy_source,
+    }
+    if settings.providers:
+        args["providers"] = list(settings.providers)
+    if settings.entropy_source in ("hypervisor", "combined"):
+        args["entropy"] = base64.b64encode(os.urandom(HYPERVISOR_ENTROPY_BYTES)).decode("ascii")
+    return args
+
+
+def _hello_all(outcomes: dict[str, CloneOutcome], targets: t.Sequence[Target], settings: Settings) -> dict[str, dict]:
+    calls = [ChannelCall(target.name, target.socket_path or "", "hello", {}) for target in targets]
+    call_all(calls, settings.hello_timeout)
+    hellos = {}
+    for call in calls:
+        outcome = outcomes[call.clone]
+        failure = call.failure()
+        if failure:
+            _fail_or_skip(outcome, f"no agent answered: {failure}", settings.missing_agent)
+            continue
+        hello = call.result or {}
+        hellos[call.clone] = hello
+        outcome.agent_version = hello["agent_version"]
+        outcome.generation_before = hello["generation"]
+        outcome.registered_vcpus = list(hello["vcpus"]["registered"])
+        outcome.hello = {
+            "uuid": hello["uuid"],
+            "vcpus": hello["vcpus"],
+            "interrupts": hello["interrupts"],
+            "providers": hello["providers"],
+            "last_trigger": hello["last_trigger"],
+        }
+        if not outcome.registered_vcpus:
+            _fail_or_skip(outcome, "its agent has no vCPU registered for the interrupt", settings.missing_agent)
+    return hellos
+
+
+def _attach_attestation(outcome: CloneOutcome, attestation: dict[str, t.Any], nonce: str) -> None:
+    """Check the proof right here, so a garbage or replayed answer is named by the host that got it."""
+    try:
+        outcome.fingerprints = proof.verify_attestation(attestation, nonce)
+    except proof.ProofError as error:
+        outcome.status = "failed"
+        outcome.reason = f"its proof does not verify: {error}"
+        return
+    outcome.attestation = attestation
+    outcome.nonce = nonce
+
+
+def _wait_for_own_regeneration(
+    outcomes: dict[str, CloneOutcome], sockets: dict[str, str], settings: Settings
+) -> list[str]:
+    """Poll hello until each agent reports a rotation caused by the generation change; return those still waiting."""
+    waiting = list(sockets)
+    deadline = time.monotonic() + settings.generation_timeout
+    while waiting and time.monotonic() < deadline:
+        still = []
+        for name in waiting:
+            trigger = outcomes[name].hello.get("last_trigger") or {}
+            if trigger.get("trigger") == "generation":
+                outcomes[name].trigger = "generation"
+                outcomes[name].generation = trigger.get("generation")
+            else:
+                still.append(name)
+        waiting = still
+        if not waiting:
+            break
+        time.sleep(settings.poll_interval)
+        calls = [ChannelCall(name, sockets[name], "hello", {}) for name in waiting]
+        call_all(calls, settings.hello_timeout)
+        for call in calls:
+            if call.result is not None:
+                outcomes[call.clone].hello["last_trigger"] = call.result["last_trigger"]
+    return waiting
+
+
+def multicast(targets: t.Sequence[Target], settings: Settings, check_mode: bool = False) -> Report:
+    """Run one multicast over ``targets``: hello, then (unless check mode) the instruction, at once."""
+    settings.validate()
+    started = time.monotonic()
+    outcomes = {target.name: CloneOutcome(name=target.name, role=target.role) for target in targets}
+    reachable = []
+    for target in targets:
+        if target.state != "running":
+            _fail_or_skip(outcomes[target.name], f"it is {target.state}, not running", settings.missing_agent)
+        elif not target.socket_path:
+            _fail_or_skip(outcomes[target.name], "its domain has no org.clonesafe.agent.0 channel", settings.missing_agent)
+        else:
+            reachable.append(target)
+
+    hellos = _hello_all(outcomes, reachable, settings)
+    ready = [target for target in reachable if outcomes[target.name].status == "pending"]
+
+    if check_mode:
+        for target in ready:
+            outcomes[target.name].status = "checked"
+        return _finish(outcomes, started)
+
+    to_instruct = list(ready)
+    if settings.trigger in ("generation", "both"):
+        waiting = _wait_for_own_regeneration(outcomes, {target.name: target.socket_path or "" for target in ready}, settings)
+        if settings.trigger == "generation":
+            for name in waiting:
+                outcomes[name].status = "failed"
+                outcomes[name].reason = (
+                    f"its agent did not regenerate on a VM Generation ID change within {settings.generation_timeout:g} s "
+                    "(was the clone restored from a memory template, and resumed?)"
+                )
+            attest_calls = []
+            for target in ready:
+                if target.name in waiting:
+                    continue
+                nonce = secrets.token_hex(wire.NONCE_BYTES)
+                attest_calls.append(ChannelCall(target.name, target.socket_path or "", "attest",
+                                                {"nonce": nonce, "hash_key": settings.hash_key}))
+            call_all(attest_calls, settings.timeout)
+            for call in attest_calls:
+                outcome = outcomes[call.clone]
+                if call.failure():
+                    outcome.status, outcome.reason = "failed", call.failure()
+                    continue
+                outcome.status = "rotated"
+                outcome.latency_ms = call.latency_ms
+                _attach_attestation(outcome, call.result or {}, call.args["nonce"])
+            return _finish(outcomes, started)
+
+    rotate_calls = []
+    for target in to_instruct:
+        nonce = secrets.token_hex(wire.NONCE_BYTES)
+        rotate_calls.append(ChannelCall(target.name, target.socket_path or "", "rotate", _rotate_args(settings, nonce)))
+    call_all(rotate_calls, settings.timeout)
+    for call in rotate_calls:
+        outcome = outcomes[call.clone]
+        failure = call.failure()
+        if failure:
+            outcome.status, outcome.reason = "failed", failure
+            continue
+        result = call.result or {}
+        outcome.latency_ms = call.latency_ms
+        outcome.generation = result["generation"]
+        outcome.entropy_source = result["entropy_source"]
+        outcome.providers = result["providers"]
+        outcome.vcpu_interrupts = list(result["vcpu_interrupts"])
+        before = hellos.get(call.clone, {}).get("interrupts", {}).get("channel", {}).get("per_cpu", [])
+        outcome.interrupted_vcpus = _interrupted_vcpus(list(before), outcome.vcpu_interrupts)
+        outcome.trigger = outcome.trigger or "channel"
+        failed_providers = sorted(name for name, state in outcome.providers.items() if state["status"] == "failed")
+        outcome.status = "rotated"
+        _attach_attestation(outcome, result["attestation"], call.args["nonce"])
+        if failed_providers and outcome.status == "rotated":
+            outcome.status = "failed"
+            outcome.reason = "provider(s) failed in the guest: " + ", ".join(
+                f"{name} ({outcome.providers[name].get('error', 'no reason given')})" for name in failed_providers
+            )
+    return _finish(outcomes, started)
+
+
+def _finish(outcomes: dict[str, CloneOutcome], started: float) -> Report:
+    holders: dict[tuple[str, str], list[str]] = {}
+    for outcome in outcomes.values():
+        for provider, fingerprint in outcome.fingerprints.items():
+            if fingerprint != proof.ERASED:
+                holders.setdefault((provider, fingerprint), []).append(outcome.name)
+    collisions = [
+        {"provider": provider, "fingerprint": fingerprint, "clones": sorted(names)}
+        for (provider, fingerprint), names in sorted(holders.items())
+        if len(names) > 1
+    ]
+    return Report(clones=list(outcomes.values()), collisions=collisions, elapsed_ms=round((time.monotonic() - started) * 1000, 3))

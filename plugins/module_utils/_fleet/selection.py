@@ -1,0 +1,77 @@
+# Copyright (c) clonesafe developers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+"""Which domains a multicast talks to, and where their agent channels are on this host."""
+
+from __future__ import annotations
+
+import typing as t
+
+from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.multicast import Target
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.clones import find_clones
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.connection import LibvirtConnection
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.domain_xml import read_channel_socket
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.template import load_template
+
+
+def _target(conn: LibvirtConnection, domain: t.Any, role: str) -> Target:
+    return Target(
+        name=domain.name(),
+        socket_path=read_channel_socket(conn.domain_xml(domain)),
+        state=conn.domain_state(domain),
+        role=role,
+    )
+
+
+def select_targets(
+    conn: LibvirtConnection,
+    template: str | None,
+    names: list[str] | None,
+    golden: str | None,
+) -> list[Target]:
+    """The selected clones (all clones of ``template``, or exactly ``names``), plus the golden if asked."""
+    if not template and not names and not golden:
+        raise ClonesafeError("select clones with template, names or both (and golden to include the golden VM)")
+    clones = {domain.name(): domain for domain, _spec in find_clones(conn, template)}
+    if names:
+        unknown = [name for name in names if name not in clones]
+        if unknown:
+            scope = f" of template '{template}'" if template else ""
+            raise ClonesafeError(f"no clonesafe clone{scope} named {', '.join(unknown)} on {conn.uri}", clones=unknown)
+        selected = [clones[name] for name in names]
+    else:
+        selected = [clones[name] for name in sorted(clones)]
+    targets = [_target(conn, domain, "clone") for domain in selected]
+    if golden:
+        targets.append(_target(conn, conn.get_domain(golden), "golden"))
+    return targets
+
+
+def resume_paused(conn: LibvirtConnection, targets: list[Target]) -> tuple[list[Target], list[str]]:
+    """Resume paused targets (clones restored paused wait for the multicast); returns new targets and their names."""
+    resumed = []
+    updated = []
+    for target in targets:
+        if target.state == "paused":
+            domain = conn.get_domain(target.name)
+            conn.call(f"resuming domain '{target.name}'", domain.resume)
+            resumed.append(target.name)
+            target = Target(target.name, target.socket_path, conn.domain_state(domain), target.role)
+        updated.append(target)
+    return updated, resumed
+
+
+def template_hash_key(templates_dir: str, template: str | None) -> str:
+    """The fleet comparison key recorded in a template's manifest."""
+    if not template:
+        raise ClonesafeError("hash_key is required when no template is given (the template manifest holds it otherwise)")
+    found = load_template(templates_dir, template)
+    if found is None:
+        raise ClonesafeError(f"template '{template}' not found in {templates_dir}: create it with clonesafe.fleet.golden_snapshot")
+    key = (found.manifest.get("proof") or {}).get("hash_key")
+    if not key:
+        raise ClonesafeError(
+            f"template '{template}' records no comparison key (made by an older golden_snapshot): pass hash_key"
+        )
+    return key

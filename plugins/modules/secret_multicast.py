@@ -1,0 +1,293 @@
+#!/usr/bin/python
+# Copyright (c) clonesafe developers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: secret_multicast
+short_description: Interrupt every selected clone at once to erase, rotate or regenerate its secrets
+version_added: 0.1.0
+description:
+  - Runs on a hypervisor host. Opens the agent channel (C(org.clonesafe.agent.0)) of every selected clone
+    concurrently, sends C(hello) to learn whether an agent answers and which vCPUs it registered for the
+    interrupt, then sends every clone the instruction at the same time and waits for all answers.
+  - Each answer carries per-provider fingerprints and an Ed25519 signature over a fresh per-clone nonce; the
+    module verifies every signature before returning, and reports fingerprints shared by clones of this host.
+    Cross-host uniqueness is proven by M(clonesafe.fleet.verify_unique) on the controller.
+  - Paused clones (restored with O(clonesafe.fleet.clone#module:paused=true)) are resumed first; their network
+    stays as it is (held clones remain held).
+  - Never returns or logs key material; fingerprints, keyed hashes and signatures only.
+author:
+  - clonesafe developers (@clonesafe)
+extends_documentation_fragment:
+  - clonesafe.fleet.connection
+  - clonesafe.fleet.attributes
+  - clonesafe.fleet.attributes.actiongroup_libvirt
+attributes:
+  check_mode:
+    support: full
+    details:
+      - Sends C(hello) only and reports what would be instructed.
+  diff_mode:
+    support: none
+  idempotent:
+    support: none
+    details:
+      - Every run rotates the selected secrets again; that is its purpose.
+options:
+  template:
+    description: Select every clone of this template on this host.
+    type: str
+    version_added: 0.1.0
+  names:
+    description: Select exactly these clones (of O(template) when both are given).
+    type: list
+    elements: str
+    version_added: 0.1.0
+  golden:
+    description: Also send the instruction to this golden domain (for example to O(operation=erase) before sealing).
+    type: str
+    version_added: 0.1.0
+  operation:
+    description:
+      - V(regenerate) makes fresh secrets, V(modify) derives new ones from the old and fresh entropy (HKDF) where the
+        secret type allows, V(erase) removes them (a sealed golden).
+    type: str
+    choices: [erase, modify, regenerate]
+    default: regenerate
+    version_added: 0.1.0
+  providers:
+    description: Secret providers to act on; all the agent has enabled when omitted.
+    type: list
+    elements: str
+    choices: [identity, ssh_host_keys, machine_id, rng, tls, hooks]
+    version_added: 0.1.0
+  entropy_source:
+    description:
+      - V(guest) uses the guest's getrandom, V(hypervisor) bytes sent from this host, V(combined) both through HKDF.
+    type: str
+    choices: [guest, hypervisor, combined]
+    default: combined
+    version_added: 0.1.0
+  trigger:
+    description:
+      - V(channel) sends the instruction over the agent channel.
+      - V(generation) waits for the agent's own regeneration on the VM Generation ID change that the restore of a
+        memory clone raised, then asks for its proof; V(both) waits for it and sends the instruction too.
+    type: str
+    choices: [channel, generation, both]
+    default: channel
+    version_added: 0.1.0
+  hash_key:
+    description:
+      - The fleet's comparison key (64 hex characters) for keyed hashes of symmetric secrets such as the machine-id,
+        so duplicates are comparable across clones while the values never leave the guests.
+      - Read from the template manifest when omitted and O(template) is given.
+    type: str
+    version_added: 0.1.0
+  templates_dir:
+    description: Directory holding the templates (for the comparison key in the manifest).
+    type: path
+    default: /var/lib/clonesafe/templates
+    version_added: 0.1.0
+  missing_agent:
+    description:
+      - What to do with a selected clone that is not running, has no agent answering, or no vCPU registered for the
+        interrupt. V(fail) fails the task after the others rotated, V(skip) reports it as skipped. Both name it.
+    type: str
+    choices: [fail, skip]
+    default: fail
+    version_added: 0.1.0
+  timeout:
+    description: Seconds to wait for every clone's answer to the instruction.
+    type: float
+    default: 60
+    version_added: 0.1.0
+  hello_timeout:
+    description: Seconds to wait for every clone's answer to C(hello).
+    type: float
+    default: 15
+    version_added: 0.1.0
+  generation_timeout:
+    description: With O(trigger=generation) or O(trigger=both), seconds to wait for the agents' own regeneration.
+    type: float
+    default: 30
+    version_added: 0.1.0
+  resume:
+    description: Resume paused clones before talking to them.
+    type: bool
+    default: true
+    version_added: 0.1.0
+notes:
+  - The agent channels are reached through their host-side unix sockets, so the module runs on the hypervisor host
+    (the default with an inventory of hypervisor hosts). Remote libvirt URIs are refused with a clear error.
+seealso:
+  - module: clonesafe.fleet.verify_unique
+  - module: clonesafe.fleet.clone
+"""
+
+EXAMPLES = r"""
+- name: Regenerate every secret of the clones of template web, with hypervisor and guest entropy
+  clonesafe.fleet.secret_multicast:
+    template: web
+    operation: regenerate
+    entropy_source: combined
+  register: clonesafe_multicast
+
+- name: Rotate only the SSH host keys of two clones, skipping clones without an agent
+  clonesafe.fleet.secret_multicast:
+    names: [web-1, web-2]
+    providers: [ssh_host_keys]
+    operation: modify
+    hash_key: "{{ fleet_hash_key }}"
+    missing_agent: skip
+"""
+
+RETURN = r"""
+hypervisor:
+  description: Host name of the hypervisor that ran the multicast.
+  returned: always
+  type: str
+  sample: hv1
+clones:
+  description: One entry per selected clone.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    name:
+      description: Domain name.
+      type: str
+      sample: web-1
+    status:
+      description: V(rotated), V(failed), V(skipped) or, in check mode, V(checked).
+      type: str
+      sample: rotated
+    reason:
+      description: Why the clone failed or was skipped.
+      type: str
+      sample: "no agent answered: clone 'web-3' did not answer hello within 15 s (is its agent running?)"
+    generation:
+      description: The agent's generation counter after the rotation.
+      type: int
+      sample: 2
+    registered_vcpus:
+      description: vCPUs the agent steered the channel interrupt to.
+      type: list
+      elements: int
+      sample: [0, 1]
+    interrupted_vcpus:
+      description: vCPUs whose count of the channel interrupt grew with the instruction.
+      type: list
+      elements: int
+      sample: [1]
+    fingerprints:
+      description: Per-provider public fingerprints or keyed hashes, verified against the signature.
+      type: dict
+      sample: {identity: "SHA256:Zk3v...", machine_id: "HMAC-SHA256:5f1c..."}
+    attestation:
+      description: The signed proof (nonce, uuid, generation, fingerprints, public key, signature).
+      type: dict
+    nonce:
+      description: The nonce this host sent (hex); M(clonesafe.fleet.verify_unique) checks the proof against it.
+      type: str
+    latency_ms:
+      description: Time from sending the instruction to its answer.
+      type: float
+      sample: 41.7
+summary:
+  description: Counts and the fingerprints shared by clones of this host.
+  returned: always
+  type: dict
+  sample: {selected: 4, rotated: 4, failed: 0, skipped: 0, checked: 0, collisions: [], elapsed_ms: 212.4}
+resumed:
+  description: Clones that were paused and were resumed.
+  returned: always
+  type: list
+  elements: str
+  sample: [web-1]
+"""
+
+import socket
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.multicast import Settings, multicast
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.selection import resume_paused, select_targets, template_hash_key
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt._libvirt_dep import assert_libvirt_available
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.connection import LibvirtConnection, require_local_uri
+from ansible_collections.clonesafe.fleet.plugins.module_utils._module import run_module
+
+
+def main() -> None:
+    """Entry point."""
+    module = AnsibleModule(
+        argument_spec={
+            "uri": {"type": "str", "default": "qemu:///system"},
+            "template": {"type": "str"},
+            "names": {"type": "list", "elements": "str"},
+            "golden": {"type": "str"},
+            "operation": {"type": "str", "default": "regenerate", "choices": ["erase", "modify", "regenerate"]},
+            "providers": {"type": "list", "elements": "str",
+                          "choices": ["identity", "ssh_host_keys", "machine_id", "rng", "tls", "hooks"]},
+            "entropy_source": {"type": "str", "default": "combined", "choices": ["guest", "hypervisor", "combined"]},
+            "trigger": {"type": "str", "default": "channel", "choices": ["channel", "generation", "both"]},
+            "hash_key": {"type": "str", "no_log": True},
+            "templates_dir": {"type": "path", "default": "/var/lib/clonesafe/templates"},
+            "missing_agent": {"type": "str", "default": "fail", "choices": ["fail", "skip"]},
+            "timeout": {"type": "float", "default": 60},
+            "hello_timeout": {"type": "float", "default": 15},
+            "generation_timeout": {"type": "float", "default": 30},
+            "resume": {"type": "bool", "default": True},
+        },
+        required_one_of=[("template", "names", "golden")],
+        supports_check_mode=True,
+    )
+    assert_libvirt_available(module)
+    params = module.params
+
+    def body() -> dict:
+        require_local_uri(params["uri"], "secret_multicast reaches the agent channels through their host-side sockets")
+        hash_key = params["hash_key"] or template_hash_key(params["templates_dir"], params["template"])
+        settings = Settings(
+            operation=params["operation"],
+            providers=params["providers"],
+            entropy_source=params["entropy_source"],
+            trigger=params["trigger"],
+            hash_key=hash_key,
+            missing_agent=params["missing_agent"],
+            timeout=params["timeout"],
+            hello_timeout=params["hello_timeout"],
+            generation_timeout=params["generation_timeout"],
+        )
+        settings.validate()
+        with LibvirtConnection(params["uri"]) as conn:
+            targets = select_targets(conn, params["template"], params["names"], params["golden"])
+            resumed: list[str] = []
+            if params["resume"] and not module.check_mode:
+                targets, resumed = resume_paused(conn, targets)
+        report = multicast(targets, settings, check_mode=module.check_mode)
+        for clone in report.clones:
+            module.debug(f"clone {clone.name}: {clone.status}" + (f" ({clone.reason})" if clone.reason else ""))
+        result = {
+            "changed": report.changed,
+            "hypervisor": socket.gethostname(),
+            "clones": [clone.as_dict() for clone in report.clones],
+            "summary": report.summary(),
+            "resumed": resumed,
+        }
+        failures = report.failures()
+        if failures:
+            reasons = "; ".join(f"{clone.name}: {clone.reason}" for clone in failures)
+            raise ClonesafeError(
+                f"{len(failures)} of {len(report.clones)} clone(s) did not rotate: {reasons}", **result
+            )
+        return result
+
+    run_module(module, body)
+
+
+if __name__ == "__main__":
+    main()
