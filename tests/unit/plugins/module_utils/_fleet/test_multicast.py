@@ -1,0 +1,160 @@
+"""The multicast against real agent code: clones made by copying one guest root share its secrets,
+and one multicast makes every secret unique. The agents run in this process behind real unix sockets
+(the host side of a virtio-serial channel is one), each on its own temporary root."""
+
+from __future__ import annotations
+
+import pathlib
+import secrets
+import shutil
+import socket
+import sys
+import threading
+
+import pytest
+
+from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet import uniqueness
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.fanout import ChannelCall, call_all
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.multicast import Settings, Target, multicast
+from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, wire
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[4] / "unit" / "agent"))
+from agent_testlib import load_agent_module, make_guest_root  # noqa: E402  pylint: disable=wrong-import-position
+
+HASH_KEY = secrets.token_hex(32)
+
+
+class ChannelServer:
+    """The host side of one clone's channel: a unix socket whose peer is the agent's handle_line."""
+
+    def __init__(self, path: str, agent) -> None:
+        self.agent = agent
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(4)
+        self.stopped = False
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.stopped:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                lines = wire.LineBuffer()
+                while True:
+                    data = conn.recv(65536)
+                    if not data:
+                        break
+                    for line in lines.feed(data):
+                        conn.sendall(self.agent.handle_line(line))
+
+    def close(self) -> None:
+        self.stopped = True
+        self.listener.close()
+
+
+@pytest.fixture(scope="module")
+def agent_module():
+    return load_agent_module()
+
+
+@pytest.fixture
+def fleet(tmp_path, agent_module):
+    """A golden guest root and a function making N clones of it, each served on its own socket."""
+    golden_root = make_guest_root(tmp_path / "golden")
+    agent_module.Agent(str(golden_root)).start()
+    servers = []
+
+    def make_clones(count: int) -> list[Target]:
+        targets = []
+        for index in range(count):
+            root = tmp_path / f"clone-{index}"
+            shutil.copytree(golden_root, root, symlinks=True)
+            agent = agent_module.Agent(str(root))
+            agent.start()
+            path = str(tmp_path / f"clone-{index}.sock")
+            servers.append(ChannelServer(path, agent))
+            targets.append(Target(name=f"clone-{index}", socket_path=path))
+        return targets
+
+    yield make_clones
+    for server in servers:
+        server.close()
+
+
+def attest_all(targets):
+    calls = [ChannelCall(t.name, t.socket_path, "attest", {"nonce": secrets.token_hex(32), "hash_key": HASH_KEY})
+             for t in targets]
+    call_all(calls, timeout=10)
+    assert all(call.failure() is None for call in calls), [call.failure() for call in calls]
+    return {"hv": {"clones": [{"name": c.clone, "nonce": c.args["nonce"], "attestation": c.result} for c in calls]}}
+
+
+def test_copied_clones_share_secrets_until_the_multicast(fleet):
+    targets = fleet(4)
+    before = uniqueness.judge(uniqueness.collect_proofs(attest_all(targets)), {}, proof.verify_attestation)
+    shared = {duplicate["provider"] for duplicate in before.duplicates}
+    assert {"identity", "machine_id", "ssh_host_key.ed25519"} <= shared, "copies must start out sharing their secrets"
+
+    report = multicast(targets, Settings(hash_key=HASH_KEY, entropy_source="combined", timeout=30))
+    assert report.changed
+    assert [clone.status for clone in report.clones] == ["rotated"] * 4, [c.reason for c in report.clones]
+    assert report.collisions == []
+    for clone in report.clones:
+        assert clone.registered_vcpus
+        assert clone.generation == clone.generation_before + 1
+        assert clone.fingerprints["identity"].startswith("SHA256:")
+    after = uniqueness.judge(
+        uniqueness.collect_proofs({"hv": {"clones": [c.as_dict() for c in report.clones]}}), {}, proof.verify_attestation
+    )
+    assert after.unique, after.failure_message()
+
+
+def test_check_mode_only_says_hello(fleet):
+    targets = fleet(2)
+    before = attest_all(targets)
+    report = multicast(targets, Settings(hash_key=HASH_KEY), check_mode=True)
+    assert not report.changed
+    assert [clone.status for clone in report.clones] == ["checked", "checked"]
+    after = attest_all(targets)
+    assert [c["attestation"]["fingerprints"] for c in before["hv"]["clones"]] == \
+        [c["attestation"]["fingerprints"] for c in after["hv"]["clones"]]
+
+
+def test_clone_without_agent_fails_by_name_while_others_rotate(fleet, tmp_path):
+    targets = fleet(2) + [Target(name="silent", socket_path=str(tmp_path / "nobody.sock"))]
+    report = multicast(targets, Settings(hash_key=HASH_KEY, hello_timeout=2))
+    statuses = {clone.name: clone.status for clone in report.clones}
+    assert statuses == {"clone-0": "rotated", "clone-1": "rotated", "silent": "failed"}
+    assert report.failures()[0].reason.startswith("no agent answered: cannot open the agent channel of clone 'silent'")
+
+
+def test_skip_policy_lists_skipped_clones(fleet, tmp_path):
+    targets = fleet(1) + [Target(name="off", socket_path=str(tmp_path / "x.sock"), state="shutoff")]
+    report = multicast(targets, Settings(hash_key=HASH_KEY, missing_agent="skip"))
+    assert report.summary()["skipped"] == 1
+    assert report.clones[1].reason == "it is shutoff, not running"
+    assert report.failures() == []
+
+
+def test_hypervisor_entropy_is_used(fleet):
+    report = multicast(fleet(1), Settings(hash_key=HASH_KEY, entropy_source="hypervisor"))
+    assert report.clones[0].entropy_source == "hypervisor"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"hash_key": "short"}, "hash_key must be 64 lowercase hex"),
+        ({"operation": "shred"}, "invalid operation 'shred'"),
+        ({"providers": ["passwords"]}, "unknown provider 'passwords'"),
+        ({"trigger": "generation", "operation": "erase"}, "trigger=generation waits"),
+    ],
+)
+def test_bad_settings_are_named(change, message):
+    settings = Settings(**{"hash_key": HASH_KEY, **change})
+    with pytest.raises(ClonesafeError, match=message):
+        multicast([], settings)
