@@ -53,8 +53,10 @@ options:
     description:
       - V(regenerate) makes fresh secrets, V(modify) derives new ones from the old and fresh entropy (HKDF) where the
         secret type allows, V(erase) removes them (a sealed golden).
+      - V(attest) changes nothing and only collects signed proofs of the secrets as they are (an audit, or the
+        picture before a rotation); it never reports a change.
     type: str
-    choices: [erase, modify, regenerate]
+    choices: [erase, modify, regenerate, attest]
     default: regenerate
     version_added: 0.1.0
   providers:
@@ -161,7 +163,7 @@ clones:
       type: str
       sample: web-1
     status:
-      description: V(rotated), V(failed), V(skipped) or, in check mode, V(checked).
+      description: V(rotated), V(attested) (with O(operation=attest)), V(failed), V(skipped) or, in check mode, V(checked).
       type: str
       sample: rotated
     reason:
@@ -229,7 +231,7 @@ def main() -> None:
             "template": {"type": "str"},
             "names": {"type": "list", "elements": "str"},
             "golden": {"type": "str"},
-            "operation": {"type": "str", "default": "regenerate", "choices": ["erase", "modify", "regenerate"]},
+            "operation": {"type": "str", "default": "regenerate", "choices": ["erase", "modify", "regenerate", "attest"]},
             "providers": {"type": "list", "elements": "str",
                           "choices": ["identity", "ssh_host_keys", "machine_id", "rng", "tls", "hooks"]},
             "entropy_source": {"type": "str", "default": "combined", "choices": ["guest", "hypervisor", "combined"]},

@@ -21,7 +21,8 @@ from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import Clo
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.fanout import ChannelCall, call_all
 from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, wire
 
-OPERATIONS = wire.ROTATE_OPERATIONS
+# "attest" changes nothing: it collects proofs of the secrets as they are (an audit, or the "before" picture).
+OPERATIONS = wire.ROTATE_OPERATIONS + ("attest",)
 ENTROPY_SOURCES = wire.ENTROPY_SOURCES
 TRIGGERS = ("channel", "generation", "both")
 POLICIES = ("fail", "skip")
@@ -72,6 +73,8 @@ class Settings:
                 "hash_key must be 64 lowercase hex characters: the template manifest's comparison key, "
                 "the same on every host of the fleet"
             )
+        if self.operation == "attest" and self.trigger != "channel":
+            raise ClonesafeError("operation=attest only collects proofs: use trigger=channel")
         if self.trigger == "generation" and self.operation != "regenerate":
             raise ClonesafeError("trigger=generation waits for the agent's own regeneration: use operation=regenerate")
 
@@ -128,6 +131,7 @@ class Report:
             "failed": counts.get("failed", 0),
             "skipped": counts.get("skipped", 0),
             "checked": counts.get("checked", 0),
+            "attested": counts.get("attested", 0),
             "collisions": self.collisions,
             "elapsed_ms": self.elapsed_ms,
         }
@@ -227,6 +231,26 @@ def _wait_for_own_regeneration(
     return waiting
 
 
+def _attest_all(outcomes: dict[str, CloneOutcome], targets: t.Sequence[Target], settings: Settings, status: str) -> None:
+    """Ask every target for a proof of its current secrets over a fresh nonce."""
+    calls = [
+        ChannelCall(target.name, target.socket_path or "", "attest",
+                    {"nonce": secrets.token_hex(wire.NONCE_BYTES), "hash_key": settings.hash_key})
+        for target in targets
+    ]
+    call_all(calls, settings.timeout)
+    for call in calls:
+        outcome = outcomes[call.clone]
+        failure = call.failure()
+        if failure:
+            outcome.status, outcome.reason = "failed", failure
+            continue
+        outcome.status = status
+        outcome.latency_ms = call.latency_ms
+        outcome.generation = (call.result or {}).get("generation")
+        _attach_attestation(outcome, call.result or {}, call.args["nonce"])
+
+
 def multicast(targets: t.Sequence[Target], settings: Settings, check_mode: bool = False) -> Report:
     """Run one multicast over ``targets``: hello, then (unless check mode) the instruction, at once."""
     settings.validate()
@@ -249,7 +273,6 @@ def multicast(targets: t.Sequence[Target], settings: Settings, check_mode: bool 
             outcomes[target.name].status = "checked"
         return _finish(outcomes, started)
 
-    to_instruct = list(ready)
     if settings.trigger in ("generation", "both"):
         waiting = _wait_for_own_regeneration(outcomes, {target.name: target.socket_path or "" for target in ready}, settings)
         if settings.trigger == "generation":
@@ -259,26 +282,15 @@ def multicast(targets: t.Sequence[Target], settings: Settings, check_mode: bool 
                     f"its agent did not regenerate on a VM Generation ID change within {settings.generation_timeout:g} s "
                     "(was the clone restored from a memory template, and resumed?)"
                 )
-            attest_calls = []
-            for target in ready:
-                if target.name in waiting:
-                    continue
-                nonce = secrets.token_hex(wire.NONCE_BYTES)
-                attest_calls.append(ChannelCall(target.name, target.socket_path or "", "attest",
-                                                {"nonce": nonce, "hash_key": settings.hash_key}))
-            call_all(attest_calls, settings.timeout)
-            for call in attest_calls:
-                outcome = outcomes[call.clone]
-                if call.failure():
-                    outcome.status, outcome.reason = "failed", call.failure()
-                    continue
-                outcome.status = "rotated"
-                outcome.latency_ms = call.latency_ms
-                _attach_attestation(outcome, call.result or {}, call.args["nonce"])
+            _attest_all(outcomes, [target for target in ready if target.name not in waiting], settings, "rotated")
             return _finish(outcomes, started)
 
+    if settings.operation == "attest":
+        _attest_all(outcomes, ready, settings, "attested")
+        return _finish(outcomes, started)
+
     rotate_calls = []
-    for target in to_instruct:
+    for target in ready:
         nonce = secrets.token_hex(wire.NONCE_BYTES)
         rotate_calls.append(ChannelCall(target.name, target.socket_path or "", "rotate", _rotate_args(settings, nonce)))
     call_all(rotate_calls, settings.timeout)

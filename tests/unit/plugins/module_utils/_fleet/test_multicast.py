@@ -158,3 +158,13 @@ def test_bad_settings_are_named(change, message):
     settings = Settings(**{"hash_key": HASH_KEY, **change})
     with pytest.raises(ClonesafeError, match=message):
         multicast([], settings)
+
+
+def test_attest_only_collects_proofs_and_changes_nothing(fleet):
+    targets = fleet(2)
+    report = multicast(targets, Settings(hash_key=HASH_KEY, operation="attest"))
+    assert not report.changed
+    assert [clone.status for clone in report.clones] == ["attested", "attested"]
+    assert {c["provider"] for c in report.collisions} >= {"identity", "machine_id"}
+    again = multicast(targets, Settings(hash_key=HASH_KEY, operation="attest"))
+    assert again.clones[0].fingerprints == report.clones[0].fingerprints

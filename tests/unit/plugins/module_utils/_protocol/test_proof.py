@@ -127,7 +127,7 @@ def test_keyed_hash_is_hmac_and_requires_a_proper_key():
         proof.keyed_hash("short", b"abc")
 
 
-@settings(max_examples=300)
+@settings(deadline=None, max_examples=300)
 @given(st.dictionaries(st.sampled_from(list(proof.ATTESTATION_FIELDS) + ["x"]),
                        st.none() | st.integers() | st.text(max_size=100) | st.dictionaries(st.text(max_size=5), st.text(max_size=5))))
 def test_arbitrary_attestations_raise_only_proof_errors(attestation):

@@ -135,7 +135,7 @@ def test_line_buffer_resynchronises_after_an_oversized_line():
     assert caught.value.code == "too_large"
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.binary(max_size=40), max_size=20), st.integers(min_value=2, max_value=32))
 def test_line_buffer_reassembles_any_split(chunks, limit):
     stream = b"".join(chunks)
@@ -152,7 +152,7 @@ def test_line_buffer_reassembles_any_split(chunks, limit):
     assert got == expected
 
 
-@settings(max_examples=500)
+@settings(deadline=None, max_examples=500)
 @given(st.binary(max_size=300))
 def test_arbitrary_bytes_never_crash_the_request_parser(data):
     try:
@@ -161,7 +161,7 @@ def test_arbitrary_bytes_never_crash_the_request_parser(data):
         assert error.code and error.message
 
 
-@settings(max_examples=500)
+@settings(deadline=None, max_examples=500)
 @given(json_values)
 def test_arbitrary_json_never_crashes_the_request_parser(value):
     try:
@@ -170,7 +170,7 @@ def test_arbitrary_json_never_crashes_the_request_parser(value):
         assert error.code
 
 
-@settings(max_examples=300)
+@settings(deadline=None, max_examples=300)
 @given(st.sampled_from(VALID_REQUESTS), st.integers(min_value=0, max_value=200))
 def test_truncated_requests_are_errors(request_obj, cut):
     data = line(request_obj)
@@ -179,7 +179,7 @@ def test_truncated_requests_are_errors(request_obj, cut):
         wire.parse_request(data[:cut])
 
 
-@settings(max_examples=300)
+@settings(deadline=None, max_examples=300)
 @given(st.sampled_from(VALID_REQUESTS), st.sampled_from(["v", "id", "op", "args"]), json_values)
 def test_any_replaced_field_is_either_valid_or_an_error(request_obj, field, value):
     mutated = {**request_obj, field: value}
@@ -224,7 +224,7 @@ def test_malformed_attest_results_are_rejected(result):
         wire.parse_response(wire.encode_message(wire.make_result("r", result)), "r", "attest")
 
 
-@settings(max_examples=500)
+@settings(deadline=None, max_examples=500)
 @given(st.binary(max_size=300))
 def test_arbitrary_bytes_never_crash_the_response_parser(data):
     for op in (None, "hello", "rotate", "attest"):
@@ -234,7 +234,7 @@ def test_arbitrary_bytes_never_crash_the_response_parser(data):
             assert error.code
 
 
-@settings(max_examples=500)
+@settings(deadline=None, max_examples=500)
 @given(json_values, st.sampled_from([None, "hello", "rotate", "attest"]))
 def test_arbitrary_results_never_crash_the_response_parser(value, op):
     for message in ({"v": 1, "id": "r", "ok": True, "result": value}, {"v": 1, "id": "r", "ok": False, "error": value}, value):
