@@ -72,6 +72,7 @@ class ActionModule(ActionBase):
             unique=verdict.unique,
             clones_checked=verdict.clones_checked,
             table=verdict.rows,
+            report=uniqueness.format_table(verdict.rows),
             duplicates=[dict(d, clones=[{"host": h, "clone": c} for h, c in d["clones"]]) for d in verdict.duplicates],
             same_as_golden=verdict.same_as_golden,
             bad_proofs=verdict.bad_proofs,

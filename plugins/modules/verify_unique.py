@@ -83,6 +83,14 @@ table:
   elements: dict
   sample:
     - {clone: web-1, host: hv1, provider: identity, fingerprint: "SHA256:Zk3v9xq0b1c2d3e4", status: unique}
+report:
+  description: RV(table) as aligned text lines, for a C(ansible.builtin.debug) task.
+  returned: always
+  type: list
+  elements: str
+  sample:
+    - "clone    host  provider  fingerprint              status"
+    - "web-001  hv1   identity  SHA256:Zk3v9xq0b1c2d3e4  unique"
 duplicates:
   description: Fingerprints held by more than one clone, with the clones holding them.
   returned: always

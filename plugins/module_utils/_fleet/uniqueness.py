@@ -138,3 +138,11 @@ def judge(
 
 def _row(proof: CloneProof, provider: str, fingerprint: str, status: str) -> dict[str, str]:
     return {"clone": proof.name, "host": proof.host, "provider": provider, "fingerprint": fingerprint, "status": status}
+
+
+def format_table(rows: t.Sequence[t.Mapping[str, str]]) -> list[str]:
+    """The verdict rows as aligned text lines, for people reading a playbook run."""
+    columns = ("clone", "host", "provider", "fingerprint", "status")
+    cells = [list(columns)] + [[str(row.get(column, "")) for column in columns] for row in rows]
+    widths = [max(len(line[index]) for line in cells) for index in range(len(columns))]
+    return ["  ".join(value.ljust(width) for value, width in zip(line, widths)).rstrip() for line in cells]

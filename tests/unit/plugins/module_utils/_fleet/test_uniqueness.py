@@ -111,3 +111,13 @@ def test_erased_values_never_count_as_shared():
 @pytest.mark.parametrize(("value", "expected"), [("SHA256:abcdefghijklmnopqrstuvwxyz", "SHA256:abcdefghijklmnop"), ("plain", "plain")])
 def test_short_fingerprint(value, expected):
     assert uniqueness.short(value) == expected
+
+
+def test_table_lines_are_aligned():
+    lines = uniqueness.format_table([
+        {"clone": "web-001", "host": "hv1", "provider": "identity", "fingerprint": "SHA256:abc", "status": "unique"},
+        {"clone": "w2", "host": "hypervisor-2", "provider": "machine_id", "fingerprint": "HMAC-SHA256:0f", "status": "duplicate"},
+    ])
+    assert lines[0].split() == ["clone", "host", "provider", "fingerprint", "status"]
+    assert lines[1].index("hv1") == lines[2].index("hypervisor-2") == lines[0].index("host")
+    assert lines[2].endswith("duplicate")
