@@ -1,0 +1,91 @@
+"""Real agent code behind real unix sockets (the host side of a virtio-serial channel is one), each
+agent on its own temporary guest root: what the multicast and golden proof tests talk to."""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import socket
+import sys
+import threading
+
+import pytest
+
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.multicast import Target
+from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import wire
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[4] / "unit" / "agent"))
+from agent_testlib import load_agent_module, make_guest_root  # noqa: E402  pylint: disable=wrong-import-position
+
+
+
+class ChannelServer:
+    """The host side of one clone's channel: a unix socket whose peer is the agent's handle_line."""
+
+    def __init__(self, path: str, agent) -> None:
+        self.agent = agent
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(4)
+        self.stopped = False
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.stopped:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                lines = wire.LineBuffer()
+                while True:
+                    data = conn.recv(65536)
+                    if not data:
+                        break
+                    for line in lines.feed(data):
+                        conn.sendall(self.agent.handle_line(line))
+
+    def close(self) -> None:
+        self.stopped = True
+        self.listener.close()
+
+
+@pytest.fixture(scope="module")
+def agent_module():
+    return load_agent_module()
+
+
+@pytest.fixture
+def fleet(tmp_path, agent_module):
+    """A golden guest root and a function making N clones of it, each served on its own socket."""
+    golden_root = make_guest_root(tmp_path / "golden")
+    agent_module.Agent(str(golden_root)).start()
+    servers = []
+
+    def make_clones(count: int) -> list[Target]:
+        targets = []
+        for index in range(count):
+            root = tmp_path / f"clone-{index}"
+            shutil.copytree(golden_root, root, symlinks=True)
+            agent = agent_module.Agent(str(root))
+            agent.start()
+            path = str(tmp_path / f"clone-{index}.sock")
+            servers.append(ChannelServer(path, agent))
+            targets.append(Target(name=f"clone-{index}", socket_path=path))
+        return targets
+
+    make_clones.golden_root = golden_root
+    make_clones.serve = lambda name, root: _serve(name, root)
+
+    def _serve(name, root):
+        agent = agent_module.Agent(str(root))
+        agent.start()
+        path = str(tmp_path / f"{name}.sock")
+        servers.append(ChannelServer(path, agent))
+        return Target(name=name, socket_path=path)
+
+    yield make_clones
+    for server in servers:
+        server.close()
+
+
