@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 # Copyright (c) clonesafe developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Side by side on the lab golden: thin clones with clonesafe.fleet.clone versus virt-clone, and
@@ -54,10 +53,10 @@ def ensure_virt_clone() -> str:
     return shutil.which("virt-clone") or sys.exit("virt-clone is still missing after installing virtinst")
 
 
-def module(name, **args):
-    code, result = run_module(f"clonesafe.fleet.{name}", args)
+def module(module_name, **args):
+    code, result = run_module(f"clonesafe.fleet.{module_name}", args)
     if code != 0:
-        raise SystemExit(f"{name} failed: {result.get('msg')}")
+        raise SystemExit(f"{module_name} failed: {result.get('msg')}")
     return result
 
 

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from conftest import run_module, run_playbook
+from clonesafe_testlib import run_module, run_playbook
 from helpers.agent_channel import AgentChannel, fresh_hex, wait_for_agent
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, wire

@@ -14,7 +14,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from conftest import run_module
+from clonesafe_testlib import run_module
 
 pytestmark = pytest.mark.lab
 libvirt = pytest.importorskip("libvirt")
@@ -227,8 +227,8 @@ def shell_golden(lab, conn, names, tmp_path_factory):
         subprocess.run(["rm", "-rf", "--", str(directory)], check=True)
 
 
-def test_held_memory_clones_get_their_own_mac_inside_the_guest_and_link_up_only_on_release(lab, conn, names,
-                                                                                          shell_golden):
+def test_held_memory_clones_get_their_own_mac_inside_the_guest_and_link_up_only_on_release(
+        lab, conn, names, shell_golden):
     uri = lab["uri"]
     template = f"{names}-net"
     golden_mac = domain_facts(conn, shell_golden["name"])["macs"][0]

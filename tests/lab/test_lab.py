@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from conftest import run_module, run_playbook
+from clonesafe_testlib import run_module, run_playbook
 
 pytestmark = pytest.mark.lab
 libvirt = pytest.importorskip("libvirt")

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT, ansible_env, run_playbook
+from clonesafe_testlib import REPO_ROOT, ansible_env, run_playbook
 
 pytestmark = pytest.mark.lab
 pytest.importorskip("libvirt")

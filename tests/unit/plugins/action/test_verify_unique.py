@@ -6,7 +6,7 @@ import json
 import os
 import secrets
 
-from conftest import run_playbook
+from clonesafe_testlib import run_playbook
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof
 

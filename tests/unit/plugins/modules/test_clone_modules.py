@@ -6,7 +6,7 @@ errors; idempotency over several calls is covered in-process in test_templates_a
 
 from __future__ import annotations
 
-from conftest import run_module
+from clonesafe_testlib import run_module
 
 
 def test_clone_info_lists_nothing_and_changes_nothing():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from conftest import run_module
+from clonesafe_testlib import run_module
 
 ARGS = {
     "uri": "test:///default",

@@ -1,0 +1,76 @@
+"""Shared test helpers: run Ansible the way a user does, from this checkout."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import typing as t
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+COLLECTIONS_PATH = REPO_ROOT / "build" / "collections"
+
+
+def _ansible_tool(name: str) -> str:
+    configured = os.environ.get(f"CLONESAFE_{name.upper().replace('-', '_')}")
+    if configured:
+        return configured
+    beside_python = pathlib.Path(sys.executable).parent / name
+    return str(beside_python) if beside_python.exists() else (shutil.which(name) or name)
+
+
+def ansible_env(**extra: str) -> dict[str, str]:
+    """The environment a Makefile run gives Ansible: this checkout as the collection."""
+    env = dict(os.environ)
+    env.update(
+        ANSIBLE_CONFIG=str(REPO_ROOT / "ansible.cfg"),
+        ANSIBLE_COLLECTIONS_PATH=str(COLLECTIONS_PATH),
+        ANSIBLE_FORCE_COLOR="0",
+        ANSIBLE_NOCOLOR="1",
+    )
+    env.update(extra)
+    return env
+
+
+class AnsibleRun(t.NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def recap(self, host: str = "localhost") -> dict[str, int]:
+        """The PLAY RECAP counters of ``host``."""
+        for line in self.stdout.splitlines():
+            if line.startswith(host) and "ok=" in line:
+                return {key: int(value) for key, value in (pair.split("=") for pair in line.split()[2:])}
+        raise AssertionError(f"no PLAY RECAP line for {host} in:\n{self.stdout[-3000:]}")
+
+
+def run_playbook(playbook: str | pathlib.Path, *args: str, timeout: int = 1800, **env: str) -> AnsibleRun:
+    """Run ansible-playbook from the repository root and capture its output."""
+    completed = subprocess.run(
+        [_ansible_tool("ansible-playbook"), str(playbook), *args],
+        cwd=REPO_ROOT,
+        env=ansible_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    return AnsibleRun(completed.returncode, completed.stdout, completed.stderr)
+
+
+def run_module(module: str, module_args: dict[str, t.Any], *args: str, python: str | None = None) -> tuple[int, dict]:
+    """Run one module with the ``ansible`` ad-hoc command; returns (exit code, module result)."""
+    command = [_ansible_tool("ansible"), "localhost", "-o", "-m", module, "-a", json.dumps(module_args), *args]
+    if python:
+        command += ["-e", f"ansible_python_interpreter={python}"]
+    completed = subprocess.run(
+        command, cwd=REPO_ROOT, env=ansible_env(), capture_output=True, text=True, timeout=600, check=False
+    )
+    for line in completed.stdout.splitlines():
+        if line.startswith("localhost | ") and "=> {" in line:
+            return completed.returncode, json.loads(line.split("=> ", 1)[1])
+    raise AssertionError(f"no module result from ansible:\n{completed.stdout[-2000:]}\n{completed.stderr[-2000:]}")
