@@ -8,7 +8,7 @@ Talks to a running agent over its channel socket (default: the golden VM of the 
 by the host and the agent's own duration_ms, then min / median / max. Every attestation is verified.
 
     make collection && .venv/bin/python bench/agent_rotate.py [--socket PATH] [--rounds 5]
-        [--operation regenerate|modify] [--source guest|hypervisor|combined]
+        [--operation regenerate|modify] [--source guest|hypervisor|combined] [--providers identity,machine_id]
 
 Note: this rotates the secrets of the VM it talks to (that is what it measures).
 """
@@ -38,6 +38,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--operation", default="regenerate", choices=["regenerate", "modify"])
     parser.add_argument("--source", default="combined", choices=["guest", "hypervisor", "combined"])
+    parser.add_argument("--providers", help="comma-separated providers (default: every enabled one)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     options = parser.parse_args()
     path = options.socket or json.loads(pathlib.Path("/var/lib/clonesafe/lab.json").read_text())["golden"]["channel_socket"]
@@ -50,6 +51,8 @@ def main() -> int:
         for index in range(options.rounds):
             nonce = fresh_hex()
             args = {"operation": options.operation, "nonce": nonce, "hash_key": hash_key, "entropy_source": options.source}
+            if options.providers:
+                args["providers"] = options.providers.split(",")
             if options.source != "guest":
                 args["entropy"] = base64.b64encode(os.urandom(64)).decode()
             started = time.perf_counter()

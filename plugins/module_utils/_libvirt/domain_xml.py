@@ -80,8 +80,8 @@ class DomainSpec:
         return data
 
 
-def build_domain_xml(spec: DomainSpec, uuid: str | None = None, genid: str | None = None) -> str:
-    """The libvirt XML for ``spec``; keeps ``uuid`` and ``genid`` when redefining a domain."""
+def build_domain_xml(spec: DomainSpec, uuid: str | None = None, genid: str | None = None, disk: str | None = None) -> str:
+    """The libvirt XML for ``spec``; keeps ``uuid``, ``genid`` and the current ``disk`` when redefining a domain."""
     spec.validate()
     domain = ET.Element("domain", type=spec.domain_type)
     ET.SubElement(domain, "name").text = spec.name
@@ -110,10 +110,10 @@ def build_domain_xml(spec: DomainSpec, uuid: str | None = None, genid: str | Non
     ET.SubElement(domain, "on_crash").text = "destroy"
 
     devices = ET.SubElement(domain, "devices")
-    disk = ET.SubElement(devices, "disk", type="file", device="disk")
-    ET.SubElement(disk, "driver", name="qemu", type="qcow2")
-    ET.SubElement(disk, "source", file=spec.disk)
-    ET.SubElement(disk, "target", dev="vda", bus="virtio")
+    disk_element = ET.SubElement(devices, "disk", type="file", device="disk")
+    ET.SubElement(disk_element, "driver", name="qemu", type="qcow2")
+    ET.SubElement(disk_element, "source", file=disk or spec.disk)
+    ET.SubElement(disk_element, "target", dev="vda", bus="virtio")
 
     serial = ET.SubElement(devices, "serial", type="pty")
     ET.SubElement(serial, "log", file=spec.console_log, append="off")
@@ -191,3 +191,10 @@ def read_channel_socket(xml: str, channel_name: str = AGENT_CHANNEL_NAME) -> str
         if target is not None and target.get("name") == channel_name and source is not None:
             return source.get("path")
     return None
+
+
+def read_disk_source(xml: str) -> str | None:
+    """The file behind the domain's first disk (its top image), if any."""
+    root = parse_domain_xml(xml)
+    source = root.find("devices/disk/source")
+    return source.get("file") if source is not None else None

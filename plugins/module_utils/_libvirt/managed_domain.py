@@ -17,6 +17,7 @@ from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.domain_xm
     read_channel_socket,
     read_clonesafe_marker,
     read_console_log,
+    read_disk_source,
     read_identity,
 )
 
@@ -115,11 +116,16 @@ def ensure_domain(
     if domain is None or marker is None or marker["spec"] != wanted:
         action = "defined" if domain is None else "redefined"
         if not check_mode:
-            uuid = genid = None
+            uuid = genid = disk = None
             if domain is not None:
-                identity = read_identity(conn.domain_xml(domain, inactive=True))
+                current_xml = conn.domain_xml(domain, inactive=True)
+                identity = read_identity(current_xml)
                 uuid, genid = identity["uuid"], identity["genid"]
-            domain = conn.define_domain(build_domain_xml(spec, uuid=uuid, genid=genid), name)
+                # After golden_snapshot the domain runs on an overlay and the disk it was defined with
+                # is a template's frozen base: writing to it again would corrupt every clone.
+                if marker is not None and marker["spec"].get("disk") == spec.disk:
+                    disk = read_disk_source(current_xml)
+            domain = conn.define_domain(build_domain_xml(spec, uuid=uuid, genid=genid, disk=disk), name)
         outcome.act(action)
         if action == "redefined" and domain is not None and domain.isActive():
             if restart_on_change and state == "running":

@@ -4,7 +4,7 @@
 # Usage:
 #   golden-image.sh build        build the cache entry described by the GOLDEN_IMAGE_* environment
 #   golden-image.sh stamp DIR    print {"current": ..., "sealed": ...} for the rootfs of DIR
-#   golden-image.sh seal DIR     (re)build DIR/golden.qcow2, kernel and initrd from DIR/rootfs
+#   golden-image.sh seal DIR     (re)build DIR/golden-<stamp>.qcow2, kernel and initrd from DIR/rootfs
 #
 # The role (clonesafe.fleet.golden_image) calls this script; the environment it passes is
 # documented in the role's README. Every build happens in a temporary directory next to the
@@ -184,7 +184,10 @@ os.replace(tmp, path)
 PYEOF
 }
 
-# seal_dir DIR SIZE: make DIR/golden.qcow2 from DIR/rootfs and copy the kernel and initrd out.
+# seal_dir DIR SIZE: make DIR/golden-<rootfs stamp>.qcow2 from DIR/rootfs and copy the kernel and
+# initrd out. A sealed disk is never overwritten: overlays (the golden's, templates' bases) may be
+# backed by it, so a changed rootfs gets a new file name. Sets SEALED_DISK_NAME.
+SEALED_DISK_NAME=""
 seal_dir() {
     local dir="$1" size="$2" root="$1/rootfs" version raw qcow stamp_before stamp_after
     [[ -d "$root" ]] || die "no rootfs directory at $root"
@@ -209,14 +212,15 @@ seal_dir() {
     stamp_after="$(rootfs_stamp "$root" "$size")"
     [[ "$stamp_before" == "$stamp_after" ]] || die "the rootfs changed while it was being sealed; run seal again"
 
-    mv -f -- "$qcow" "$dir/golden.qcow2"
+    SEALED_DISK_NAME="golden-${stamp_after:0:12}.qcow2"
+    mv -f -- "$qcow" "$dir/$SEALED_DISK_NAME"
     mv -f -- "$dir/.vmlinuz.tmp" "$dir/vmlinuz"
     mv -f -- "$dir/.initrd.img.tmp" "$dir/initrd.img"
     manifest_update "$dir/image.json" \
-        "disk=$dir/golden.qcow2" "kernel=$dir/vmlinuz" "initrd=$dir/initrd.img" "rootfs=$root" \
+        "disk=$dir/$SEALED_DISK_NAME" "kernel=$dir/vmlinuz" "initrd=$dir/initrd.img" "rootfs=$root" \
         "kernel_version=$version" \
-        "size_bytes=$(stat -c %s "$dir/golden.qcow2")" \
-        "disk_sha256=$(sha256sum "$dir/golden.qcow2" | cut -d' ' -f1)" \
+        "size_bytes=$(stat -c %s "$dir/$SEALED_DISK_NAME")" \
+        "disk_sha256=$(sha256sum "$dir/$SEALED_DISK_NAME" | cut -d' ' -f1)" \
         "kernel_sha256=$(sha256sum "$dir/vmlinuz" | cut -d' ' -f1)" \
         "initrd_sha256=$(sha256sum "$dir/initrd.img" | cut -d' ' -f1)" \
         "sealed_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
@@ -401,7 +405,7 @@ do_build() {
     log "sealing"
     seal_dir "$tmp" "$GOLDEN_IMAGE_SIZE"
     # The manifest names the final paths; they are valid once the rename below is done.
-    manifest_update "$tmp/image.json" "disk=$final/golden.qcow2" "kernel=$final/vmlinuz" \
+    manifest_update "$tmp/image.json" "disk=$final/$SEALED_DISK_NAME" "kernel=$final/vmlinuz" \
         "initrd=$final/initrd.img" "rootfs=$final/rootfs"
     rootfs_stamp "$root" "$GOLDEN_IMAGE_SIZE" >"$tmp/.rootfs-stamp"
 

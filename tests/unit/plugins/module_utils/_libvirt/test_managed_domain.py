@@ -103,3 +103,17 @@ def test_missing_domain_names_uri(conn):
 def test_state_without_spec_is_refused(conn, spec):
     with pytest.raises(ClonesafeError, match="needs the domain's definition"):
         ensure_domain(conn, spec.name, "running", None, check_mode=False)
+
+
+def test_redefinition_keeps_the_overlay_a_snapshot_moved_the_domain_to(conn, spec):
+    """After golden_snapshot the defined disk is a template's frozen base: never write to it again."""
+    from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.domain_xml import build_domain_xml, read_disk_source
+
+    first = ensure_domain(conn, spec.name, "present", spec, check_mode=False)
+    overlay = spec.disk + ".after-web.qcow2"
+    conn.define_domain(build_domain_xml(spec, uuid=first.domain["uuid"], genid=first.domain["genid"], disk=overlay), spec.name)
+    ensure_domain(conn, spec.name, "present", dataclasses.replace(spec, memory_mib=768), check_mode=False)
+    assert read_disk_source(conn.domain_xml(conn.get_domain(spec.name), inactive=True)) == overlay
+    new_image = dataclasses.replace(spec, memory_mib=768, disk="/var/lib/clonesafe/other.qcow2")
+    ensure_domain(conn, spec.name, "present", new_image, check_mode=False)
+    assert read_disk_source(conn.domain_xml(conn.get_domain(spec.name), inactive=True)) == new_image.disk
