@@ -62,7 +62,7 @@ class AgentChannel:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"no reply on {self.path} within {timeout:g} s")
-            readable, _, _ = select.select([self.sock], [], [], remaining)
+            readable = select.select([self.sock], [], [], remaining)[0]
             if not readable:
                 continue
             data = self.sock.recv(65536)

@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/env python
 """Molecule verify: hello, rotate regenerate, attest and garbage on an agent channel socket."""
 
 from __future__ import annotations

@@ -1,4 +1,3 @@
-#!/usr/bin/python3
 # Copyright (c) clonesafe developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 
@@ -526,8 +525,8 @@ class TlsProvider(Provider):
             key, method = new_key(spec.get("type", "ec"), entropy, f"tls/{spec['path']}", self.load(key_path),
                                   operation == "modify", int(spec.get("rsa_bits", 3072)))
             methods.append(method)
-            plan.changes.append(Change(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                                    serialization.NoEncryption()), 0o600))
+            pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+            plan.changes.append(Change(key_path, pem, 0o600))
             if cert_path:
                 plan.changes.append(Change(cert_path, self.self_signed(key, spec), 0o644))
         if operation != "erase":
@@ -747,7 +746,7 @@ def parse_interrupts(text: str) -> tuple[list[int], dict[str, dict[str, t.Any]]]
     cpus = [int(token[3:]) for token in lines[0].split() if token.startswith("CPU")]
     table = {}
     for line in lines[1:]:
-        label, _, rest = line.partition(":")
+        label, _sep, rest = line.partition(":")
         fields = rest.split()
         counts = []
         for field in fields[: len(cpus)]:
@@ -985,7 +984,7 @@ class Agent:
             tokens = row["name"].split()
             if any(token == device or token.startswith(device + "-") for token in tokens):
                 found.append((0 if "input" in row["name"] else 1, int(label)))
-        return [irq for _, irq in sorted(found)]
+        return [irq for _order, irq in sorted(found)]
 
     @staticmethod
     def acpi_irq(table: dict[str, dict[str, t.Any]]) -> int | None:

@@ -50,7 +50,8 @@ def make_guest_root(root: pathlib.Path, config: dict | None = None) -> pathlib.P
         for kind, key in (("ed25519", ed25519.Ed25519PrivateKey.generate()), ("ecdsa", ec.generate_private_key(ec.SECP256R1()))):
             path = root / f"etc/ssh/ssh_host_{kind}_key"
             path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
-            path.with_suffix(".pub").write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b" root@golden\n")
+            public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+            path.with_suffix(".pub").write_bytes(public + b" root@golden\n")
     (root / "etc/machine-id").write_text("0123456789abcdef0123456789abcdef\n")
     (root / "var/lib/dbus").mkdir(parents=True)
     (root / "var/lib/dbus/machine-id").write_text("0123456789abcdef0123456789abcdef\n")

@@ -293,7 +293,7 @@ def test_crash_after_the_journal_is_published_finishes_the_new_set(agent_module,
 
 def test_no_temp_or_empty_files_are_left(agent, guest_root):
     request(agent, "rotate", rotate_args())
-    leftovers = [p for p in guest_root.rglob("*clonesafe-tmp*")]
+    leftovers = list(guest_root.rglob("*clonesafe-tmp*"))
     assert leftovers == []
     for name in SECRET_FILES:
         assert (guest_root / name).stat().st_size > 0

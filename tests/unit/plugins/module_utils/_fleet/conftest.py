@@ -18,7 +18,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[4] / "unit" / "a
 from agent_testlib import load_agent_module, make_guest_root  # noqa: E402  pylint: disable=wrong-import-position
 
 
-
 class ChannelServer:
     """The host side of one clone's channel: a unix socket whose peer is the agent's handle_line."""
 
@@ -87,5 +86,3 @@ def fleet(tmp_path, agent_module):
     yield make_clones
     for server in servers:
         server.close()
-
-

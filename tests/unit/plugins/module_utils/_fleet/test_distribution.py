@@ -1,0 +1,253 @@
+"""Template distribution with real qcow2 files, a directory source and libvirt's test driver capabilities."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+
+import pytest
+
+from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet import distribution
+
+pytestmark = pytest.mark.skipif(not shutil.which("qemu-img"), reason="needs qemu-img")
+
+QEMU_7_2 = 7002000
+GOLDEN_XML = (
+    "<domain type='qemu'><name>golden</name><uuid>11111111-2222-3333-4444-555555555555</uuid>"
+    "<os><type arch='x86_64' machine='pc-i440fx-7.2'>hvm</type></os></domain>"
+)
+
+
+def caps(machines=("pc-i440fx-7.2",), domain_type="qemu", arch="x86_64"):
+    machine_xml = "".join(f"<machine maxCpus='255'>{machine}</machine>" for machine in machines)
+    return (
+        f"<capabilities><host/><guest><os_type>hvm</os_type><arch name='{arch}'><wordsize>64</wordsize>"
+        f"{machine_xml}<machine canonical='{machines[0]}'>pc</machine><domain type='{domain_type}'/></arch></guest>"
+        "</capabilities>"
+    )
+
+
+def runner(argv):
+    completed = subprocess.run(argv, capture_output=True, text=True, check=False)
+    return completed.returncode, completed.stdout, completed.stderr
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+
+
+def make_template(templates: pathlib.Path, name: str = "web", memory_bytes: int = 3 * (1 << 20) + 12345,
+                  backing: pathlib.Path | None = None, created_at: str = "2025-01-31T12:00:00.000000Z") -> dict:
+    directory = templates / name
+    directory.mkdir(parents=True)
+    base = directory / "base.qcow2"
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    if backing is not None:
+        argv += ["-F", "qcow2", "-b", str(backing)]
+    assert runner(argv + [str(base), "64M"])[0] == 0
+    memory = directory / "memory.save"
+    memory.write_bytes(os.urandom(memory_bytes))
+    manifest = {
+        "format": 1,
+        "name": name,
+        "created_at": created_at,
+        "source": {"uri": "qemu:///system", "name": "golden", "uuid": "11111111-2222-3333-4444-555555555555",
+                   "xml": GOLDEN_XML},
+        "base": {"path": str(base), "size": base.stat().st_size, "sha256": sha256(base),
+                 "backing": str(backing) if backing else None},
+        "memory": {"path": str(memory), "size": memory.stat().st_size, "sha256": sha256(memory)},
+        "golden_fingerprints": {"identity": "ed25519:abc"},
+    }
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+@pytest.fixture
+def source_dir(tmp_path):
+    templates = tmp_path / "source"
+    make_template(templates)
+    return templates
+
+
+@pytest.fixture
+def dest_dir(tmp_path):
+    path = tmp_path / "dest"
+    path.mkdir()
+    return path
+
+
+def sync(source, dest, mode="memory", capabilities=None, check_mode=False, name="web"):
+    request = distribution.Request(name=name, templates_dir=str(dest), mode=mode, host="hv2")
+    return distribution.sync_template(source, request, runner, capabilities or (lambda: (caps(), QEMU_7_2)), check_mode)
+
+
+def test_template_arrives_verified_and_a_second_run_changes_nothing(source_dir, dest_dir):
+    outcome = sync(distribution.DirectorySource(str(source_dir)), dest_dir)
+    assert outcome.changed and outcome.status == "transferred"
+    for file in ("base.qcow2", "memory.save"):
+        assert sha256(dest_dir / "web" / file) == sha256(source_dir / "web" / file)
+    manifest = json.loads((dest_dir / "web" / "manifest.json").read_text())
+    assert manifest["distribution"]["mode"] == "memory" and manifest["distribution"]["from"] == str(source_dir)
+    assert manifest["memory"]["sha256"] == sha256(source_dir / "web" / "memory.save")
+    assert not (dest_dir / ".web.incoming").exists()
+    result = outcome.as_dict()
+    assert result["bytes_transferred"] == sum(f.stat().st_size for f in (source_dir / "web").iterdir() if f.suffix != ".json")
+    assert result["template"]["golden_fingerprints"] == {"identity": "ed25519:abc"}
+
+    again = sync(distribution.DirectorySource(str(source_dir)), dest_dir)
+    assert not again.changed and again.status == "present" and again.as_dict()["bytes_transferred"] == 0
+
+
+def test_an_interrupted_transfer_resumes_where_it_stopped(source_dir, dest_dir):
+    source = distribution.DirectorySource(str(source_dir))
+    work = dest_dir / ".web.incoming"
+    work.mkdir()
+    (work / "source-manifest.json").write_bytes((source_dir / "web" / "manifest.json").read_bytes())
+    (work / "base.qcow2").write_bytes((source_dir / "web" / "base.qcow2").read_bytes())  # verified earlier
+    memory = (source_dir / "web" / "memory.save").read_bytes()
+    # 2.5 MiB arrived, the last half MiB of it torn: resume from the last whole MiB.
+    torn = bytearray(memory[: (5 << 20) // 2])
+    torn[-100:] = b"\0" * 100
+    (work / "memory.save.part").write_bytes(torn)
+
+    outcome = sync(source, dest_dir)
+    files = {transfer.file: transfer for transfer in outcome.transfers}
+    assert files["base.qcow2"].status == "already verified" and files["base.qcow2"].transferred == 0
+    assert files["memory.save"].status == "resumed"
+    assert files["memory.save"].resumed_from == 2 << 20
+    assert files["memory.save"].transferred == len(memory) - (2 << 20)
+    assert (dest_dir / "web" / "memory.save").read_bytes() == memory
+
+
+def test_a_changed_source_template_restarts_the_incoming_directory(source_dir, dest_dir):
+    work = dest_dir / ".web.incoming"
+    work.mkdir()
+    (work / "source-manifest.json").write_text('{"format": 1, "name": "web", "created_at": "older"}')
+    (work / "memory.save.part").write_bytes(b"x" * (3 << 20))
+    outcome = sync(distribution.DirectorySource(str(source_dir)), dest_dir)
+    assert all(transfer.resumed_from == 0 for transfer in outcome.transfers)
+    assert sha256(dest_dir / "web" / "memory.save") == sha256(source_dir / "web" / "memory.save")
+
+
+class CorruptingSource(distribution.DirectorySource):
+    """Flips one byte of memory.save on the way."""
+
+    def read(self, path, offset):
+        for index, block in enumerate(super().read(path, offset)):
+            if path.endswith("memory.save") and index == 1:
+                block = bytes([block[0] ^ 0xFF]) + block[1:]
+            yield block
+
+
+def test_a_file_damaged_on_the_way_is_deleted_and_named(source_dir, dest_dir):
+    with pytest.raises(ClonesafeError, match=r"memory.save from .* arrived damaged .* run again"):
+        sync(CorruptingSource(str(source_dir)), dest_dir)
+    work = dest_dir / ".web.incoming"
+    assert not (work / "memory.save.part").exists() and not (work / "memory.save").exists()
+    assert (work / "base.qcow2").exists(), "files verified before the damage are kept"
+    assert not (dest_dir / "web").exists()
+    outcome = sync(distribution.DirectorySource(str(source_dir)), dest_dir)
+    assert outcome.changed and sha256(dest_dir / "web" / "memory.save") == sha256(source_dir / "web" / "memory.save")
+
+
+@pytest.mark.parametrize(
+    ("capabilities", "reason"),
+    [
+        (lambda: (caps(machines=("pc-i440fx-8.2",)), 8002000), "no machine type 'pc-i440fx-7.2'"),
+        (lambda: (caps(domain_type="kvm"), QEMU_7_2), "no x86_64 guests with domain type 'qemu'"),
+        (lambda: (caps(machines=("pc-i440fx-7.2",)), 7001000), "QEMU 7.1.0 is older than the QEMU 7.2.0"),
+    ],
+)
+def test_a_memory_state_this_host_cannot_load_is_refused_before_copying(source_dir, dest_dir, capabilities, reason):
+    class Source72(distribution.DirectorySource):
+        def qemu_version(self):
+            return QEMU_7_2
+
+    with pytest.raises(ClonesafeError, match=reason) as caught:
+        sync(Source72(str(source_dir)), dest_dir, capabilities=capabilities)
+    assert "mode: disk" in caught.value.msg and "start: boot" in caught.value.msg
+    assert list(dest_dir.iterdir()) == []
+
+
+def test_the_test_driver_cannot_load_a_qemu_memory_state(source_dir, dest_dir):
+    libvirt = pytest.importorskip("libvirt")
+    conn = libvirt.open("test:///default")
+    try:
+        capabilities = (conn.getCapabilities(), conn.getVersion())
+    finally:
+        conn.close()
+    with pytest.raises(ClonesafeError, match="cannot load: it offers no x86_64 guests with domain type .qemu."):
+        sync(distribution.DirectorySource(str(source_dir)), dest_dir, capabilities=lambda: capabilities)
+
+
+def test_disk_mode_copies_the_base_only_and_memory_mode_later_says_what_to_do(source_dir, dest_dir):
+    outcome = sync(distribution.DirectorySource(str(source_dir)), dest_dir, mode="disk",
+                   capabilities=lambda: pytest.fail("disk mode must not need the host's capabilities"))
+    assert [transfer.file for transfer in outcome.transfers] == ["base.qcow2"]
+    manifest = json.loads((dest_dir / "web" / "manifest.json").read_text())
+    assert manifest["memory"] is None and manifest["distribution"]["mode"] == "disk"
+    assert not (dest_dir / "web" / "memory.save").exists()
+    assert not sync(distribution.DirectorySource(str(source_dir)), dest_dir, mode="disk").changed
+    with pytest.raises(ClonesafeError, match="without its memory state .* state=absent"):
+        sync(distribution.DirectorySource(str(source_dir)), dest_dir, mode="memory")
+
+
+def test_a_different_template_of_the_same_name_is_never_overwritten(source_dir, dest_dir, tmp_path):
+    make_template(dest_dir, created_at="2024-12-24T00:00:00.000000Z")
+    before = sha256(dest_dir / "web" / "memory.save")
+    with pytest.raises(ClonesafeError, match="already has a different template 'web'"):
+        sync(distribution.DirectorySource(str(source_dir)), dest_dir)
+    assert sha256(dest_dir / "web" / "memory.save") == before
+
+
+def test_check_mode_transfers_nothing(source_dir, dest_dir):
+    outcome = sync(distribution.DirectorySource(str(source_dir)), dest_dir, check_mode=True)
+    assert outcome.changed and outcome.status == "would transfer"
+    assert list(dest_dir.iterdir()) == []
+
+
+def test_a_missing_template_names_the_source(dest_dir, tmp_path):
+    with pytest.raises(ClonesafeError, match="template 'nope' not found on .*golden_snapshot"):
+        sync(distribution.DirectorySource(str(tmp_path)), dest_dir, name="nope")
+
+
+class MovedBackingSource(distribution.DirectorySource):
+    """The source host's backing file, which is not at the same path on this host."""
+
+    def __init__(self, templates_dir, backing_path, real_path):
+        super().__init__(templates_dir)
+        self.moved = {backing_path: real_path}
+
+    def file_size(self, path):
+        return super().file_size(self.moved.get(path, path))
+
+    def read(self, path, offset):
+        return super().read(self.moved.get(path, path), offset)
+
+
+def test_a_missing_backing_file_is_fetched_to_the_same_path(tmp_path, dest_dir):
+    backing = tmp_path / "images" / "golden.qcow2"
+    backing.parent.mkdir()
+    assert runner(["qemu-img", "create", "-q", "-f", "qcow2", str(backing), "64M"])[0] == 0
+    make_template(tmp_path / "source", backing=backing)
+    elsewhere = tmp_path / "source-host-only.qcow2"
+    backing.rename(elsewhere)
+
+    outcome = sync(MovedBackingSource(str(tmp_path / "source"), str(backing), str(elsewhere)), dest_dir)
+    fetched = [transfer for transfer in outcome.transfers if transfer.path == str(backing)]
+    assert len(fetched) == 1 and fetched[0].status == "transferred"
+    assert backing.read_bytes() == elsewhere.read_bytes()
+    info = json.loads(runner(["qemu-img", "info", "--output", "json", "--backing-chain", str(dest_dir / "web" / "base.qcow2")])[1])
+    assert [image["filename"] for image in info] == [str(dest_dir / "web" / "base.qcow2"), str(backing)]
+
+
+def test_memory_problems_accept_the_canonical_machine_name():
+    saved = distribution.SavedMachine("qemu", "x86_64", "pc-i440fx-7.2", QEMU_7_2)
+    assert distribution.memory_problems(saved, caps(), QEMU_7_2) == []
+    assert distribution.memory_problems(saved, caps(), 8000000) == []
+    assert distribution.version_text(7002022) == "7.2.22"
