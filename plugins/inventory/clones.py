@@ -31,7 +31,7 @@ options:
     choices: [clonesafe.fleet.clones]
     version_added: 0.1.0
   hypervisors:
-    description: Hypervisor host name to libvirt URI, for example C({hv1: qemu+ssh://root@hv1/system}).
+    description: "Hypervisor host name to libvirt URI, for example C({hv1: qemu+ssh://root@hv1/system})."
     type: dict
     default: {}
     version_added: 0.1.0

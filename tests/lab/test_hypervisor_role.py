@@ -215,7 +215,7 @@ def test_probe_kernel_boot_is_judged_and_cached(tmp_path: Path) -> None:
         assert "booted under KVM" in facts["accel_reason"], facts
     else:
         assert facts["accel_reason"].endswith("using TCG"), facts
-    _, kvm_pvm = kvm_precheck()
+    kvm_pvm = kvm_precheck()[1]
     if kvm_pvm:
         assert facts["domain_type"] == "qemu", f"a stock kernel booted under kvm_pvm: {facts}"
     persisted = json.loads(FACT_FILE.read_text())
@@ -243,7 +243,7 @@ def test_role_converges_and_is_idempotent(tmp_path: Path) -> None:
     assert second.recap["changed"] == 0, second.output
 
     facts = second.facts
-    passed, _ = kvm_precheck()
+    passed = kvm_precheck()[0]
     assert facts["domain_type"] in ("qemu", "kvm"), facts
     assert facts["accel_precheck"]["passed"] is passed, facts
     # No probe kernel is given here, so KVM can never be proven and TCG is the only outcome.

@@ -63,7 +63,7 @@ class Verdict:
 
 def short(fingerprint: str, length: int = 16) -> str:
     """A fingerprint shortened for tables: its scheme and first characters."""
-    scheme, _, value = fingerprint.partition(":")
+    scheme, _separator, value = fingerprint.partition(":")
     if not value:
         return fingerprint[:length]
     return f"{scheme}:{value[:length]}"

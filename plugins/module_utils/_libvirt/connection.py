@@ -132,7 +132,7 @@ class LibvirtConnection:
 
 def require_local_uri(uri: str, why: str) -> None:
     """Refuse a libvirt URI that names a remote host, for work that needs files on this host."""
-    _scheme, _, rest = uri.partition("://")
+    rest = uri.partition("://")[2]
     host = rest.split("/", 1)[0]
     if host and host not in ("localhost", "127.0.0.1", "::1"):
         raise ClonesafeError(

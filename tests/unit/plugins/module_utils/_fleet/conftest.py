@@ -32,7 +32,7 @@ class ChannelServer:
     def _serve(self) -> None:
         while not self.stopped:
             try:
-                conn, _ = self.listener.accept()
+                conn = self.listener.accept()[0]
             except OSError:
                 return
             with conn:
@@ -61,28 +61,23 @@ def fleet(tmp_path, agent_module):
     agent_module.Agent(str(golden_root)).start()
     servers = []
 
-    def make_clones(count: int) -> list[Target]:
-        targets = []
-        for index in range(count):
-            root = tmp_path / f"clone-{index}"
-            shutil.copytree(golden_root, root, symlinks=True)
-            agent = agent_module.Agent(str(root))
-            agent.start()
-            path = str(tmp_path / f"clone-{index}.sock")
-            servers.append(ChannelServer(path, agent))
-            targets.append(Target(name=f"clone-{index}", socket_path=path))
-        return targets
-
-    make_clones.golden_root = golden_root
-    make_clones.serve = lambda name, root: _serve(name, root)
-
-    def _serve(name, root):
+    def serve(name, root):
         agent = agent_module.Agent(str(root))
         agent.start()
         path = str(tmp_path / f"{name}.sock")
         servers.append(ChannelServer(path, agent))
         return Target(name=name, socket_path=path)
 
+    def make_clones(count: int) -> list[Target]:
+        targets = []
+        for index in range(count):
+            root = tmp_path / f"clone-{index}"
+            shutil.copytree(golden_root, root, symlinks=True)
+            targets.append(serve(f"clone-{index}", root))
+        return targets
+
+    make_clones.golden_root = golden_root
+    make_clones.serve = serve
     yield make_clones
     for server in servers:
         server.close()

@@ -37,7 +37,7 @@ class FakeAgent:
         self.thread.start()
 
     def _serve(self) -> None:
-        conn, _ = self.server.accept()
+        conn = self.server.accept()[0]
         with conn:
             data = b""
             while not data.endswith(b"\n"):

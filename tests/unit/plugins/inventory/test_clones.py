@@ -1,0 +1,151 @@
+"""The clones inventory plugin against libvirt's test driver: one node file per hypervisor host."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import uuid
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from clonesafe_testlib import ansible_env
+
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet import attestation_record
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.clone_xml import CloneIdentity, clone_paths, rewrite_for_clone
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.domain_xml import DomainSpec, build_domain_xml
+
+libvirt = pytest.importorskip("libvirt")
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[4]
+
+
+def clone_xml(name: str, template: str, index: int, attestation: str | None = None) -> str:
+    golden = build_domain_xml(DomainSpec(name="golden", disk="/golden.qcow2", kernel="/k", initrd="/i", cmdline="c",
+                                         console_log="/golden.log", channel_socket="/golden.sock", nic="user"))
+    identity = CloneIdentity(name=name, uuid=str(uuid.uuid4()), template=template, index=index,
+                             created_at="2025-01-31T12:00:00.000000Z", paths=clone_paths("/var/lib/clonesafe/clones", name),
+                             macs=("52:54:00:aa:bb:%02x" % index,), network="held", start="restore")
+    xml = rewrite_for_clone(golden, identity, keep_source_macs=False)
+    root = ET.fromstring(xml)
+    root.set("type", "test")
+    if attestation:
+        root.find("metadata").append(ET.fromstring(attestation))
+    return ET.tostring(root, encoding="unicode")
+
+
+def node_file(directory: pathlib.Path, host: str, domains: list[str]) -> str:
+    """A test driver node: a hypervisor host of its own, with these domains (plus one that is no clone)."""
+    plain = "<domain type='test'><name>not-a-clone</name><memory>65536</memory><os><type>hvm</type></os></domain>"
+    path = directory / f"{host}.xml"
+    path.write_text("<node>" + "".join(domains) + plain + "</node>")
+    return f"test://{path}"
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    record = attestation_record.record_xml(3, "2025-02-01T08:00:00.000000Z", "regenerate", {"identity": "ed25519:aa"})
+    return {
+        "hv1": node_file(tmp_path, "hv1", [clone_xml("web-001", "web", 1, record), clone_xml("web-002", "web", 2)]),
+        "hv2": node_file(tmp_path, "hv2", [clone_xml("web-001", "web", 1), clone_xml("db-001", "db", 1)]),
+    }
+
+
+def plain(value):
+    """ansible-inventory marks values that came from a plugin as unsafe (not templates): unwrap them."""
+    if isinstance(value, dict):
+        if set(value) == {"__ansible_unsafe"}:
+            return value["__ansible_unsafe"]
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [plain(item) for item in value]
+    return value
+
+
+def inventory(tmp_path, config: dict, *sources: str) -> dict:
+    path = tmp_path / "fleet.clones.yml"
+    path.write_text(json.dumps({"plugin": "clonesafe.fleet.clones", **config}))
+    args = ["ansible-inventory", *(arg for source in sources for arg in ("-i", source)), "-i", str(path), "--list"]
+    completed = subprocess.run([str(pathlib.Path(__import__("sys").executable).parent / args[0]), *args[1:]],
+                               cwd=REPO_ROOT, env=ansible_env(), capture_output=True, text=True, timeout=120, check=False)
+    assert completed.returncode == 0, completed.stderr
+    return plain(json.loads(completed.stdout)) | {"_stderr": completed.stderr}
+
+
+def test_clones_of_every_host_grouped_by_template_and_host(tmp_path, fleet):
+    result = inventory(tmp_path, {"hypervisors": fleet, "hypervisor_group": ""})
+    assert sorted(result["clonesafe_clones"]["hosts"]) == ["db-001.hv2", "web-001.hv1", "web-001.hv2", "web-002.hv1"]
+    assert sorted(result["clonesafe_template_web"]["hosts"]) == ["web-001.hv1", "web-001.hv2", "web-002.hv1"]
+    assert result["clonesafe_template_db"]["hosts"] == ["db-001.hv2"]
+    assert sorted(result["clonesafe_hypervisor_hv1"]["hosts"]) == ["web-001.hv1", "web-002.hv1"]
+    hostvars = result["_meta"]["hostvars"]
+    attested = hostvars["web-001.hv1"]
+    assert attested["clonesafe_hypervisor"] == "hv1" and attested["clonesafe_libvirt_uri"] == fleet["hv1"]
+    assert attested["clonesafe_template"] == "web" and attested["clonesafe_clone_name"] == "web-001"
+    assert attested["clonesafe_generation"] == 3
+    assert attested["clonesafe_last_attestation"] == "2025-02-01T08:00:00.000000Z"
+    assert attested["clonesafe_state"] == "running" and attested["clonesafe_genid"]
+    assert attested["clonesafe_macs"] == ["52:54:00:aa:bb:01"]
+    never = hostvars["web-002.hv1"]
+    assert never["clonesafe_generation"] is None and never["clonesafe_last_attestation"] is None
+    assert hostvars["web-001.hv1"]["clonesafe_uuid"] != hostvars["web-001.hv2"]["clonesafe_uuid"]
+
+
+def test_hypervisors_from_an_earlier_source_and_constructed_groups(tmp_path, fleet):
+    hosts = tmp_path / "hosts.yml"
+    hosts.write_text(json.dumps({"all": {"children": {"hypervisors": {"hosts": {
+        "hv1": {"clonesafe_libvirt_remote_uri": fleet["hv1"]},
+        "hv2": {"clonesafe_libvirt_remote_uri": fleet["hv2"]},
+    }}}}}))
+    result = inventory(tmp_path, {
+        "template": "web",
+        "hostname_format": "{hypervisor}-{name}",
+        "keyed_groups": [{"key": "clonesafe_network", "prefix": "network"}],
+        "groups": {"attested": "clonesafe_last_attestation is not none"},
+        "compose": {"ansible_connection": "'local'"},
+    }, str(hosts))
+    assert sorted(result["clonesafe_clones"]["hosts"]) == ["hv1-web-001", "hv1-web-002", "hv2-web-001"]
+    assert "clonesafe_template_db" not in result
+    assert result["attested"]["hosts"] == ["hv1-web-001"]
+    assert sorted(result["network_held"]["hosts"]) == ["hv1-web-001", "hv1-web-002", "hv2-web-001"]
+    assert result["_meta"]["hostvars"]["hv2-web-001"]["ansible_connection"] == "local"
+
+
+def test_an_unreachable_host_is_skipped_with_a_warning_or_fails(tmp_path, fleet):
+    broken = {"hv1": fleet["hv1"], "hv9": f"test://{tmp_path}/missing.xml"}
+    result = inventory(tmp_path, {"hypervisors": broken, "hypervisor_group": ""})
+    assert sorted(result["clonesafe_clones"]["hosts"]) == ["web-001.hv1", "web-002.hv1"]
+    assert "skipping hypervisor host hv9" in result["_stderr"]
+    path = tmp_path / "fleet.clones.yml"
+    path.write_text(json.dumps({"plugin": "clonesafe.fleet.clones", "hypervisors": broken, "hypervisor_group": "",
+                                "unreachable": "fail"}))
+    completed = subprocess.run([str(pathlib.Path(__import__("sys").executable).parent / "ansible-inventory"), "-i", str(path),
+                                "--list"], cwd=REPO_ROOT, env=ansible_env(), capture_output=True, text=True, timeout=120,
+                               check=False)
+    assert "hypervisor host hv9" in completed.stderr
+
+
+def test_the_inventory_cache_is_used_until_it_expires(tmp_path, fleet):
+    cache_dir = tmp_path / "cache"
+    config = {"hypervisors": {"hv1": fleet["hv1"]}, "hypervisor_group": "", "cache": True,
+              "cache_plugin": "ansible.builtin.jsonfile", "cache_connection": str(cache_dir), "cache_timeout": 3600}
+    first = inventory(tmp_path, config)
+    assert sorted(first["clonesafe_clones"]["hosts"]) == ["web-001.hv1", "web-002.hv1"]
+    cached = list(cache_dir.iterdir())
+    assert len(cached) == 1
+    # The host's clones change; the cached inventory still answers until the cache expires or is flushed.
+    node_file(tmp_path, "hv1", [clone_xml("web-009", "web", 9)])
+    assert sorted(inventory(tmp_path, config)["clonesafe_clones"]["hosts"]) == ["web-001.hv1", "web-002.hv1"]
+    assert inventory(tmp_path, config | {"cache_timeout": 0, "cache": False})["clonesafe_clones"]["hosts"] == ["web-009.hv1"]
+
+
+def test_the_plugin_ignores_files_not_meant_for_it(tmp_path):
+    from ansible_collections.clonesafe.fleet.plugins.inventory.clones import InventoryModule, group_name
+
+    other = tmp_path / "hosts.yml"
+    other.write_text("{}")
+    assert not InventoryModule().verify_file(str(other))
+    mine = tmp_path / "prod.clones.yml"
+    mine.write_text("{}")
+    assert InventoryModule().verify_file(str(mine))
+    assert group_name("clonesafe_hypervisor", "hv1.example.com") == "clonesafe_hypervisor_hv1_example_com"
