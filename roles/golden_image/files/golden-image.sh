@@ -259,6 +259,27 @@ ExecStart=-/sbin/agetty -o '-p -f -- \\u' --keep-baud --autologin root 115200,57
 EOF
 }
 
+# The host keys made by openssh-server's postinst are the golden secrets clones share; keep the
+# configured types only (an RSA key takes many seconds to regenerate under TCG) and tell sshd so.
+keep_ssh_host_key_types() {
+    local root="$1" kind keep
+    [[ -d "$root/etc/ssh" ]] || return 0
+    for kind in rsa ecdsa ed25519; do
+        keep=false
+        for wanted in $GOLDEN_IMAGE_SSH_HOST_KEY_TYPES; do [[ "$wanted" == "$kind" ]] && keep=true; done
+        if [[ "$keep" == false ]]; then
+            rm -f -- "$root/etc/ssh/ssh_host_${kind}_key" "$root/etc/ssh/ssh_host_${kind}_key.pub"
+        elif [[ ! -s "$root/etc/ssh/ssh_host_${kind}_key" ]]; then
+            die "openssh-server made no ssh_host_${kind}_key in the rootfs"
+        fi
+    done
+    mkdir -p "$root/etc/ssh/sshd_config.d"
+    {
+        echo "# Installed by clonesafe.fleet.golden_image: the host key types this image has."
+        for kind in $GOLDEN_IMAGE_SSH_HOST_KEY_TYPES; do echo "HostKey /etc/ssh/ssh_host_${kind}_key"; done
+    } >"$root/etc/ssh/sshd_config.d/clonesafe-host-keys.conf"
+}
+
 configure_rootfs() {
     local root="$1" module
     printf '%s\n' "$GOLDEN_IMAGE_HOSTNAME" >"$root/etc/hostname"
@@ -287,6 +308,7 @@ EOF
     fi
     grep -Eq '^[0-9a-f]{32}$' "$root/etc/machine-id" || die "the rootfs has no valid /etc/machine-id"
 
+    keep_ssh_host_key_types "$root"
     write_lab_ready_unit "$root"
     if [[ "$GOLDEN_IMAGE_CONSOLE_AUTOLOGIN" == "true" ]]; then
         write_autologin "$root"
@@ -324,6 +346,7 @@ do_build() {
         GOLDEN_IMAGE_HOSTNAME GOLDEN_IMAGE_CMDLINE GOLDEN_IMAGE_SIZE GOLDEN_IMAGE_INPUTS_JSON
     : "${GOLDEN_IMAGE_BOOT_MODULES:=}"
     : "${GOLDEN_IMAGE_CONSOLE_AUTOLOGIN:=false}"
+    : "${GOLDEN_IMAGE_SSH_HOST_KEY_TYPES:=ed25519 ecdsa rsa}"
     local debootstrap="${GOLDEN_IMAGE_DEBOOTSTRAP:-debootstrap}"
     local cache="$GOLDEN_IMAGE_CACHE_DIR" id="$GOLDEN_IMAGE_BUILD_ID"
     local final="$cache/$id" tmp root logfile pkg stale have_kernel=false
