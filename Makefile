@@ -13,16 +13,33 @@ SANITY_ROOT := $(BUILD)/sanity/ansible_collections/clonesafe/fleet
 # ansible-test installs its own pinned linters: keep them out of the project's virtualenv.
 SANITY_VENV ?= $(CURDIR)/.venv-sanity
 PYTEST_ARGS ?=
+# make demo HOSTS=3: the fleet lab (hypervisor hosts in their own namespaces on this machine, docs/fleet.md).
+HOSTS ?= 1
+FLEET_LAB_DIR ?= /var/lib/clonesafe-fleet-lab
+FLEET_INVENTORY := $(FLEET_LAB_DIR)/inventory.yml
 
 export PATH := $(VENV)/bin:$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export ANSIBLE_COLLECTIONS_PATH := $(COLLECTIONS)
 export CLONESAFE_ANSIBLE_PLAYBOOK := $(VENV)/bin/ansible-playbook
 
-.PHONY: demo test deps venv collection lab sanity lint unit pytest lab-tests build clean
+.PHONY: demo test deps venv collection lab sanity lint unit pytest lab-tests build clean fleet-lab fleet-demo fleet-lab-down
 
 demo: venv collection
+ifeq ($(HOSTS),1)
 	ansible-playbook playbooks/lab.yml
+else
+	$(MAKE) fleet-demo HOSTS=$(HOSTS)
+endif
+
+fleet-lab: venv collection
+	FLEET_LAB_DIR=$(FLEET_LAB_DIR) ansible-playbook playbooks/fleet_lab.yml -e fleet_lab_hosts=$(HOSTS) -e fleet_lab_dir=$(FLEET_LAB_DIR)
+
+fleet-demo: fleet-lab
+	ansible-playbook -i $(FLEET_INVENTORY) playbooks/fleet_demo.yml -e clonesafe_show_before=true
+
+fleet-lab-down:
+	FLEET_LAB_DIR=$(FLEET_LAB_DIR) hack/fleet-lab.sh down
 
 test: venv collection sanity lint pytest
 

@@ -67,6 +67,22 @@ options:
     type: bool
     default: false
     version_added: 0.1.0
+  seal:
+    description:
+      - Before freezing, ask the golden's clonesafe agent to V(erase) its identity key, SSH host keys and machine-id,
+        so the template holds none of them; the manifest records that the template is sealed.
+      - Needs the golden running with the agent (role clonesafe.fleet.guest_agent). The golden keeps running without
+        those secrets.
+      - Without O(seal), the agent is asked for the fingerprints of the golden's secrets instead (when it answers);
+        M(clonesafe.fleet.verify_unique) fails any clone that still has one of them.
+    type: bool
+    default: false
+    version_added: 0.1.0
+  agent_timeout:
+    description: Seconds to wait for the golden's agent to answer (its fingerprints, or the erase with O(seal)).
+    type: float
+    default: 30
+    version_added: 0.1.0
 notes:
   - Clones depend on the template's base disk, and the base disk on the golden's image it was an
     overlay of; do not commit (C(virsh blockcommit)) the golden's chain into its base.
@@ -96,6 +112,16 @@ template:
   returned: success
   type: dict
   contains:
+    sealed:
+      description: Whether the golden's secrets were erased before the template was frozen.
+      type: bool
+      sample: false
+    golden_fingerprints:
+      description:
+        - Fingerprints (public keys) and keyed hashes (machine-id) of the golden's secrets at snapshot time,
+          as its agent attested them; V(erased) for a sealed template. Give them to M(clonesafe.fleet.verify_unique).
+      type: dict
+      sample: {identity: "SHA256:Zk3v...", machine_id: "HMAC-SHA256:5f1c...", ssh_host_key.ed25519: "SHA256:q9..."}
     name:
       description: Template name.
       type: str
@@ -157,6 +183,7 @@ clones:
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.golden_proof import golden_proof_for_domain
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt._libvirt_dep import assert_libvirt_available
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.clones import find_clones, remove_clone
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.connection import LibvirtConnection
@@ -180,6 +207,8 @@ def main() -> None:
             "memory": {"type": "bool", "default": False},
             "templates_dir": {"type": "path", "default": "/var/lib/clonesafe/templates"},
             "force": {"type": "bool", "default": False},
+            "seal": {"type": "bool", "default": False},
+            "agent_timeout": {"type": "float", "default": 30},
         },
         required_if=[("state", "present", ("golden",))],
         supports_check_mode=True,
@@ -197,6 +226,8 @@ def main() -> None:
             names = [pair[0].name() for pair in clones]
             if params["state"] == "present":
                 if existing is not None:
+                    if params["seal"] and not existing.summary()["sealed"]:
+                        module.warn(f"template '{name}' exists and is not sealed; it is left as it is: remove it first to seal it")
                     if bool(existing.memory) != params["memory"]:
                         module.warn(
                             f"template '{name}' exists {'with' if existing.memory else 'without'} a memory state; "
@@ -207,8 +238,13 @@ def main() -> None:
                     plan = plan_template(conn, templates_dir, name, params["golden"], params["memory"])
                     actions.append("created")
                     after = {"name": name, "directory": plan.directory, "memory": plan.memory}
+                    if params["seal"]:
+                        actions.append("golden sealed")
                     if not module.check_mode:
-                        after = create_template(conn, module.run_command, templates_dir, plan).summary()
+                        proof = golden_proof_for_domain(conn, params["golden"], params["seal"], params["agent_timeout"])
+                        if proof.get("warning"):
+                            module.warn(proof.pop("warning"))
+                        after = create_template(conn, module.run_command, templates_dir, plan, proof).summary()
             else:
                 after = {}
                 if clones and not params["force"]:

@@ -396,7 +396,8 @@ class Outcome:
                 "memory": self.memory,
                 "identity": template_identity(self.manifest or {}),
                 "distribution": (self.manifest or {}).get("distribution"),
-                "golden_fingerprints": (self.manifest or {}).get("golden_fingerprints"),
+                # The proof's comparison key stays in the manifest: only the golden's fingerprints are returned.
+                "golden_fingerprints": ((self.manifest or {}).get("proof") or {}).get("golden_fingerprints", {}),
             },
             "files": [transfer.as_dict() for transfer in self.transfers],
             "bytes_transferred": sum(transfer.transferred for transfer in self.transfers),

@@ -15,6 +15,7 @@ import typing as t
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.multicast import Settings, Target, multicast
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.domain_xml import read_channel_socket
 from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import wire
 
 SEALED_PROVIDERS = ["identity", "ssh_host_keys", "machine_id"]
@@ -73,3 +74,15 @@ def golden_proof(name: str, socket_path: str | None, state: str, seal: bool, tim
 def _sealed_secret(fingerprint_name: str) -> bool:
     return any(fingerprint_name == prefix or (prefix.endswith(".") and fingerprint_name.startswith(prefix))
                for prefix in SEALED_FINGERPRINTS)
+
+
+def golden_proof_for_domain(conn: t.Any, golden: str, seal: bool, timeout: float = 30.0) -> dict[str, t.Any]:
+    """golden_proof for a libvirt domain: its agent channel socket and state come from libvirt."""
+    domain = conn.get_domain(golden)
+    state = conn.domain_state(domain)
+    if seal and state != "running":
+        raise ClonesafeError(
+            f"cannot seal golden '{golden}': it is {state}; its agent must be running to erase its secrets",
+            domain=golden,
+        )
+    return golden_proof(golden, read_channel_socket(conn.domain_xml(domain)), state, seal, timeout)

@@ -20,6 +20,7 @@ import xml.etree.ElementTree as ET
 from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.domain_xml import (
     METADATA_NAMESPACE,
+    QEMU_NAMESPACE,
     parse_domain_xml,
 )
 
@@ -236,6 +237,14 @@ def rewrite_for_clone(source_xml: str, identity: CloneIdentity, keep_source_macs
         raise ClonesafeError("the template's domain XML has no <genid>: re-create the template from a golden with <genid/>")
     # Empty: libvirt generates a fresh VM Generation ID for the clone.
     genid.text = None
+    # Arguments given to QEMU directly (golden_domain's ssh_forward_port) would be copied verbatim:
+    # every clone would claim the golden's host port for its SSH forward and fail to start.
+    if root.find(f"{{{QEMU_NAMESPACE}}}commandline") is not None:
+        raise ClonesafeError(
+            "the template's domain XML passes arguments to QEMU directly (<qemu:commandline>, e.g. an SSH port "
+            "forward from golden_domain ssh_forward_port) that every clone would share: re-create the golden "
+            "without ssh_forward_port"
+        )
     _set_marker(root, CLONE_ROLE, identity.marker_spec())
 
     devices = root.find("devices")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import typing as t
 import xml.etree.ElementTree as ET
 
@@ -19,11 +20,18 @@ from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import Clo
 
 METADATA_NAMESPACE = "https://clonesafe.invalid/xmlns/fleet/1"
 METADATA_PREFIX = "clonesafe"
+# libvirt's namespace for QEMU command-line passthrough (<qemu:commandline>).
+QEMU_NAMESPACE = "http://libvirt.org/schemas/domain/qemu/1.0"
+QEMU_PREFIX = "qemu"
+# QEMU ids of the user-mode NIC that forwards SSH: chosen outside libvirt's own "hostnetN"/"netN".
+SSH_NETDEV_ID = "clonesafe-ssh0"
 AGENT_CHANNEL_NAME = "org.clonesafe.agent.0"
 DOMAIN_TYPES = ("qemu", "kvm")
 NIC_MODES = ("none", "user")
+MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 
 ET.register_namespace(METADATA_PREFIX, METADATA_NAMESPACE)
+ET.register_namespace(QEMU_PREFIX, QEMU_NAMESPACE)
 
 
 def _qualified(tag: str) -> str:
@@ -57,9 +65,12 @@ class DomainSpec:
             raise ClonesafeError(f"invalid domain_type {self.domain_type!r}: use one of {', '.join(DOMAIN_TYPES)}")
         if self.nic not in NIC_MODES:
             raise ClonesafeError(f"invalid nic {self.nic!r}: use one of {', '.join(NIC_MODES)}")
+        # Checked here, not left to libvirt: with ssh_forward_port the MAC goes onto QEMU's command line.
+        if self.mac is not None and not MAC_RE.match(self.mac):
+            raise ClonesafeError(f"invalid mac {self.mac!r}: use six hex pairs separated by ':', like 52:54:00:12:34:56")
         if self.ssh_forward_port is not None:
             if self.nic != "user":
-                raise ClonesafeError("ssh_forward_port needs nic=user (a user-mode NIC with the passt backend)")
+                raise ClonesafeError("ssh_forward_port needs nic=user (the forward belongs to the user-mode NIC)")
             if not 1024 <= self.ssh_forward_port <= 65535:
                 raise ClonesafeError(f"ssh_forward_port={self.ssh_forward_port} is invalid: use a port in 1024-65535")
         if self.memory_mib < 64:
@@ -125,22 +136,40 @@ def build_domain_xml(spec: DomainSpec, uuid: str | None = None, genid: str | Non
     ET.SubElement(channel, "source", mode="bind", path=spec.channel_socket)
     ET.SubElement(channel, "target", type="virtio", name=AGENT_CHANNEL_NAME)
 
-    if spec.nic == "user":
+    if spec.nic == "user" and spec.ssh_forward_port is None:
         interface = ET.SubElement(devices, "interface", type="user")
         if spec.mac:
             ET.SubElement(interface, "mac", address=spec.mac)
-        if spec.ssh_forward_port is not None:
-            # libvirt's default user-mode backend (SLIRP) has no port forwarding; passt has.
-            ET.SubElement(interface, "backend", type="passt")
-            forward = ET.SubElement(interface, "portForward", proto="tcp", address="127.0.0.1")
-            ET.SubElement(forward, "range", start=str(spec.ssh_forward_port), to="22")
         ET.SubElement(interface, "model", type="virtio")
 
     # Guests under TCG would otherwise wait long for their CRNG to initialise.
     rng = ET.SubElement(devices, "rng", model="virtio")
     ET.SubElement(rng, "backend", model="random").text = "/dev/urandom"
     ET.SubElement(devices, "memballoon", model="none")
+    if spec.nic == "user" and spec.ssh_forward_port is not None:
+        _add_ssh_forwarding_nic(domain, spec.ssh_forward_port, spec.mac)
     return ET.tostring(domain, encoding="unicode")
+
+
+def ssh_forwarding_qemu_args(port: int, mac: str | None = None) -> list[str]:
+    """QEMU arguments of a user-mode virtio NIC that forwards 127.0.0.1:``port`` on the host to the guest's port 22.
+
+    libvirt's own ``<interface type='user'>`` runs QEMU's user-mode network (SLIRP) without port
+    forwarding, and its ``passt`` backend (which can forward) is refused by libvirt 9.0 as packaged in
+    Debian 12, so the NIC is given to QEMU directly. The guest sees the usual user-mode network:
+    address 10.0.2.15/24 (DHCP or static), gateway 10.0.2.2, DNS 10.0.2.3.
+    """
+    device = f"virtio-net-pci,netdev={SSH_NETDEV_ID},id={SSH_NETDEV_ID}-nic"
+    if mac:
+        device += f",mac={mac}"
+    # No PCI address: QEMU puts the NIC in the first slot libvirt's devices left free.
+    return ["-netdev", f"user,id={SSH_NETDEV_ID},hostfwd=tcp:127.0.0.1:{port}-:22", "-device", device]
+
+
+def _add_ssh_forwarding_nic(domain: ET.Element, port: int, mac: str | None) -> None:
+    commandline = ET.SubElement(domain, f"{{{QEMU_NAMESPACE}}}commandline")
+    for arg in ssh_forwarding_qemu_args(port, mac):
+        ET.SubElement(commandline, f"{{{QEMU_NAMESPACE}}}arg", value=arg)
 
 
 def parse_domain_xml(xml: str) -> ET.Element:

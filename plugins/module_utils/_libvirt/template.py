@@ -110,6 +110,8 @@ class Template:
             "memory_size": (manifest.get("memory") or {}).get("size"),
             "memory_sha256": (manifest.get("memory") or {}).get("sha256"),
             "golden_overlay": manifest["source"].get("overlay_after"),
+            "sealed": bool((manifest.get("proof") or {}).get("sealed")),
+            "golden_fingerprints": dict((manifest.get("proof") or {}).get("golden_fingerprints") or {}),
         }
 
 
@@ -284,8 +286,18 @@ def _freeze_shutoff(conn: LibvirtConnection, runner: storage.Runner, domain: t.A
     return {"base_method": storage.link_or_copy(plan.disk, os.path.join(work, BASE_FILE)), "memory": None}
 
 
-def create_template(conn: LibvirtConnection, runner: storage.Runner, templates_dir: str, plan: Plan) -> Template:
-    """Freeze the golden into a new template directory (see the module docstring for the order)."""
+def create_template(
+    conn: LibvirtConnection,
+    runner: storage.Runner,
+    templates_dir: str,
+    plan: Plan,
+    proof: dict[str, t.Any] | None = None,
+) -> Template:
+    """Freeze the golden into a new template directory (see the module docstring for the order).
+
+    ``proof`` is what the golden's agent said just before (its fingerprints or its seal, and the fleet's
+    comparison key); the manifest keeps it for the multicast and for verify_unique.
+    """
     domain = conn.get_domain(plan.golden)
     source_xml = conn.domain_xml(domain, inactive=True)
     live_identity = read_identity(conn.domain_xml(domain))
@@ -331,7 +343,11 @@ def create_template(conn: LibvirtConnection, runner: storage.Runner, templates_d
             "overlay_after": plan.overlay_after,
         }
         manifest = build_manifest(plan.name, source, base, memory, utc_now())
-        with open(os.path.join(work, MANIFEST_FILE), "w", encoding="utf-8") as handle:
+        if proof is not None:
+            manifest["proof"] = proof
+        # The manifest holds the fleet's comparison key: readable by root only.
+        manifest_fd = os.open(os.path.join(work, MANIFEST_FILE), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(manifest_fd, "w", encoding="utf-8") as handle:
             json.dump(manifest, handle, indent=2, sort_keys=True)
             handle.write("\n")
         os.rename(work, plan.directory)

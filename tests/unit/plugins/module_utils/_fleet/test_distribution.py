@@ -61,7 +61,7 @@ def make_template(templates: pathlib.Path, name: str = "web", memory_bytes: int 
         "base": {"path": str(base), "size": base.stat().st_size, "sha256": sha256(base),
                  "backing": str(backing) if backing else None},
         "memory": {"path": str(memory), "size": memory.stat().st_size, "sha256": sha256(memory)},
-        "golden_fingerprints": {"identity": "ed25519:abc"},
+        "proof": {"hash_key": "ab" * 32, "golden_fingerprints": {"identity": "ed25519:abc"}, "sealed": False},
     }
     (directory / "manifest.json").write_text(json.dumps(manifest))
     return manifest
@@ -98,6 +98,8 @@ def test_template_arrives_verified_and_a_second_run_changes_nothing(source_dir, 
     result = outcome.as_dict()
     assert result["bytes_transferred"] == sum(f.stat().st_size for f in (source_dir / "web").iterdir() if f.suffix != ".json")
     assert result["template"]["golden_fingerprints"] == {"identity": "ed25519:abc"}
+    assert "ab" * 32 not in json.dumps(result), "the comparison key is never returned"
+    assert manifest["proof"]["hash_key"] == "ab" * 32, "secret_multicast on this host reads the key from the manifest"
 
     again = sync(distribution.DirectorySource(str(source_dir)), dest_dir)
     assert not again.changed and again.status == "present" and again.as_dict()["bytes_transferred"] == 0

@@ -131,6 +131,13 @@ def test_rewrite_of_a_golden_from_golden_domain():
     assert clone_xml.interface_macs(xml) == ["52:54:00:00:00:01"]
 
 
+def test_rewrite_refuses_a_golden_with_an_ssh_forward():
+    spec = DomainSpec(name="g", disk="/d.qcow2", kernel="/k", initrd="/i", cmdline="c", console_log="/c.log",
+                      channel_socket="/a.sock", nic="user", ssh_forward_port=2222)
+    with pytest.raises(ClonesafeError, match="without ssh_forward_port"):
+        clone_xml.rewrite_for_clone(build_domain_xml(spec, uuid=GOLDEN_UUID), identity(), keep_source_macs=False)
+
+
 def test_rewrite_refuses_golden_without_genid_or_with_two_disks():
     no_genid = LIVE_GOLDEN.replace(f"<genid>{GOLDEN_GENID}</genid>", "")
     with pytest.raises(ClonesafeError, match="no <genid>"):

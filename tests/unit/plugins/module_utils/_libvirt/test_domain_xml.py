@@ -88,14 +88,37 @@ def test_unparsable_xml_is_a_clear_error():
         domain_xml.read_identity("<domain>")
 
 
-def test_ssh_forward_port_uses_passt_and_binds_loopback():
+QEMU = "{http://libvirt.org/schemas/domain/qemu/1.0}"
+
+
+def qemu_args(xml: str) -> list[str]:
+    return [arg.get("value") for arg in ET.fromstring(xml).findall(f"{QEMU}commandline/{QEMU}arg")]
+
+
+def test_ssh_forward_port_is_a_qemu_user_netdev_with_hostfwd_on_loopback():
     spec = dataclasses.replace(SPEC, nic="user", ssh_forward_port=2222)
-    interface = ET.fromstring(domain_xml.build_domain_xml(spec)).find("devices/interface")
-    assert interface.find("backend").get("type") == "passt"
-    forward = interface.find("portForward")
-    assert (forward.get("proto"), forward.get("address")) == ("tcp", "127.0.0.1")
-    assert (forward.find("range").get("start"), forward.find("range").get("to")) == ("2222", "22")
+    xml = domain_xml.build_domain_xml(spec)
+    # libvirt 9.0 (Debian 12) refuses <backend type='passt'/>; the NIC goes to QEMU directly instead.
+    assert ET.fromstring(xml).find("devices/interface") is None
+    assert "passt" not in xml
+    assert 'xmlns:qemu="http://libvirt.org/schemas/domain/qemu/1.0"' in xml
+    assert qemu_args(xml) == [
+        "-netdev", "user,id=clonesafe-ssh0,hostfwd=tcp:127.0.0.1:2222-:22",
+        "-device", "virtio-net-pci,netdev=clonesafe-ssh0,id=clonesafe-ssh0-nic",
+    ]
     assert spec.as_dict()["ssh_forward_port"] == 2222
+    assert domain_xml.read_clonesafe_marker(xml)["spec"] == spec.as_dict()
+
+
+def test_ssh_forward_port_nic_keeps_the_mac():
+    spec = dataclasses.replace(SPEC, nic="user", mac="52:54:00:12:34:56", ssh_forward_port=2222)
+    assert qemu_args(domain_xml.build_domain_xml(spec))[3].endswith(",mac=52:54:00:12:34:56")
+
+
+@pytest.mark.parametrize("mac", ["52:54:00:12:34:56,hostfwd=tcp::2223-:22", "52-54-00-12-34-56", "52:54:00:12:34"])
+def test_a_mac_that_is_not_a_mac_is_refused_before_it_reaches_qemu(mac):
+    with pytest.raises(ClonesafeError, match="invalid mac"):
+        dataclasses.replace(SPEC, nic="user", mac=mac, ssh_forward_port=2222).validate()
 
 
 def test_ssh_forward_port_needs_a_user_nic_and_a_sane_port():
@@ -106,4 +129,6 @@ def test_ssh_forward_port_needs_a_user_nic_and_a_sane_port():
 
 def test_unset_ssh_forward_port_keeps_older_specs_equal():
     assert "ssh_forward_port" not in SPEC.as_dict()
-    assert ET.fromstring(domain_xml.build_domain_xml(dataclasses.replace(SPEC, nic="user"))).find("devices/interface/backend") is None
+    xml = domain_xml.build_domain_xml(dataclasses.replace(SPEC, nic="user"))
+    assert ET.fromstring(xml).find("devices/interface").get("type") == "user"
+    assert qemu_args(xml) == []

@@ -1,0 +1,144 @@
+"""The fleet lab: 3 hypervisor hosts in their own namespaces, a template distributed, clones on every host.
+
+Slow (TCG guests on shared cores): the fleet lab playbook, the distribution, 6 memory clones and two
+multicast rounds. Leaves the lab up for a person to look at; `hack/fleet-lab.sh down` stops it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+import secrets
+import subprocess
+
+import pytest
+
+from clonesafe_testlib import REPO_ROOT, run_playbook
+
+pytestmark = pytest.mark.lab
+libvirt = pytest.importorskip("libvirt")
+
+LAB_DIR = pathlib.Path("/var/lib/clonesafe-fleet-lab")
+INVENTORY = LAB_DIR / "inventory.yml"
+HOSTS = ["fleet-h1", "fleet-h2", "fleet-h3"]
+
+
+def host_path(host: str, path: str) -> pathlib.Path:
+    """A file of a lab host, seen from the controller (its /var/lib/clonesafe is a per-host directory)."""
+    assert path.startswith("/var/lib/clonesafe/")
+    return LAB_DIR / "hosts" / host / "clonesafe" / path[len("/var/lib/clonesafe/"):]
+
+
+def sha256(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def remote_uri(host: str) -> str:
+    index = HOSTS.index(host) + 1
+    return f"qemu+ssh://root@10.231.88.{10 + index}/system?command={LAB_DIR}/ssh/ssh"
+
+
+@pytest.fixture(scope="module")
+def fleet():
+    run = run_playbook("playbooks/fleet_lab.yml", "-e", "fleet_lab_hosts=3", timeout=3000)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    return run
+
+
+def test_every_host_is_its_own_hypervisor(fleet):
+    seen = {}
+    for host in HOSTS:
+        conn = libvirt.openReadOnly(remote_uri(host))
+        try:
+            seen[host] = {
+                "hostname": conn.getHostname(),
+                "domains": sorted(domain.name() for domain in conn.listAllDomains(0)),
+            }
+        finally:
+            conn.close()
+    assert [seen[host]["hostname"] for host in HOSTS] == HOSTS
+    assert "clonesafe-golden" in seen["fleet-h1"]["domains"]
+    assert "clonesafe-golden" not in seen["fleet-h2"]["domains"] + seen["fleet-h3"]["domains"]
+    status = subprocess.run([str(REPO_ROOT / "hack/fleet-lab.sh"), "status"], capture_output=True, text=True, check=True)
+    pids = [dict(field.split("=") for field in line.split()[2:])["libvirtd"] for line in status.stdout.splitlines()[:3]]
+    assert len(set(pids)) == 3 and "-" not in pids, status.stdout
+
+
+def test_a_second_bring_up_changes_nothing(fleet):
+    run = run_playbook("playbooks/fleet_lab.yml", "-e", "fleet_lab_hosts=3", timeout=1800)
+    assert run.returncode == 0, run.stdout[-6000:]
+    for host in ["localhost", *HOSTS]:
+        assert run.recap(host)["changed"] == 0, (host, run.stdout[-6000:])
+
+
+@pytest.fixture(scope="module")
+def distributed(fleet):
+    run = run_playbook("playbooks/distribute_template.yml", "-i", str(INVENTORY), timeout=1200)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    return run
+
+
+def test_the_template_arrives_identical_on_every_host(distributed):
+    manifest = json.loads(host_path("fleet-h1", "/var/lib/clonesafe/templates/fleet/manifest.json").read_text())
+    for host in HOSTS[1:]:
+        copy = json.loads(host_path(host, "/var/lib/clonesafe/templates/fleet/manifest.json").read_text())
+        assert copy["distribution"]["mode"] == "memory"
+        assert copy["created_at"] == manifest["created_at"]
+        for file, spec in (("base.qcow2", manifest["base"]), ("memory.save", manifest["memory"])):
+            assert sha256(host_path(host, f"/var/lib/clonesafe/templates/fleet/{file}")) == spec["sha256"]
+    again = run_playbook("playbooks/distribute_template.yml", "-i", str(INVENTORY), timeout=600)
+    assert again.returncode == 0, again.stdout[-4000:]
+    for host in HOSTS:
+        assert again.recap(host)["changed"] == 0, again.stdout[-4000:]
+
+
+def test_six_clones_one_multicast_and_the_planted_duplicate_is_named(distributed, tmp_path):
+    report = tmp_path / "verdicts.json"
+    run = run_playbook(
+        "tests/lab/playbooks/fleet_e2e.yml", "-i", str(INVENTORY),
+        "-e", f"fleet_e2e_hash_key={secrets.token_hex(32)}", "-e", f"fleet_e2e_report={report}",
+        timeout=2400,
+    )
+    try:
+        assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-3000:]
+        verdicts = json.loads(report.read_text())
+        planted, final = verdicts["planted"], verdicts["final"]
+        assert planted["clones_checked"] == 6 and not planted["unique"]
+        holders = {tuple(sorted(map(tuple, duplicate["clones"]))) for duplicate in planted["duplicates"]}
+        assert (("fleet-h2", "fleet-002"), ("fleet-h3", "fleet-002")) in holders, planted["duplicates"]
+        assert all(("fleet-h1", "fleet-001") not in pair for pair in holders), "rotated clones share nothing"
+        assert "fleet-002 on fleet-h2" in planted["msg"] and "fleet-002 on fleet-h3" in planted["msg"]
+        assert final["unique"] and final["clones_checked"] == 6 and not final["bad_proofs"], final.get("msg")
+        assert {host: sorted(names) for host, names in final["verified"].items()} == {
+            host: ["fleet-001", "fleet-002"] for host in HOSTS
+        }
+    finally:
+        run_playbook("tests/lab/playbooks/fleet_clean.yml", "-i", str(INVENTORY), timeout=600)
+
+
+def test_the_inventory_plugin_lists_every_clone_of_the_fleet(distributed, tmp_path):
+    prepared = run_playbook("tests/lab/playbooks/fleet_clones.yml", "-i", str(INVENTORY), timeout=1200)
+    try:
+        assert prepared.returncode == 0, prepared.stdout[-6000:]
+        config = tmp_path / "fleet.clones.yml"
+        config.write_text("plugin: clonesafe.fleet.clones\nhypervisor_group: hypervisors\n")
+        completed = subprocess.run(
+            [str(pathlib.Path(__import__("sys").executable).parent / "ansible-inventory"), "-i", str(INVENTORY),
+             "-i", str(config), "--list"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False,
+            env=__import__("clonesafe_testlib").ansible_env(),
+        )
+        assert completed.returncode == 0, completed.stderr
+        listed = json.loads(completed.stdout)
+        assert sorted(listed["clonesafe_template_fleet"]["hosts"]) == sorted(
+            f"fleet-00{index}.{host}" for host in HOSTS for index in (1, 2)
+        )
+        for host in HOSTS:
+            assert len(listed[f"clonesafe_hypervisor_{host.replace('-', '_')}"]["hosts"]) == 2
+    finally:
+        run_playbook("tests/lab/playbooks/fleet_clean.yml", "-i", str(INVENTORY), timeout=600)
