@@ -83,5 +83,9 @@ class ActionModule(ActionBase):
         elif not verdict.unique and args["fail_on_duplicate"]:
             result.update(failed=True, msg=f"clones are not proven unique: {verdict.failure_message()}")
         else:
-            result["msg"] = f"{verdict.clones_checked} clone(s) proven unique" if verdict.unique else verdict.failure_message()
+            result["msg"] = (
+                f"{verdict.clones_checked} clone(s) proven unique: every signature verified, no secret shared"
+                if verdict.unique
+                else verdict.failure_message()
+            )
         return result

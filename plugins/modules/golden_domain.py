@@ -97,9 +97,15 @@ options:
     version_added: 0.1.0
   ssh_forward_port:
     description:
-      - Forward this TCP port on the hypervisor host's 127.0.0.1 to the guest's port 22, through the
-        C(passt) backend of the user-mode NIC (needs O(nic=user) and the C(passt) program on the host).
+      - Forward this TCP port on the hypervisor host's 127.0.0.1 to the guest's port 22 (needs O(nic=user)).
+      - The user-mode NIC is then given to QEMU directly, as C(-netdev user,hostfwd=...) and
+        C(-device virtio-net-pci) in the domain's C(<qemu:commandline>), because libvirt's own user-mode
+        interface cannot forward ports without the C(passt) backend, which libvirt 9.0 in Debian 12 refuses.
+        libvirt marks such a domain as tainted (C(custom-argv)) and does not list the NIC among its interfaces.
+      - The guest sees QEMU's user-mode network; it must configure its NIC itself (DHCP, or the static
+        address 10.0.2.15/24 with gateway 10.0.2.2 and DNS server 10.0.2.3) and run sshd.
       - For reaching a lab guest over SSH (Ansible connections, molecule); unset gives no forwarding.
+        The clone modules refuse a golden with a forward, since every clone would claim the same host port.
     type: int
     version_added: 0.1.0
   stop_timeout:
@@ -131,6 +137,18 @@ EXAMPLES = r"""
     console_log: /var/lib/clonesafe/consoles/golden.log
     channel_socket: /var/lib/clonesafe/channels/golden.agent.sock
     domain_type: "{{ hypervisor_domain_type | default('qemu') }}"
+
+- name: Boot a lab VM that Ansible reaches over SSH on 127.0.0.1:2222
+  clonesafe.fleet.golden_domain:
+    name: lab-ssh
+    state: running
+    disk: /var/lib/clonesafe/lab-ssh/disk.qcow2
+    kernel: "{{ golden_image_result.kernel }}"
+    initrd: "{{ golden_image_result.initrd }}"
+    console_log: /var/lib/clonesafe/consoles/lab-ssh.log
+    channel_socket: /var/lib/clonesafe/channels/lab-ssh.agent.sock
+    nic: user
+    ssh_forward_port: 2222
 
 - name: Remove the golden VM definition (the disk stays)
   clonesafe.fleet.golden_domain:

@@ -72,8 +72,8 @@ options:
     version_added: 0.1.0
 notes:
   - O(uri) is this host's libvirt; its capabilities decide whether the memory state can be loaded.
-  - Run it on every host but the one that made the template, for example with
-    C(when: inventory_hostname != groups['hypervisors'][0]).
+  - "Run it on every host but the one that made the template, for example with
+    C(when: inventory_hostname != groups['hypervisors'][0])."
 seealso:
   - module: clonesafe.fleet.golden_snapshot
   - module: clonesafe.fleet.clone

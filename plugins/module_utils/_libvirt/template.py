@@ -168,9 +168,9 @@ def require_genid(xml: str, golden: str, uri: str) -> str:
     return root.findtext("genid") or ""
 
 
-def golden_overlay_path(disk: str, golden: str, template: str) -> str:
-    """Where the golden continues writing after ``template`` froze its disk."""
-    return os.path.join(os.path.dirname(disk), f"{golden}.after-{template}.qcow2")
+def golden_overlay_path(disk: str, golden: str, template: str, stamp: str) -> str:
+    """Where the golden continues writing after ``template`` froze its disk (``stamp`` tells re-creations apart)."""
+    return os.path.join(os.path.dirname(disk), f"{golden}.after-{template}-{stamp}.qcow2")
 
 
 def snapshot_xml(template: str, target: str, overlay: str) -> str:
@@ -224,12 +224,9 @@ def plan_template(conn: LibvirtConnection, templates_dir: str, name: str, golden
         raise ClonesafeError(
             f"memory: true needs the golden '{golden}' running (it is {state}): start it, or use memory: false"
         )
-    overlay_after = golden_overlay_path(disk, golden, name)
+    overlay_after = golden_overlay_path(disk, golden, name, datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S"))
     if os.path.exists(overlay_after):
-        raise ClonesafeError(
-            f"{overlay_after} already exists: a template '{name}' of '{golden}' was made before and removed; "
-            "choose another template name"
-        )
+        raise ClonesafeError(f"{overlay_after} already exists: another snapshot of '{golden}' runs right now; try again")
     storage.require_writable_dir(templates_dir, "templates")
     memory_bytes = 0
     if memory:
