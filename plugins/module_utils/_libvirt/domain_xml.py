@@ -25,6 +25,7 @@ QEMU_NAMESPACE = "http://libvirt.org/schemas/domain/qemu/1.0"
 QEMU_PREFIX = "qemu"
 # QEMU ids of the user-mode NIC that forwards SSH: chosen outside libvirt's own "hostnetN"/"netN".
 SSH_NETDEV_ID = "clonesafe-ssh0"
+SSH_NIC_PCI_SLOT = "0x1f"
 AGENT_CHANNEL_NAME = "org.clonesafe.agent.0"
 DOMAIN_TYPES = ("qemu", "kvm")
 NIC_MODES = ("none", "user")
@@ -159,10 +160,12 @@ def ssh_forwarding_qemu_args(port: int, mac: str | None = None) -> list[str]:
     Debian 12, so the NIC is given to QEMU directly. The guest sees the usual user-mode network:
     address 10.0.2.15/24 (DHCP or static), gateway 10.0.2.2, DNS 10.0.2.3.
     """
-    device = f"virtio-net-pci,netdev={SSH_NETDEV_ID},id={SSH_NETDEV_ID}-nic"
+    # QEMU creates this NIC before libvirt's own devices, which have fixed addresses counted up from
+    # slot 2 of the i440fx bus (libvirt's default machine): without an address of its own it takes slot 2
+    # and libvirt's first device fails to start. The last slot stays free unless a domain has ~30 devices.
+    device = f"virtio-net-pci,netdev={SSH_NETDEV_ID},id={SSH_NETDEV_ID}-nic,bus=pci.0,addr={SSH_NIC_PCI_SLOT}"
     if mac:
         device += f",mac={mac}"
-    # No PCI address: QEMU puts the NIC in the first slot libvirt's devices left free.
     return ["-netdev", f"user,id={SSH_NETDEV_ID},hostfwd=tcp:127.0.0.1:{port}-:22", "-device", device]
 
 

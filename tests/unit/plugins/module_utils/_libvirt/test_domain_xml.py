@@ -104,7 +104,7 @@ def test_ssh_forward_port_is_a_qemu_user_netdev_with_hostfwd_on_loopback():
     assert 'xmlns:qemu="http://libvirt.org/schemas/domain/qemu/1.0"' in xml
     assert qemu_args(xml) == [
         "-netdev", "user,id=clonesafe-ssh0,hostfwd=tcp:127.0.0.1:2222-:22",
-        "-device", "virtio-net-pci,netdev=clonesafe-ssh0,id=clonesafe-ssh0-nic",
+        "-device", "virtio-net-pci,netdev=clonesafe-ssh0,id=clonesafe-ssh0-nic,bus=pci.0,addr=0x1f",
     ]
     assert spec.as_dict()["ssh_forward_port"] == 2222
     assert domain_xml.read_clonesafe_marker(xml)["spec"] == spec.as_dict()
