@@ -73,7 +73,9 @@ $(SANITY_VENV)/.installed: requirements.txt
 
 sanity: deps $(SANITY_VENV)/.installed
 	rm -rf $(SANITY_ROOT) && mkdir -p $(SANITY_ROOT)
-	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t $(SANITY_ROOT)
+	git ls-files -z --cached --others --exclude-standard --deduplicate \
+	  | while IFS= read -r -d '' file; do [[ ! -e "$$file" ]] || printf '%s\0' "$$file"; done \
+	  | xargs -0 cp --parents -t $(SANITY_ROOT)
 	cd $(SANITY_ROOT) && git init -q && git add -A && $(SANITY_VENV)/bin/ansible-test sanity --color no --python 3.11 --local --requirements
 
 lint: venv collection

@@ -1,4 +1,5 @@
-#!/usr/bin/env python3
+# Copyright (c) clonesafe developers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Fleet benchmark: the clone_fleet play on M hosts x N clones, and the controller-side aggregation.
 
     .venv/bin/python bench/fleet_bench.py aggregate [--hosts 1000] [--clones-per-host 1]
@@ -68,7 +69,7 @@ def bench_aggregate(hosts: int, clones_per_host: int, repeats: int) -> dict:
     results[second]["clones"][0] = results[first]["clones"][0]
     timings = []
     cpu = []
-    for _ in range(repeats):
+    for _repeat in range(repeats):
         started, started_cpu = time.perf_counter(), time.process_time()
         verdict = uniqueness.judge(uniqueness.collect_proofs(results), {}, proof.verify_attestation)
         uniqueness.format_table(verdict.rows)

@@ -26,6 +26,7 @@ author:
 extends_documentation_fragment:
   - clonesafe.fleet.connection
   - clonesafe.fleet.attributes
+  - clonesafe.fleet.attributes.actiongroup_libvirt
 attributes:
   check_mode:
     support: full
