@@ -30,7 +30,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "build" / "collections"))
 sys.path.insert(0, str(REPO / "tests"))
 
-from conftest import run_module  # noqa: E402  (the tests' helper runs modules the way users do)
+from clonesafe_testlib import run_module  # noqa: E402  (the tests' helper runs modules the way users do)
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt import clones, template  # noqa: E402
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.connection import LibvirtConnection  # noqa: E402

@@ -217,7 +217,12 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.multicast import Settings, multicast
-from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.selection import resume_paused, select_targets, template_hash_key
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.selection import (
+    record_attestations,
+    resume_paused,
+    select_targets,
+    template_hash_key,
+)
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt._libvirt_dep import assert_libvirt_available
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.connection import LibvirtConnection, require_local_uri
 from ansible_collections.clonesafe.fleet.plugins.module_utils._module import run_module
@@ -270,7 +275,9 @@ def main() -> None:
             resumed: list[str] = []
             if params["resume"] and not module.check_mode:
                 targets, resumed = resume_paused(conn, targets)
-        report = multicast(targets, settings, check_mode=module.check_mode)
+            report = multicast(targets, settings, check_mode=module.check_mode)
+            if not module.check_mode:
+                record_attestations(conn, report, params["operation"])
         for clone in report.clones:
             module.debug(f"clone {clone.name}: {clone.status}" + (f" ({clone.reason})" if clone.reason else ""))
         result = {

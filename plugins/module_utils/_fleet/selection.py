@@ -8,11 +8,13 @@ from __future__ import annotations
 import typing as t
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
-from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.multicast import Target
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet import attestation_record
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.multicast import Report, Target
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt._libvirt_dep import libvirt
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.clones import find_clones
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.connection import LibvirtConnection
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.domain_xml import read_channel_socket
-from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.template import load_template
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.template import load_template, utc_now
 
 
 def _target(conn: LibvirtConnection, domain: t.Any, role: str) -> Target:
@@ -75,3 +77,19 @@ def template_hash_key(templates_dir: str, template: str | None) -> str:
             f"template '{template}' records no comparison key (made by an older golden_snapshot): pass hash_key"
         )
     return key
+
+
+def record_attestations(conn: LibvirtConnection, report: Report, operation: str) -> list[str]:
+    """Keep each verified proof's generation and time in its domain's metadata (the inventory plugin reads it)."""
+    recorded = []
+    attested_at = utc_now()
+    for clone in report.clones:
+        if clone.status not in ("rotated", "attested") or not clone.fingerprints:
+            continue
+        domain = conn.find_domain(clone.name)
+        if domain is None:
+            continue
+        xml = attestation_record.record_xml(clone.generation, attested_at, operation, clone.fingerprints)
+        conn.call(f"recording the attestation of '{clone.name}'", attestation_record.write_record, domain, libvirt, xml)
+        recorded.append(clone.name)
+    return recorded

@@ -132,8 +132,8 @@ class LibvirtConnection:
 
 def require_local_uri(uri: str, why: str) -> None:
     """Refuse a libvirt URI that names a remote host, for work that needs files on this host."""
-    rest = uri.partition("://")[2]
-    host = rest.split("/", 1)[0]
+    authority = uri.partition("://")[2].split("/", 1)[0]
+    host = authority.rsplit("@", 1)[-1].split(":", 1)[0]
     if host and host not in ("localhost", "127.0.0.1", "::1"):
         raise ClonesafeError(
             f"{why}, so it must run on the hypervisor host itself: uri '{uri}' names the remote host '{host}'. "
