@@ -95,6 +95,12 @@ def bench_thin_clones(uri, golden, count, virt_clones, tag):
                     domain = conn.find_domain(clone_name)
                     if domain is not None:
                         domain.undefine()
+                # virt-clone defines a directory storage pool for the disks' directory: remove ours.
+                for pool in conn.conn.listAllStoragePools(0):
+                    if ET.fromstring(pool.XMLDesc(0)).findtext("target/path") in (work, made["directory"]):
+                        if pool.isActive():
+                            pool.destroy()
+                        pool.undefine()
             shutil.rmtree(work)
         theirs = sum(times) / len(times)
         print(f"thin clones, created + defined, not started ({count} with clonesafe.fleet.clone, {virt_clones} with virt-clone):")

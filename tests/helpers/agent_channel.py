@@ -73,11 +73,21 @@ class AgentChannel:
 
     def call(self, op: str, args: dict[str, t.Any] | None = None, timeout: float = 120.0) -> dict[str, t.Any]:
         request_id = secrets.token_hex(8)
+        deadline = time.monotonic() + timeout
         self.send_raw(wire.encode_request(op, args or {}, request_id))
-        reply = wire.parse_response(self.read_line(timeout), request_id, op)
-        if not reply["ok"]:
-            raise AgentError(reply["error"])
-        return reply["result"]
+        # A request sent before the agent opened its port (or by a client that left) is answered
+        # later, on whatever connection is open then: skip such stale replies, as the modules do.
+        for _stale in range(16):
+            try:
+                reply = wire.parse_response(self.read_line(max(0.0, deadline - time.monotonic())), request_id, op)
+            except wire.ProtocolError as error:
+                if error.code == "wrong_id":
+                    continue
+                raise
+            if not reply["ok"]:
+                raise AgentError(reply["error"])
+            return reply["result"]
+        raise ConnectionError(f"{self.path}: too many replies to other requests")
 
 
 def wait_for_agent(path: str, timeout: float = 600.0) -> tuple[AgentChannel, dict[str, t.Any]]:
