@@ -51,7 +51,11 @@ AGENT_VERSION = "0.1.0"
 DEFAULT_CONFIG_PATH = "/etc/clonesafe/agent.json"
 KMSG_FORK_MARKER = b"virtual machine fork"
 UEVENT_MARKER = b"NEW_VMGENID=1"
+# With no host connected the port reports POLLHUP at once, so the loop must sleep: 50 ms after the
+# host left (a multicast reconnects right away for its next request), doubling up to 400 ms while
+# nobody connects (a 50 ms loop costs an idle TCG guest about a quarter of a CPU).
 HUP_BACKOFF_SECONDS = 0.05
+HUP_BACKOFF_MAX_SECONDS = 0.4
 WRITE_TIMEOUT_SECONDS = 5.0
 # linux/random.h
 RNDADDENTROPY = 0x40085203
@@ -1197,6 +1201,7 @@ def serve(agent: Agent) -> None:
     port: int | None = None
     buffer = wire.LineBuffer()
     hup_until = 0.0
+    hup_backoff = HUP_BACKOFF_SECONDS
     running = True
 
     def stop(_signum: int, _frame: t.Any) -> None:
@@ -1220,7 +1225,7 @@ def serve(agent: Agent) -> None:
             poller.register(kmsg, select.POLLIN)
         if uevents is not None:
             poller.register(uevents.fileno(), select.POLLIN)
-        timeout_ms = 1000 if port is None else int(HUP_BACKOFF_SECONDS * 1000)
+        timeout_ms = 1000 if port is None else int(hup_backoff * 1000)
         try:
             events = poller.poll(timeout_ms)
         except InterruptedError:
@@ -1231,21 +1236,27 @@ def serve(agent: Agent) -> None:
             elif uevents is not None and fd == uevents.fileno() and read_uevents(uevents):
                 agent.on_trigger("generation")
             elif fd == port:
-                port, buffer, hup_until = _serve_port(agent, port, event, buffer, hup_until)
+                port, buffer, wait = _serve_port(agent, port, event, buffer)
+                if wait is None:
+                    hup_backoff = HUP_BACKOFF_SECONDS
+                else:
+                    hup_until = time.monotonic() + (wait if port is None else hup_backoff)
+                    hup_backoff = min(HUP_BACKOFF_MAX_SECONDS, hup_backoff * 2)
     if port is not None:
         os.close(port)
 
 
-def _serve_port(agent: Agent, port: int, event: int, buffer: wire.LineBuffer, hup_until: float) -> tuple[int | None, wire.LineBuffer, float]:
+def _serve_port(agent: Agent, port: int, event: int, buffer: wire.LineBuffer) -> tuple[int | None, wire.LineBuffer, float | None]:
+    """Serve what arrived on the port; the third value is None, or how long to leave the port alone."""
     if event & select.POLLIN:
         try:
             data = os.read(port, wire.MAX_MESSAGE_BYTES)
         except BlockingIOError:
-            return port, buffer, hup_until
+            return port, buffer, None
         except OSError as error:
             log(f"reading the port failed ({error.strerror}); reopening it")
             os.close(port)
-            return None, wire.LineBuffer(), time.monotonic() + 1
+            return None, wire.LineBuffer(), 1.0
         if data:
             for line in buffer.feed(data):
                 response = agent.handle_line(line)
@@ -1253,10 +1264,10 @@ def _serve_port(agent: Agent, port: int, event: int, buffer: wire.LineBuffer, hu
                     write_all(port, response)
                 except (AgentError, OSError) as error:
                     log(f"response not delivered: {error}")
-            return port, buffer, hup_until
+            return port, buffer, None
     # No host connected (the port reports POLLHUP continuously): a partial line is void, and the
-    # next poll of the port waits a little so the loop does not spin.
-    return port, wire.LineBuffer(), time.monotonic() + HUP_BACKOFF_SECONDS
+    # port is left alone for a while so the loop does not spin.
+    return port, wire.LineBuffer(), HUP_BACKOFF_SECONDS
 
 
 def main(argv: list[str] | None = None) -> int:
