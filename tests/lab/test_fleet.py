@@ -78,6 +78,8 @@ def test_a_second_bring_up_changes_nothing(fleet):
 
 @pytest.fixture(scope="module")
 def distributed(fleet):
+    reset = run_playbook("tests/lab/playbooks/fleet_reset.yml", "-i", str(INVENTORY), timeout=600)
+    assert reset.returncode == 0, reset.stdout[-4000:]
     run = run_playbook("playbooks/distribute_template.yml", "-i", str(INVENTORY), timeout=1200)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
     return run
