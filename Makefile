@@ -27,7 +27,7 @@ export CLONESAFE_ANSIBLE_PLAYBOOK := $(VENV)/bin/ansible-playbook
 
 demo: venv collection
 ifeq ($(HOSTS),1)
-	ansible-playbook playbooks/lab.yml
+	ansible-playbook playbooks/demo.yml
 else
 	$(MAKE) fleet-demo HOSTS=$(HOSTS)
 endif
