@@ -63,7 +63,7 @@ def main() -> int:
             failed = [name for name, status in statuses.items() if status == "failed"]
             rounds.append({"round_trip_ms": round(elapsed_ms, 1), "agent_ms": result["duration_ms"], "failed": failed})
             print(f"round {index + 1}: round trip {elapsed_ms:8.1f} ms, agent {result['duration_ms']:6d} ms, "
-                  f"generation {result['generation']}, {statuses}")
+                  f"generation {result['generation']}, {statuses}, phases (ms) {result.get('phases_ms', {})}")
     trips = [r["round_trip_ms"] for r in rounds]
     agent = [r["agent_ms"] for r in rounds]
     summary = {

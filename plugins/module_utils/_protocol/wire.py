@@ -38,6 +38,7 @@ TRIGGERS = ("channel", "generation", "boot_uuid")
 _ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _HEX_PATTERN = re.compile(r"[0-9a-f]+")
 _ERROR_CODE_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_MAX_PHASES = 32
 _MAX_ERROR_MESSAGE = 2048
 _MAX_PROVIDER_NAME = 64
 
@@ -406,11 +407,21 @@ def _check_hello_result(result: dict[str, t.Any]) -> None:
         check_str(trigger["time"], "last_trigger time", 64)
 
 
+def _check_phases(phases: t.Any) -> None:
+    """Where the agent spent a rotation's time: phase name -> milliseconds (diagnostics only)."""
+    if not isinstance(phases, dict) or len(phases) > _MAX_PHASES:
+        raise ProtocolError("bad_message", f"rotate result phases_ms must be an object of at most {_MAX_PHASES} entries")
+    for name, value in phases.items():
+        check_str(name, "phase name", _MAX_PROVIDER_NAME)
+        check_int(value, f"phase {name[:64]}")
+
+
 def _check_rotate_result(result: dict[str, t.Any]) -> None:
     check_fields(
         result,
         "rotate result",
         ("generation", "operation", "entropy_source", "providers", "duration_ms", "vcpu_interrupts", "attestation"),
+        ("phases_ms",),
     )
     check_int(result["generation"], "generation")
     if result["operation"] not in ROTATE_OPERATIONS:
@@ -432,6 +443,8 @@ def _check_rotate_result(result: dict[str, t.Any]) -> None:
         if "detail" in outcome:
             check_str(outcome["detail"], f"provider {name[:64]} detail", _MAX_ERROR_MESSAGE)
     check_int(result["duration_ms"], "duration_ms")
+    if "phases_ms" in result:
+        _check_phases(result["phases_ms"])
     _check_int_list(result["vcpu_interrupts"], "vcpu_interrupts")
     check_attestation_shape(result["attestation"])
 

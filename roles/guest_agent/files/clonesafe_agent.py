@@ -56,6 +56,7 @@ UEVENT_MARKER = b"NEW_VMGENID=1"
 # nobody connects (a 50 ms loop costs an idle TCG guest about a quarter of a CPU).
 HUP_BACKOFF_SECONDS = 0.05
 HUP_BACKOFF_MAX_SECONDS = 0.4
+HUP_SIGNALLED_RECHECK_SECONDS = 2.0
 WRITE_TIMEOUT_SECONDS = 5.0
 # linux/random.h
 RNDADDENTROPY = 0x40085203
@@ -95,7 +96,7 @@ def now() -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Durable files: temp + fsync + rename + directory fsync
+# Durable files: temp files, one flush, renames, one flush
 
 
 def fsync_dir(path: str) -> None:
@@ -107,34 +108,90 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` so a crash leaves the old or the new file, never a torn one."""
+def _write_temp(path: str, data: bytes, mode: int) -> str:
+    """Write ``data`` to the temp file beside ``path`` (not yet durable); returns the temp path."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.clonesafe-tmp")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    _write_new(tmp, data, mode)
+    return tmp
+
+
+def _load_syncfs() -> t.Callable[[int], int] | None:
+    try:
+        import ctypes  # pylint: disable=import-outside-toplevel
+
+        function = ctypes.CDLL(None, use_errno=True).syncfs
+    except (ImportError, OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int]
+    return function
+
+
+_SYNCFS = _load_syncfs()
+
+
+def sync_filesystems(paths: t.Iterable[str]) -> None:
+    """Make every pending write on the filesystems holding ``paths`` durable.
+
+    One syncfs per filesystem is one journal commit and one device flush, where an fsync per file
+    and per directory costs one each: in a TCG guest every flush is a trip through QEMU to the host
+    disk, which made the flushes most of a rotation's time.
+    """
+    seen: set[int] = set()
+    for path in paths:
+        directory = path if os.path.isdir(path) else (os.path.dirname(path) or ".")
+        try:
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            continue
+        try:
+            device = os.fstat(fd).st_dev
+            if device in seen:
+                continue
+            seen.add(device)
+            if _SYNCFS is None or _SYNCFS(fd) != 0:
+                os.sync()
+        finally:
+            os.close(fd)
+
+
+def _write_new(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Create ``path`` (which must not exist) with ``data``; durable only after a sync."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
         view = memoryview(data)
         while view:
-            written = os.write(fd, view)
-            view = view[written:]
+            view = view[os.write(fd, view):]
         os.fchmod(fd, mode)
-        os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(directory)
 
 
-def remove_durable(path: str) -> None:
-    """Remove ``path`` (if present) and make the removal durable."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return
-    fsync_dir(os.path.dirname(path) or ".")
+def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` so a crash leaves the old or the new file, never a torn one."""
+    write_all_atomic([(path, data, mode)])
+
+
+def write_all_atomic(files: t.Sequence[tuple[str, bytes | None, int]], on_replaced: t.Callable[[int], None] | None = None) -> None:
+    """Replace (or, for content None, remove) many files, each old or new after a crash, never torn.
+
+    Every temp file is written first and made durable with one flush per filesystem, then the
+    renames and removals follow and are made durable the same way.
+    """
+    temps = [_write_temp(path, data, mode) if data is not None else None for path, data, mode in files]
+    sync_filesystems(path for path, _data, _mode in files)
+    for index, ((path, _data, _mode), tmp) in enumerate(zip(files, temps)):
+        if tmp is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        else:
+            os.replace(tmp, path)
+        if on_replaced is not None:
+            on_replaced(index)
+    sync_filesystems(path for path, _data, _mode in files)
 
 
 def read_bytes(path: str) -> bytes | None:
@@ -225,6 +282,19 @@ def new_key(kind: str, entropy: Entropy, label: str, old: t.Any | None, modify: 
 
 # ---------------------------------------------------------------------------------------------
 # Providers: each plans file changes (applied atomically through the journal) and post actions
+
+
+class PhaseClock:
+    """Milliseconds spent in each named phase since the previous lap (diagnostics in the reply)."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, int] = {}
+        self._last = time.monotonic()
+
+    def lap(self, name: str) -> None:
+        current = time.monotonic()
+        self.laps[name] = int((current - self._last) * 1000)
+        self._last = current
 
 
 class Change(t.NamedTuple):
@@ -674,11 +744,12 @@ class Journal:
             entry = {"path": change.path, "mode": change.mode, "file": None}
             if change.content is not None:
                 entry["file"] = f"{index:04d}"
-                write_atomic(os.path.join(self.staging, entry["file"]), change.content, 0o600)
+                _write_new(os.path.join(self.staging, entry["file"]), change.content)
             entries.append(entry)
             self.on_step(f"staged:{index}")
         manifest = {"generation": generation, "operation": operation, "entries": entries}
-        write_atomic(os.path.join(self.staging, "manifest.json"), json.dumps(manifest).encode(), 0o600)
+        _write_new(os.path.join(self.staging, "manifest.json"), json.dumps(manifest).encode())
+        sync_filesystems([self.staging])
         self.on_step("staged")
         os.rename(self.staging, self.final)
         fsync_dir(self.state_dir)
@@ -688,19 +759,23 @@ class Journal:
         """Write every staged change to its target (idempotent: a replay gives the same result)."""
         with open(os.path.join(self.final, "manifest.json"), "rb") as handle:
             manifest = json.load(handle)
-        for index, entry in enumerate(manifest["entries"]):
-            if entry["file"] is None:
-                remove_durable(entry["path"])
-            else:
+        files: list[tuple[str, bytes | None, int]] = []
+        for entry in manifest["entries"]:
+            content = None
+            if entry["file"] is not None:
                 with open(os.path.join(self.final, entry["file"]), "rb") as handle:
-                    write_atomic(entry["path"], handle.read(), entry["mode"])
-            self.on_step(f"applied:{index}")
+                    content = handle.read()
+            files.append((entry["path"], content, entry["mode"]))
+        write_all_atomic(files, lambda index: self.on_step(f"applied:{index}"))
         return manifest
 
     def clear(self) -> None:
-        """Drop the journal once the generation is recorded."""
+        """Drop the journal once the generation is recorded.
+
+        Not flushed: a journal that comes back after a crash holds a generation already recorded,
+        and recover() only drops it.
+        """
         self._remove_tree(self.final)
-        fsync_dir(self.state_dir)
 
     def recover(self, committed_generation: int) -> int | None:
         """Roll back an unpublished rotation, replay a published one.
@@ -894,6 +969,7 @@ class Agent:
     def rotate(self, operation: str, providers: list[str] | None, entropy: Entropy, trigger: str) -> dict[str, t.Any]:
         """Run one rotation atomically; returns the provider outcomes and the new generation."""
         started = time.monotonic()
+        phases = PhaseClock()
         names = providers if providers is not None else self.enabled_providers()
         outcomes: dict[str, dict[str, t.Any]] = {}
         with self.locked():
@@ -901,6 +977,7 @@ class Agent:
             state = self.state()
             generation = int(state["generation"]) + 1
             self.pending_generation, self.pending_trigger = generation, trigger
+            phases.lap("recover")
             plans: dict[str, Plan] = {}
             for name in names:
                 provider = self.providers[name]
@@ -911,13 +988,17 @@ class Agent:
                     plans[name] = provider.plan(operation, entropy)
                 except Exception as error:  # pylint: disable=broad-exception-caught
                     outcomes[name] = {"status": "failed", "method": None, "error": f"{type(error).__name__}: {error}"[:2000]}
+                phases.lap(f"plan.{name}")
             changes = [change for plan in plans.values() for change in plan.changes]
             self.journal.prepare(generation, operation, changes)
+            phases.lap("journal.prepare")
             self.journal.apply()
+            phases.lap("journal.apply")
             state["generation"] = generation
             state["last_trigger"] = {"trigger": trigger, "time": now(), "generation": generation, "operation": operation}
             self.save_state(state)
             self.journal.clear()
+            phases.lap("journal.commit")
         for name, plan in plans.items():
             errors = []
             for action in plan.after:
@@ -930,6 +1011,7 @@ class Agent:
                 outcome["status"] = "failed"
                 outcome["error"] = "; ".join(errors)[:2000]
             outcomes[name] = outcome
+        phases.lap("after")
         log(f"generation {generation}: {operation} by {trigger} ({entropy.source} entropy): "
             + ", ".join(f"{name} {outcome['status']}" for name, outcome in outcomes.items()))
         return {
@@ -938,6 +1020,7 @@ class Agent:
             "entropy_source": entropy.source,
             "providers": outcomes,
             "duration_ms": int((time.monotonic() - started) * 1000),
+            "phases_ms": phases.laps,
         }
 
     def fingerprints(self, hash_key: str) -> dict[str, str]:
@@ -1089,18 +1172,25 @@ class Agent:
         hypervisor = base64.b64decode(args["entropy"]) if "entropy" in args else None
         result = self.rotate(args["operation"], args.get("providers"), Entropy(args["entropy_source"], hypervisor), "channel")
         result["vcpu_interrupts"] = received_interrupts
+        attest_started = time.monotonic()
         result["attestation"] = self.attest(args["nonce"], args["hash_key"])
+        result["phases_ms"]["attest"] = int((time.monotonic() - attest_started) * 1000)
         return result
 
     def handle_line(self, line: bytes | wire.OversizedLine) -> bytes:
         """One request line in, one response line out; never raises for bad input."""
+        received = time.monotonic()
         received_interrupts = self.channel_interrupts()
         try:
             request = wire.parse_request(line)
         except wire.ProtocolError as error:
             return wire.encode_message(wire.make_error(error.request_id, error.code, error.message))
+        parsed = time.monotonic()
         try:
             result = self.handle_request(request, received_interrupts)
+            if "phases_ms" in result:
+                result["phases_ms"]["request"] = int((parsed - received) * 1000)
+                result["phases_ms"]["total"] = int((time.monotonic() - received) * 1000)
             return wire.encode_message(wire.make_result(request["id"], result))
         except Exception as error:  # pylint: disable=broad-exception-caught
             log(f"request {request['id']} ({request['op']}) failed: {type(error).__name__}: {error}")
@@ -1189,6 +1279,29 @@ def write_all(fd: int, data: bytes) -> None:
         poller.poll(remaining * 1000)
 
 
+def watch_host_connection(port: int) -> bool:
+    """Ask for SIGIO on the port: the virtio console driver sends it when the host (dis)connects.
+
+    While no host is connected the port polls as POLLHUP without end, so poll() cannot wait for
+    the host; without SIGIO the loop must re-poll on a timer, and a host that connects waits for
+    the next tick.
+    """
+    try:
+        fcntl.fcntl(port, fcntl.F_SETOWN, os.getpid())
+        fcntl.fcntl(port, fcntl.F_SETFL, fcntl.fcntl(port, fcntl.F_GETFL) | os.O_ASYNC)
+    except OSError as error:
+        log(f"no SIGIO on host connection ({error.strerror}): polling every {HUP_BACKOFF_MAX_SECONDS:g} s at most")
+        return False
+    return True
+
+
+def drain(fd: int) -> None:
+    """Empty a non-blocking pipe."""
+    with contextlib.suppress(BlockingIOError):
+        while os.read(fd, 512):
+            pass
+
+
 def serve(agent: Agent) -> None:
     """Serve the port and watch the guest-side triggers until stopped."""
     agent.start()
@@ -1199,6 +1312,7 @@ def serve(agent: Agent) -> None:
     uevents = open_uevent() if agent.config["triggers"].get("uevent", True) else None
     port_path = agent.path(agent.config["port"])
     port: int | None = None
+    port_signals = False
     buffer = wire.LineBuffer()
     hup_until = 0.0
     hup_backoff = HUP_BACKOFF_SECONDS
@@ -1210,15 +1324,21 @@ def serve(agent: Agent) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    # SIGIO's handler does nothing: the wakeup fd is what makes poll() return.
+    wakeup_read, wakeup_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.signal(signal.SIGIO, lambda _signum, _frame: None)
+    signal.set_wakeup_fd(wakeup_write, warn_on_full_buffer=False)
     log(f"serving {port_path} (agent {AGENT_VERSION}, protocol {wire.PROTOCOL_VERSION})")
     while running:
         if port is None:
             try:
                 port = os.open(port_path, os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY)
+                port_signals = watch_host_connection(port)
                 agent.register_vcpus()
             except OSError:
                 port = None
         poller = select.poll()
+        poller.register(wakeup_read, select.POLLIN)
         if port is not None and time.monotonic() >= hup_until:
             poller.register(port, select.POLLIN)
         if kmsg is not None:
@@ -1231,7 +1351,11 @@ def serve(agent: Agent) -> None:
         except InterruptedError:
             continue
         for fd, event in events:
-            if kmsg is not None and fd == kmsg and read_kmsg(kmsg):
+            if fd == wakeup_read:
+                drain(wakeup_read)
+                # The host connected (or data arrived): look at the port now, not at the next tick.
+                hup_until, hup_backoff = 0.0, HUP_BACKOFF_SECONDS
+            elif kmsg is not None and fd == kmsg and read_kmsg(kmsg):
                 agent.on_trigger("generation")
             elif uevents is not None and fd == uevents.fileno() and read_uevents(uevents):
                 agent.on_trigger("generation")
@@ -1239,6 +1363,10 @@ def serve(agent: Agent) -> None:
                 port, buffer, wait = _serve_port(agent, port, event, buffer)
                 if wait is None:
                     hup_backoff = HUP_BACKOFF_SECONDS
+                elif port is not None and port_signals:
+                    # No host: SIGIO says when one connects; the timer is only a safety net.
+                    hup_backoff = HUP_SIGNALLED_RECHECK_SECONDS
+                    hup_until = time.monotonic() + hup_backoff
                 else:
                     hup_until = time.monotonic() + (wait if port is None else hup_backoff)
                     hup_backoff = min(HUP_BACKOFF_MAX_SECONDS, hup_backoff * 2)

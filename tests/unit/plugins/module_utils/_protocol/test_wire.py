@@ -224,6 +224,25 @@ def test_malformed_attest_results_are_rejected(result):
         wire.parse_response(wire.encode_message(wire.make_result("r", result)), "r", "attest")
 
 
+ROTATE_RESULT = {"generation": 2, "operation": "regenerate", "entropy_source": "guest",
+                 "providers": {"identity": {"status": "rotated", "method": "regenerated"}},
+                 "duration_ms": 90, "vcpu_interrupts": [3, 0], "attestation": ATTESTATION}
+
+
+def test_rotate_results_may_say_where_the_time_went():
+    for result in (ROTATE_RESULT, {**ROTATE_RESULT, "phases_ms": {"journal.apply": 20, "attest": 30}}):
+        assert wire.parse_response(wire.encode_message(wire.make_result("r", result)), "r", "rotate")["result"] == result
+
+
+@pytest.mark.parametrize(
+    "phases",
+    [[1, 2], {"attest": -1}, {"attest": "30"}, {"x" * 65: 1}, {f"p{index}": 1 for index in range(33)}],
+)
+def test_malformed_phases_are_rejected(phases):
+    with pytest.raises(wire.ProtocolError, match="phase"):
+        wire.parse_response(wire.encode_message(wire.make_result("r", {**ROTATE_RESULT, "phases_ms": phases})), "r", "rotate")
+
+
 @settings(deadline=None, max_examples=500)
 @given(st.binary(max_size=300))
 def test_arbitrary_bytes_never_crash_the_response_parser(data):
