@@ -12,7 +12,8 @@ Run from the repository root, as root, with the lab up (`make lab`):
    bench/baseline_sysprep.py.
 2. Latency: with the largest N restored, multicast + verification over the first 1, 2, 4, 8 clones,
    `--rounds` times each; p50/p99 of the per-clone round trip (the fan-out's own measure: request
-   written to verified answer), and the whole round (hello + rotate + verify) per N.
+   written to verified answer), split into the time inside the agent (its own clock) and the rest
+   (channel, guest wake-up, host handling), and the whole round (hello + rotate + verify) per N.
 
 The library code the modules run is called directly, so the numbers leave out Ansible's own start-up
 (about a second per task). Not a test: it prints numbers and a JSON line. Everything it creates is
@@ -109,7 +110,7 @@ def bench_latency(conn, golden, sizes, rounds, tag):
         # The first rotation of a fresh clone also creates state files: leave it out of the numbers.
         multicast(targets, Settings(hash_key=recorded["hash_key"]))
         for size in sizes:
-            latencies, rounds_ms = [], []
+            latencies, rounds_ms, in_agent, outside = [], [], [], []
             for _round in range(rounds):
                 started = time.monotonic()
                 report = multicast(targets[:size], Settings(hash_key=recorded["hash_key"], entropy_source="combined"))
@@ -118,9 +119,14 @@ def bench_latency(conn, golden, sizes, rounds, tag):
                 if report.failures() or not verdict.unique:
                     raise SystemExit(f"N={size}: {[c.reason for c in report.failures()]} {verdict.failure_message()}")
                 latencies.extend(clone.latency_ms for clone in report.clones)
+                in_agent.extend(clone.agent_ms for clone in report.clones)
+                outside.extend(clone.latency_ms - clone.agent_ms for clone in report.clones)
             rows.append({"clones": size, "rounds": rounds,
                          "per_clone_p50_ms": round(percentile(latencies, 0.5), 1),
                          "per_clone_p99_ms": round(percentile(latencies, 0.99), 1),
+                         "in_agent_p50_ms": round(percentile(in_agent, 0.5), 1),
+                         "outside_agent_p50_ms": round(percentile(outside, 0.5), 1),
+                         "outside_agent_p99_ms": round(percentile(outside, 0.99), 1),
                          "round_p50_ms": round(statistics.median(rounds_ms), 1),
                          "round_max_ms": round(max(rounds_ms), 1)})
             print(json.dumps(rows[-1]), flush=True)

@@ -198,6 +198,17 @@ clones:
       description: Time from sending the instruction to its answer.
       type: float
       sample: 41.7
+    agent_ms:
+      description:
+        - Of O(latency_ms), the time the agent spent on the request inside the guest, by its own clock
+          (null when the agent does not say). The rest is the channel, the wake-up of the guest and the host's
+          own handling.
+      type: int
+      sample: 38
+    agent_phases_ms:
+      description: Where the agent spent that time (phase name to milliseconds), as the agent reports it.
+      type: dict
+      sample: {journal.prepare: 9, journal.apply: 11, attest: 12, total: 38}
 summary:
   description: Counts and the fingerprints shared by clones of this host.
   returned: always

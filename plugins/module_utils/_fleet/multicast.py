@@ -102,6 +102,8 @@ class CloneOutcome:
     attestation: dict[str, t.Any] | None = None
     entropy_source: str | None = None
     latency_ms: float | None = None
+    agent_ms: int | None = None
+    agent_phases_ms: dict[str, int] = dataclasses.field(default_factory=dict)
     hello: dict[str, t.Any] = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict[str, t.Any]:
@@ -304,6 +306,8 @@ def multicast(targets: t.Sequence[Target], settings: Settings, check_mode: bool 
             continue
         result = call.result or {}
         outcome.latency_ms = call.latency_ms
+        outcome.agent_phases_ms = dict(result.get("phases_ms", {}))
+        outcome.agent_ms = outcome.agent_phases_ms.get("total", result["duration_ms"])
         outcome.generation = result["generation"]
         outcome.entropy_source = result["entropy_source"]
         outcome.providers = result["providers"]

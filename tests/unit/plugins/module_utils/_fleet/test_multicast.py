@@ -38,6 +38,8 @@ def test_copied_clones_share_secrets_until_the_multicast(fleet):
         assert clone.registered_vcpus
         assert clone.generation == clone.generation_before + 1
         assert clone.fingerprints["identity"].startswith("SHA256:")
+        assert 0 <= clone.agent_ms <= clone.latency_ms, "the agent's own time is part of the round trip"
+        assert clone.agent_phases_ms["total"] == clone.agent_ms and "journal.apply" in clone.agent_phases_ms
     after = uniqueness.judge(
         uniqueness.collect_proofs({"hv": {"clones": [c.as_dict() for c in report.clones]}}), {}, proof.verify_attestation
     )
