@@ -200,7 +200,7 @@ clones:
       sample: 41.7
     agent_ms:
       description:
-        - Of O(latency_ms), the time the agent spent on the request inside the guest, by its own clock
+        - Of C(latency_ms), the time the agent spent on the request inside the guest, by its own clock
           (null when the agent does not say). The rest is the channel, the wake-up of the guest and the host's
           own handling.
       type: int
