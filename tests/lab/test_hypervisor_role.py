@@ -3,7 +3,8 @@
 They install packages, write /etc/libvirt/qemu.conf and start libvirtd, so they run only as root
 on a lab machine. The ansible-playbook binary comes from CLONESAFE_ANSIBLE_PLAYBOOK (default:
 ``ansible-playbook`` on PATH); the role is taken from this checkout's ``roles/`` directory.
-CLONESAFE_PROBE_KERNEL, when set, names a stock kernel for the boot-probe test.
+CLONESAFE_PROBE_KERNEL names a stock kernel for the boot-probe test; unset, the lab image's Debian
+kernel is used when the lab is up (the test is skipped only without either).
 """
 
 from __future__ import annotations
