@@ -201,8 +201,8 @@ clones:
     agent_ms:
       description:
         - Of C(latency_ms), the time the agent spent on the request inside the guest, by its own clock
-          (null when the agent does not say). The rest is the channel, the wake-up of the guest and the host's
-          own handling.
+          (the rotation's own duration when the agent reports no phases; null when the clone did not answer).
+          The rest is the channel, the wake-up of the guest and the host's own handling.
       type: int
       sample: 38
     agent_phases_ms:

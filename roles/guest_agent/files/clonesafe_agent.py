@@ -133,25 +133,24 @@ def _load_syncfs() -> t.Callable[[int], int] | None:
 _SYNCFS = _load_syncfs()
 
 
-def sync_filesystems(paths: t.Iterable[str]) -> None:
-    """Make every pending write on the filesystems holding ``paths`` durable.
+def sync_filesystems(directories: t.Iterable[str]) -> None:
+    """Make every pending write on the filesystems holding ``directories`` durable.
 
     One syncfs per filesystem is one journal commit and one device flush, where an fsync per file
     and per directory costs one each: in a TCG guest every flush is a trip through QEMU to the host
     disk, which made the flushes most of a rotation's time.
     """
     seen: set[int] = set()
-    for path in paths:
-        directory = path if os.path.isdir(path) else (os.path.dirname(path) or ".")
+    for directory in set(directories):
         try:
-            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            device = os.stat(directory).st_dev
         except FileNotFoundError:
             continue
+        if device in seen:
+            continue
+        seen.add(device)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            device = os.fstat(fd).st_dev
-            if device in seen:
-                continue
-            seen.add(device)
             if _SYNCFS is None or _SYNCFS(fd) != 0:
                 os.sync()
         finally:
@@ -182,7 +181,8 @@ def write_all_atomic(files: t.Sequence[tuple[str, bytes | None, int]], on_replac
     renames and removals follow and are made durable the same way.
     """
     temps = [_write_temp(path, data, mode) if data is not None else None for path, data, mode in files]
-    sync_filesystems(path for path, _data, _mode in files)
+    directories = {os.path.dirname(path) or "." for path, _data, _mode in files}
+    sync_filesystems(directories)
     for index, ((path, _data, _mode), tmp) in enumerate(zip(files, temps)):
         if tmp is None:
             with contextlib.suppress(FileNotFoundError):
@@ -191,7 +191,7 @@ def write_all_atomic(files: t.Sequence[tuple[str, bytes | None, int]], on_replac
             os.replace(tmp, path)
         if on_replaced is not None:
             on_replaced(index)
-    sync_filesystems(path for path, _data, _mode in files)
+    sync_filesystems(directories)
 
 
 def read_bytes(path: str) -> bytes | None:
