@@ -342,6 +342,7 @@ class Plan:
         self.method = method
         self.changes: list[Change] = []
         self.after: list[t.Callable[[], None]] = []
+        self.notify: list[t.Callable[[], None]] = []
         self.details: list[str] = []
 
     def outcome(self) -> dict[str, t.Any]:
@@ -486,11 +487,15 @@ class SshHostKeysProvider(Provider):
                 plan.method = "regenerated"
                 if operation == "modify":
                     plan.details.append("no key of a derivable type: regenerated")
-            plan.after.append(self.reload_sshd)
+            plan.notify.append(self.reload_sshd)
         return plan
 
     def reload_sshd(self) -> None:
-        """SIGHUP a running sshd so new connections get the new keys (live systems only)."""
+        """SIGHUP a running sshd so new connections get the new keys (live systems only).
+
+        A notification, sent once the answer is on its way: sshd re-executes itself on SIGHUP,
+        which is no part of the rotation but costs a TCG guest tens of milliseconds.
+        """
         if not self.agent.live:
             return
         pid_text = read_bytes("/run/sshd.pid")
@@ -821,6 +826,33 @@ class Journal:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.final)
 
+    def _recover_directory_journal(self) -> int | None:
+        """Journals of earlier development builds: ``journal.tmp/`` unpublished, ``journal/`` published.
+
+        An unpublished one never touched a target (dropped); a published one is replayed, with the
+        generation it recorded written to the state file.
+        """
+        staging = self.final + ".tmp"
+        if os.path.isdir(staging):
+            shutil.rmtree(staging)
+        generation = None
+        if os.path.isdir(self.final):
+            manifest = json.loads(read_bytes(os.path.join(self.final, "manifest.json")) or b"{}")
+            files: list[tuple[str, bytes | None, int]] = []
+            for entry in manifest.get("entries", []):
+                content = read_bytes(os.path.join(self.final, entry["file"])) if entry.get("file") is not None else None
+                files.append((entry["path"], content, int(entry["mode"])))
+            state_path = os.path.join(self.state_dir, "state.json")
+            state = json.loads(read_bytes(state_path) or b"{}")
+            if int(manifest.get("generation", 0)) > int(state.get("generation", 0)):
+                generation = int(manifest["generation"])
+                state["generation"] = generation
+                files.append((state_path, json.dumps(state, sort_keys=True).encode(), 0o600))
+                write_all_atomic(files)
+            shutil.rmtree(self.final)
+        fsync_dir(self.state_dir)
+        return generation
+
     def _load(self) -> dict[str, t.Any]:
         manifest = json.loads(read_bytes(self.final) or b"null")
         if not isinstance(manifest, dict) or manifest.get("version") != self.VERSION or not isinstance(manifest.get("entries"), list):
@@ -845,12 +877,7 @@ class Journal:
         Returns the generation of a finished rotation, None when there was nothing to finish.
         """
         if os.path.isdir(self.final) or os.path.isdir(self.final + ".tmp"):
-            # Journals of agents before 0.2 (directories): only unpublished ones can be left by an
-            # upgrade, which the role does with the agent stopped; dropping keeps the old set.
-            for path in (self.final, self.final + ".tmp"):
-                if os.path.isdir(path):
-                    shutil.rmtree(path)
-            fsync_dir(self.state_dir)
+            return self._recover_directory_journal()
         if not os.path.exists(self.final):
             return None
         try:
@@ -930,6 +957,7 @@ class Agent:
         self.pending_trigger = ""
         self.registration_error: str | None = None
         self._channel_device: str | None = None
+        self.notifications: list[t.Callable[[], None]] = []
 
     # -- configuration and state -------------------------------------------------------------
 
@@ -1042,8 +1070,13 @@ class Agent:
 
     # -- rotation ----------------------------------------------------------------------------
 
-    def rotate(self, operation: str, providers: list[str] | None, entropy: Entropy, trigger: str) -> dict[str, t.Any]:
-        """Run one rotation atomically; returns the provider outcomes and the new generation."""
+    def rotate(self, operation: str, providers: list[str] | None, entropy: Entropy, trigger: str,
+               defer_notifications: bool = False) -> dict[str, t.Any]:
+        """Run one rotation atomically; returns the provider outcomes and the new generation.
+
+        Notifications (telling daemons to reload) run at the end, or with ``defer_notifications``
+        when run_notifications() is called, after the answer is written.
+        """
         started = time.monotonic()
         phases = PhaseClock()
         names = providers if providers is not None else self.enabled_providers()
@@ -1087,7 +1120,10 @@ class Agent:
                 outcome["status"] = "failed"
                 outcome["error"] = "; ".join(errors)[:2000]
             outcomes[name] = outcome
+            self.notifications.extend(plan.notify)
         phases.lap("after")
+        if not defer_notifications:
+            self.run_notifications()
         log(f"generation {generation}: {operation} by {trigger} ({entropy.source} entropy): "
             + ", ".join(f"{name} {outcome['status']}" for name, outcome in outcomes.items()))
         return {
@@ -1098,6 +1134,15 @@ class Agent:
             "duration_ms": int((time.monotonic() - started) * 1000),
             "phases_ms": phases.laps,
         }
+
+    def run_notifications(self) -> None:
+        """Run the notifications of finished rotations; failures are logged, never raised."""
+        pending, self.notifications = self.notifications, []
+        for action in pending:
+            try:
+                action()
+            except Exception as error:  # pylint: disable=broad-exception-caught
+                log(f"notification failed: {type(error).__name__}: {error}")
 
     def fingerprints(self, hash_key: str) -> dict[str, str]:
         """Fingerprints of every enabled provider (identity always, it signs)."""
@@ -1259,7 +1304,8 @@ class Agent:
         if request["op"] == "attest":
             return self.attest(args["nonce"], args["hash_key"])
         hypervisor = base64.b64decode(args["entropy"]) if "entropy" in args else None
-        result = self.rotate(args["operation"], args.get("providers"), Entropy(args["entropy_source"], hypervisor), "channel")
+        result = self.rotate(args["operation"], args.get("providers"), Entropy(args["entropy_source"], hypervisor), "channel",
+                             defer_notifications=True)
         result["vcpu_interrupts"] = received_interrupts
         attest_started = time.monotonic()
         result["attestation"] = self.attest(args["nonce"], args["hash_key"])
@@ -1481,6 +1527,7 @@ def _serve_port(agent: Agent, port: int, event: int, buffer: wire.LineBuffer) ->
                     write_all(port, response)
                 except (AgentError, OSError) as error:
                     log(f"response not delivered: {error}")
+                agent.run_notifications()
             return port, buffer, None
     # No host connected (the port reports POLLHUP continuously): a partial line is void, and the
     # port is left alone for a while so the loop does not spin.

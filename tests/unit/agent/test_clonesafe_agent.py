@@ -302,6 +302,31 @@ def test_a_stale_journal_of_a_finished_rotation_changes_nothing(agent_module, ag
     assert not journal.exists()
 
 
+@pytest.mark.parametrize("recorded", [0, 1])
+def test_a_published_journal_of_an_earlier_build_is_replayed_once(agent_module, agent, guest_root, recorded):
+    """Earlier development builds kept the journal as a directory; one published before an upgrade must finish."""
+    state_dir = guest_root / "var/lib/clonesafe-agent"
+    before = snapshot(guest_root)
+    state = json.loads((state_dir / "state.json").read_text())
+    state["generation"] = recorded
+    (state_dir / "state.json").write_text(json.dumps(state))
+    (state_dir / "journal").mkdir()
+    (state_dir / "journal/0000").write_bytes(b"00000000000000000000000000000001\n")
+    (state_dir / "journal/manifest.json").write_text(json.dumps({"generation": 1, "operation": "regenerate", "entries": [
+        {"path": str(guest_root / "etc/machine-id"), "mode": 0o444, "file": "0000"},
+        {"path": str(guest_root / "var/lib/dbus/machine-id"), "mode": 0o444, "file": None}]}))
+    restarted = agent_module.Agent(str(guest_root))
+    restarted.start()
+    after = snapshot(guest_root)
+    assert not (state_dir / "journal").exists()
+    assert restarted.state()["generation"] == 1
+    if recorded == 0:
+        assert after["etc/machine-id"] == b"00000000000000000000000000000001\n"
+        assert after["var/lib/dbus/machine-id"] is None
+    else:  # already recorded: the old agent had finished it; nothing is written again
+        assert after == before
+
+
 @pytest.mark.parametrize("content", [b"", b'{"version": 2, "entr', b'{"version": 2, "entries": [{"path": "relative"}]}', b"\xff\xfe"])
 def test_an_unreadable_journal_is_dropped_and_the_old_set_kept(agent_module, agent, guest_root, content):
     before = snapshot(guest_root)
@@ -358,6 +383,20 @@ def test_a_rotation_flushes_per_batch_not_per_file(agent_module, agent, guest_ro
     assert 1 <= len(flushes) <= 3, flushes
     assert set(result["phases_ms"]) >= {"journal.prepare", "journal.apply", "journal.commit", "attest", "total"}
     assert all(isinstance(value, int) and value >= 0 for value in result["phases_ms"].values())
+
+
+def test_sshd_is_told_after_the_answer_for_channel_requests_and_at_once_for_triggers(agent_module, agent, monkeypatch):
+    told = []
+    monkeypatch.setattr(agent_module.SshHostKeysProvider, "reload_sshd", lambda self: told.append("sighup"))
+    result = request(agent, "rotate", rotate_args())
+    assert result["providers"]["ssh_host_keys"]["status"] == "rotated"
+    assert told == [], "the reload waits until the answer is written"
+    agent.run_notifications()
+    assert told == ["sighup"]
+    agent.run_notifications()
+    assert told == ["sighup"], "a notification runs once"
+    agent.rotate("regenerate", None, agent_module.Entropy("guest"), "vmgenid")
+    assert told == ["sighup", "sighup"], "no answer to wait for: told at the end of the rotation"
 
 
 # -- triggers ----------------------------------------------------------------------------------
