@@ -24,6 +24,7 @@ import datetime
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -73,7 +74,8 @@ DEFAULT_CONFIG: dict[str, t.Any] = {
     "triggers": {"kmsg": True, "uevent": True, "boot_uuid": True},
     "providers": {
         "identity": {"enabled": True},
-        "ssh_host_keys": {"enabled": True, "dir": "/etc/ssh", "types": ["ed25519", "ecdsa", "rsa"], "rsa_bits": 3072},
+        "ssh_host_keys": {"enabled": True, "dir": "/etc/ssh", "types": ["ed25519", "ecdsa", "rsa"], "rsa_bits": 3072,
+                          "reload_sshd": "auto"},
         "machine_id": {"enabled": True},
         "rng": {"enabled": True, "seed_file": "/var/lib/systemd/random-seed"},
         "tls": {"enabled": False, "keys": []},
@@ -230,6 +232,57 @@ def has_content(path: str) -> bool:
         return os.stat(path).st_size > 0
     except FileNotFoundError:
         return False
+
+
+# Where OpenSSH 9.8 and later install the per-connection program that gets the host keys from the
+# listener (so the listener must reload them); earlier releases have none.
+SSHD_SESSION_PROGRAMS = ("/usr/lib/openssh/sshd-session", "/usr/libexec/openssh/sshd-session",
+                         "/usr/libexec/sshd-session", "/usr/lib/ssh/sshd-session", "/usr/sbin/sshd-session")
+# sshd options that take a value: their value is not a flag cluster.
+_SSHD_OPTIONS_WITH_VALUE = set("bCcEfghkopu")
+
+
+def sshd_reads_host_keys_per_connection(root: str, pid: int) -> bool:
+    """Whether every new connection of this sshd loads the host keys from disk.
+
+    True for OpenSSH before 9.8 in re-exec mode (its default): each connection's child re-executes
+    sshd, which reads the key files; the listener's own copies are never used. Then a SIGHUP (a
+    full re-exec of the listener) is not needed. False, so sshd is told, whenever that is not
+    certain: with ``-r`` (no re-exec), ``-i`` (inetd: nothing to tell), or an sshd-session program
+    (9.8 and later, where the listener hands its keys to each connection).
+    """
+    def under_root(path: str) -> str:
+        return os.path.join(root, path.lstrip("/"))
+
+    cmdline = read_bytes(under_root(f"/proc/{pid}/cmdline"))
+    if not cmdline:
+        return False
+    # The listener retitles itself "sshd: /usr/sbin/sshd -D [listener] 0 of 10-100 startups".
+    args = cmdline.replace(b"\0", b" ").decode("utf-8", "replace").split()
+    if args[:1] == ["sshd:"]:
+        args = args[1:]
+    args = list(itertools.takewhile(lambda arg: not arg.startswith("["), args))
+    if not args or os.path.basename(args[0]) != "sshd":
+        return False
+    skip_value = False
+    for arg in args[1:]:
+        if skip_value:
+            skip_value = False
+            continue
+        if not arg.startswith("-") or arg == "-":
+            continue
+        for index, flag in enumerate(arg[1:]):
+            if flag in ("r", "i"):
+                return False
+            if flag in _SSHD_OPTIONS_WITH_VALUE:
+                skip_value = index == len(arg) - 2
+                break
+    try:
+        exe_dir = os.path.dirname(os.readlink(under_root(f"/proc/{pid}/exe")))
+    except OSError:
+        exe_dir = "/usr/sbin"
+    candidates = set(SSHD_SESSION_PROGRAMS) | {os.path.join(exe_dir, "sshd-session")}
+    return not any(os.path.exists(under_root(path)) for path in candidates)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,21 +540,42 @@ class SshHostKeysProvider(Provider):
                 plan.method = "regenerated"
                 if operation == "modify":
                     plan.details.append("no key of a derivable type: regenerated")
-            plan.notify.append(self.reload_sshd)
+            self.plan_sshd_reload(plan)
         return plan
 
-    def reload_sshd(self) -> None:
-        """SIGHUP a running sshd so new connections get the new keys (live systems only).
+    def sshd_pid(self) -> int | None:
+        """The running sshd listener, from its pid file."""
+        pid_text = read_bytes(self.path(self.config.get("sshd_pid_file", "/run/sshd.pid")))
+        pid = pid_text.strip() if pid_text else b""
+        return int(pid) if pid.isdigit() and os.path.isdir(self.path(f"/proc/{int(pid)}")) else None
+
+    def plan_sshd_reload(self, plan: Plan) -> None:
+        """Decide whether sshd must be told (``reload_sshd``: auto, always, never) and say so."""
+        policy = self.config.get("reload_sshd", "auto")
+        if policy not in ("auto", "always", "never"):
+            raise AgentError(f"providers.ssh_host_keys.reload_sshd must be auto, always or never, not {policy!r}")
+        pid = self.sshd_pid()
+        if pid is None:
+            return
+        if policy == "never":
+            plan.details.append("sshd not told (reload_sshd: never)")
+            return
+        if policy == "auto" and sshd_reads_host_keys_per_connection(self.agent.root, pid):
+            plan.details.append("sshd reads the host keys for every connection: not reloaded")
+            return
+        plan.details.append("sshd told to reload")
+        plan.notify.append(lambda: self.reload_sshd(pid))
+
+    def reload_sshd(self, pid: int) -> None:
+        """SIGHUP the sshd listener so it loads the new keys (live systems only).
 
         A notification, sent once the answer is on its way: sshd re-executes itself on SIGHUP,
         which is no part of the rotation but costs a TCG guest tens of milliseconds.
         """
         if not self.agent.live:
             return
-        pid_text = read_bytes("/run/sshd.pid")
-        if pid_text and pid_text.strip().isdigit():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid_text.strip()), signal.SIGHUP)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGHUP)
 
     def fingerprints(self, hash_key: str) -> dict[str, str]:
         result = {}

@@ -387,7 +387,9 @@ def test_a_rotation_flushes_per_batch_not_per_file(agent_module, agent, guest_ro
 
 def test_sshd_is_told_after_the_answer_for_channel_requests_and_at_once_for_triggers(agent_module, agent, monkeypatch):
     told = []
-    monkeypatch.setattr(agent_module.SshHostKeysProvider, "reload_sshd", lambda self: told.append("sighup"))
+    monkeypatch.setattr(agent_module.SshHostKeysProvider, "reload_sshd", lambda self, pid: told.append("sighup"))
+    monkeypatch.setattr(agent_module, "sshd_reads_host_keys_per_connection", lambda root, pid: False)
+    fake_sshd(pathlib.Path(agent.root), b"/usr/sbin/sshd\0-D\0")
     result = request(agent, "rotate", rotate_args())
     assert result["providers"]["ssh_host_keys"]["status"] == "rotated"
     assert told == [], "the reload waits until the answer is written"
@@ -397,6 +399,67 @@ def test_sshd_is_told_after_the_answer_for_channel_requests_and_at_once_for_trig
     assert told == ["sighup"], "a notification runs once"
     agent.rotate("regenerate", None, agent_module.Entropy("guest"), "vmgenid")
     assert told == ["sighup", "sighup"], "no answer to wait for: told at the end of the rotation"
+
+
+def fake_sshd(root: pathlib.Path, cmdline: bytes, session_program: str | None = None, pid: int = 4242) -> int:
+    (root / f"proc/{pid}").mkdir(parents=True, exist_ok=True)
+    (root / f"proc/{pid}/cmdline").write_bytes(cmdline)
+    (root / "usr/sbin").mkdir(parents=True, exist_ok=True)
+    (root / "usr/sbin/sshd").write_bytes(b"")
+    exe = root / f"proc/{pid}/exe"
+    if not exe.is_symlink():
+        exe.symlink_to("/usr/sbin/sshd")
+    if session_program:
+        (root / session_program.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        (root / session_program.lstrip("/")).write_bytes(b"")
+    (root / "run").mkdir(exist_ok=True)
+    (root / "run/sshd.pid").write_text(f"{pid}\n")
+    return pid
+
+
+@pytest.mark.parametrize(("cmdline", "session_program", "per_connection"), [
+    (b"sshd: /usr/sbin/sshd -D [listener] 0 of 10-100 startups\0", None, True),   # Debian 12, OpenSSH 9.2
+    (b"/usr/sbin/sshd\0-D\0", None, True),
+    (b"/usr/sbin/sshd\0-D\0-f\0/etc/ssh/r.conf\0", None, True),               # a value is not a flag
+    (b"sshd: /usr/sbin/sshd -D -r [listener] 0 of 10-100 startups\0", None, False),  # no re-exec: keys in memory
+    (b"/usr/sbin/sshd\0-Dr\0", None, False),
+    (b"/usr/sbin/sshd\0-i\0", None, False),
+    (b"sshd: /usr/sbin/sshd -D [listener] 0 of 10-100 startups\0", "/usr/lib/openssh/sshd-session", False),  # 9.8+
+    (b"/usr/sbin/dropbear\0-F\0", None, False),
+    (b"", None, False),
+])
+def test_sshd_is_reloaded_unless_it_certainly_reads_the_keys_per_connection(agent_module, guest_root, cmdline, session_program, per_connection):
+    pid = fake_sshd(guest_root, cmdline, session_program)
+    assert agent_module.sshd_reads_host_keys_per_connection(str(guest_root), pid) is per_connection
+
+
+@pytest.mark.parametrize(("policy", "told", "detail"), [
+    ("auto", False, "sshd reads the host keys for every connection: not reloaded"),
+    ("always", True, "sshd told to reload"),
+    ("never", False, "sshd not told (reload_sshd: never)"),
+])
+def test_the_reload_policy_decides_and_the_outcome_says_so(agent_module, guest_root, monkeypatch, policy, told, detail):
+    fake_sshd(guest_root, b"sshd: /usr/sbin/sshd -D [listener] 0 of 10-100 startups\0")
+    config = {"providers": {"ssh_host_keys": {"types": ["ed25519", "ecdsa"], "reload_sshd": policy}}}
+    (guest_root / "etc/clonesafe/agent.json").write_text(json.dumps(config))
+    instance = agent_module.Agent(str(guest_root))
+    instance.start()
+    signals = []
+    monkeypatch.setattr(agent_module.SshHostKeysProvider, "reload_sshd", lambda self, pid: signals.append(pid))
+    result = request(instance, "rotate", rotate_args())
+    instance.run_notifications()
+    assert result["providers"]["ssh_host_keys"]["detail"] == detail
+    assert signals == ([4242] if told else [])
+
+
+def test_an_unknown_reload_policy_fails_the_provider_by_name(agent_module, guest_root):
+    fake_sshd(guest_root, b"/usr/sbin/sshd\0-D\0")
+    (guest_root / "etc/clonesafe/agent.json").write_text(json.dumps({"providers": {"ssh_host_keys": {"types": ["ed25519"], "reload_sshd": "sometimes"}}}))
+    instance = agent_module.Agent(str(guest_root))
+    instance.start()
+    result = request(instance, "rotate", rotate_args())
+    assert result["providers"]["ssh_host_keys"]["status"] == "failed"
+    assert "reload_sshd must be auto, always or never" in result["providers"]["ssh_host_keys"]["error"]
 
 
 # -- triggers ----------------------------------------------------------------------------------
