@@ -33,14 +33,41 @@ def lab_summary():
     return json.loads(LAB_SUMMARY.read_text())
 
 
+# Installed as an agent hook in the test VM: every rotation then fails unless a new SSH connection is
+# served exactly the host keys now on disk (whether or not the agent told sshd to reload).
+SSHD_SERVES_NEW_KEYS_HOOK = """#!/bin/sh
+for kind in ed25519 ecdsa; do
+  pub=/etc/ssh/ssh_host_${kind}_key.pub
+  [ -s "$pub" ] || continue
+  expected=$(cut -d' ' -f2 "$pub")
+  served=$(ssh-keyscan -T 30 -t "$kind" 127.0.0.1 2>/dev/null | awk '{print $3}')
+  [ -n "$served" ] || { echo "sshd served no $kind host key" >&2; exit 1; }
+  [ "$served" = "$expected" ] || { echo "sshd serves a $kind host key that is not the one on disk" >&2; exit 1; }
+done
+"""
+
+
+def disk_with_hook(base: str, work: pathlib.Path, name: str, script: str) -> pathlib.Path:
+    """A qcow2 disk of the lab image with one more agent hook (debugfs on a raw copy: no guest tools needed)."""
+    raw, hook, disk = work / "image.raw", work / name, work / "disk.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", base, str(raw)], check=True, timeout=300)
+    hook.write_text(script)
+    target = f"/etc/clonesafe/hooks.d/{name}"
+    for command in (f"write {hook} {target}", f"sif {target} mode 0100755", f"sif {target} uid 0", f"sif {target} gid 0"):
+        subprocess.run(["debugfs", "-w", "-R", command, str(raw)], check=True, capture_output=True, timeout=120)
+    listing = subprocess.run(["debugfs", "-R", f"stat {target}", str(raw)], check=True, capture_output=True, text=True, timeout=120)
+    assert "Mode:  0755" in listing.stdout, listing.stdout
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(raw), str(disk)], check=True, timeout=120)
+    return disk
+
+
 @pytest.fixture(scope="module")
 def agent_vm(lab_summary, tmp_path_factory):
-    """A throw-away VM on a thin overlay of the lab image, so the golden VM's secrets stay as they are."""
+    """A throw-away VM on a copy of the lab image (so the golden VM's secrets stay as they are), with
+    the sshd check above as its one agent hook."""
     work = tmp_path_factory.mktemp("agent-vm")
     name = f"clonesafe-agenttest-{uuid.uuid4().hex[:8]}"
-    disk = work / "disk.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", lab_summary["image"]["disk"], str(disk)],
-                   check=True, timeout=120)
+    disk = disk_with_hook(lab_summary["image"]["disk"], work, "50-sshd-serves-new-keys", SSHD_SERVES_NEW_KEYS_HOOK)
     socket_path = f"/var/lib/clonesafe/channels/{name}.agent.sock"
     args = {
         "uri": lab_summary["uri"], "name": name, "state": "running", "disk": str(disk),
@@ -87,6 +114,10 @@ def test_rotate_regenerate_changes_every_enabled_fingerprint_and_signatures_veri
     for name in enabled:
         assert result["providers"][name]["status"] in ("rotated", "unchanged"), (name, result["providers"][name])
     assert result["providers"]["rng"]["method"] == "reseeded" and "detail" not in result["providers"]["rng"]
+    # the hook ran ssh-keyscan against sshd after the new keys were in place: a new connection gets them
+    assert result["providers"]["hooks"] == {"status": "rotated", "method": None, "detail": "ran 1 hook(s)"}, result["providers"]["hooks"]
+    # Debian 12's OpenSSH 9.2 re-executes per connection and reads the key files: no SIGHUP was needed
+    assert result["providers"]["ssh_host_keys"]["detail"] == "sshd reads the host keys for every connection: not reloaded"
     for name, prefixes in FINGERPRINTED.items():
         keys = [key for key in before_prints if key.startswith(prefixes)]
         assert keys, f"no fingerprint for {name}"
