@@ -428,6 +428,13 @@ class Provider:
         """The changes and actions of one rotation; raises on failure."""
         raise NotImplementedError
 
+    def committed(self) -> None:
+        """Called once the planned changes are on disk."""
+
+    def paths(self) -> list[str]:
+        """Every file a rotation of this provider may write (where a crash may leave a temp file)."""
+        return []
+
     def fingerprints(self, hash_key: str) -> dict[str, str]:
         """Public fingerprints or keyed hashes, never secrets."""
         return {}
@@ -442,6 +449,7 @@ class IdentityProvider(Provider):
 
     name = "identity"
     _cached: tuple[tuple[int, int, int, int], ed25519.Ed25519PrivateKey] | None = None
+    _planned: ed25519.Ed25519PrivateKey | None = None
 
     @property
     def key_path(self) -> str:
@@ -481,7 +489,16 @@ class IdentityProvider(Provider):
         if operation == "modify" and method != "hkdf":
             plan.details.append("no identity to derive from: regenerated")
         plan.changes.append(Change(self.key_path, self.encode(key)))
+        self._planned = key
         return plan
+
+    def committed(self) -> None:
+        """Remember the key just written, so signing the attestation does not parse it back."""
+        key, self._planned = self._planned, None
+        if key is None:
+            return
+        info = os.stat(self.key_path)
+        self._cached = ((info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size), key)
 
     def fingerprints(self, hash_key: str) -> dict[str, str]:
         key = self.load()
@@ -491,6 +508,9 @@ class IdentityProvider(Provider):
 
     def state(self) -> str:
         return "present" if has_content(self.key_path) else "erased"
+
+    def paths(self) -> list[str]:
+        return [self.key_path]
 
 
 class SshHostKeysProvider(Provider):
@@ -506,6 +526,9 @@ class SshHostKeysProvider(Provider):
     def types(self) -> list[str]:
         """Configured host key types."""
         return list(self.config.get("types", ["ed25519", "ecdsa", "rsa"]))
+
+    def paths(self) -> list[str]:
+        return [path for kind in self.types() for path in self.key_paths(kind)]
 
     def plan(self, operation: str, entropy: Entropy) -> Plan:
         methods: dict[str, str] = {}
@@ -611,6 +634,9 @@ class MachineIdProvider(Provider):
         """The D-Bus machine-id (often a symlink to /etc/machine-id, then left alone)."""
         return self.path("/var/lib/dbus/machine-id")
 
+    def paths(self) -> list[str]:
+        return [self.main_path, self.dbus_path]
+
     def current(self) -> str | None:
         """The machine-id, or None when erased or invalid."""
         data = (read_bytes(self.main_path) or b"").strip()
@@ -696,6 +722,9 @@ class TlsProvider(Provider):
     def keys(self) -> list[dict[str, t.Any]]:
         """Configured keys."""
         return list(self.config.get("keys", []))
+
+    def paths(self) -> list[str]:
+        return [self.path(spec[field]) for spec in self.keys() for field in ("path", "certificate") if spec.get(field)]
 
     def load(self, path: str) -> t.Any | None:
         """A PEM private key, or None."""
@@ -830,17 +859,18 @@ PROVIDER_CLASSES: dict[str, type[Provider]] = {
 
 
 class Journal:
-    """Makes one rotation's file changes all-or-nothing across crashes, with three flushes.
+    """Makes one rotation's file changes all-or-nothing across crashes, with two flushes.
 
-    prepare() writes the list of changes (target, temp file beside it, mode, SHA-256 of the new
-    content) to ``journal`` and flushes it, then writes every new content to its temp file and
-    flushes once more: from then on the new set is whole on disk. apply() renames the temps over
-    their targets (removes erased targets) and flushes; clear() removes the journal unflushed.
-    recover() at start (and before each rotation): if every temp or target holds its recorded hash
-    the new set is whole and the rotation is finished (a stale journal of a finished rotation
-    passes too and changes nothing); otherwise the crash came before the second flush, no target
-    was touched, and the temps are removed (the old set stays). The agent's state file, with the
-    new generation, is one of the changes, so the generation moves with the secrets.
+    prepare() writes every new content to a temp file beside its target, then the list of changes
+    (target, temp, mode, SHA-256 of the new content, or "remove") with the new generation to
+    ``journal``, and flushes once: from then on the new set is whole on disk. apply() renames the
+    temps over their targets (removes erased targets), flushes, and clear() removes the journal
+    unflushed. recover() at start and before each rotation: if the journal reads back and every
+    change's new content is in its temp or already in its target (hashes match), the rotation is
+    finished (a stale journal of a finished rotation passes and changes nothing); otherwise the
+    crash came before the flush, no target was touched, and the temps are removed (old set kept).
+    A crash before the journal was written leaves only temp files, which sweep() removes at start.
+    The agent's state file, with the new generation, is one of the changes.
     """
 
     VERSION = 2
@@ -858,22 +888,27 @@ class Journal:
         return hashlib.sha256(data).hexdigest()
 
     def prepare(self, generation: int, operation: str, changes: list[Change]) -> None:
-        """Record the changes durably, then write every new content beside its target durably."""
+        """Write every new content beside its target and the journal, all made durable by one flush."""
         entries = [{"path": change.path, "temp": temp_path(change.path) if change.content is not None else None,
                     "mode": change.mode, "sha256": self._digest(change.content) if change.content is not None else None}
                    for change in changes]
         manifest = {"version": self.VERSION, "generation": generation, "operation": operation, "entries": entries}
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.final)
-        _write_new(self.final, json.dumps(manifest).encode(), 0o600)
-        sync_filesystems([self.state_dir])
-        self.on_step("journaled")
-        for index, (change, entry) in enumerate(zip(changes, entries)):
-            if entry["temp"] is not None:
-                _write_temp(change.path, t.cast(bytes, change.content), change.mode)
-            self.on_step(f"staged:{index}")
-        self.on_step("staged")
-        sync_filesystems({os.path.dirname(change.path) or "." for change in changes})
+        try:
+            for index, (change, entry) in enumerate(zip(changes, entries)):
+                if entry["temp"] is not None:
+                    _write_temp(change.path, t.cast(bytes, change.content), change.mode)
+                self.on_step(f"staged:{index}")
+            self.on_step("staged")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.final)
+            _write_new(self.final, json.dumps(manifest).encode(), 0o600)
+            self.on_step("journaled")
+            sync_filesystems({os.path.dirname(change.path) or "." for change in changes} | {self.state_dir})
+        except OSError:
+            # A write failed (disk full, read-only): nothing was replaced, leave no staged secret.
+            self._remove_temps(entries)
+            self.clear()
+            raise
         self.on_step("prepared")
 
     def apply(self) -> dict[str, t.Any]:
@@ -899,6 +934,23 @@ class Journal:
         """
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.final)
+
+    @staticmethod
+    def _remove_temps(entries: list[dict[str, t.Any]]) -> None:
+        for entry in entries:
+            if entry["temp"] is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry["temp"])
+
+    @staticmethod
+    def sweep(targets: t.Iterable[str]) -> int:
+        """Remove temp files a crash left beside ``targets`` before any journal named them."""
+        removed = 0
+        for target in targets:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp_path(target))
+                removed += 1
+        return removed
 
     def _recover_directory_journal(self) -> int | None:
         """Journals of earlier development builds: ``journal.tmp/`` unpublished, ``journal/`` published.
@@ -945,21 +997,26 @@ class Journal:
         return any(data is not None and self._digest(data) == entry["sha256"]
                    for data in (read_bytes(entry["temp"]), read_bytes(entry["path"])))
 
-    def recover(self) -> int | None:
+    def recover(self, targets: t.Iterable[str] = ()) -> int | None:
         """Finish a rotation whose new set is whole on disk, roll back any other.
 
+        ``targets`` (at start): every file a rotation may write, whose stray temp files are swept.
         Returns the generation of a finished rotation, None when there was nothing to finish.
         """
         if os.path.isdir(self.final) or os.path.isdir(self.final + ".tmp"):
             return self._recover_directory_journal()
         if not os.path.exists(self.final):
+            if self.sweep(targets):
+                sync_filesystems({os.path.dirname(target) or "." for target in targets})
+                log("an interrupted rotation was rolled back: the previous secrets are in place")
             return None
         try:
             manifest = self._load()
         except (ValueError, UnicodeDecodeError):
-            # Written and flushed before any temp file: a torn journal has nothing else to undo.
+            # Torn: the crash came before the flush, so no target was touched.
+            self.sweep(targets)
             self.clear()
-            fsync_dir(self.state_dir)
+            sync_filesystems({os.path.dirname(target) or "." for target in targets} | {self.state_dir})
             log("an unreadable rotation journal was dropped: the previous secrets are in place")
             return None
         if all(self._whole(entry) for entry in manifest["entries"]):
@@ -968,10 +1025,7 @@ class Journal:
             self.apply()
             self.clear()
             return int(manifest.get("generation", 0)) if pending else None
-        for entry in manifest["entries"]:
-            if entry["temp"] is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry["temp"])
+        self._remove_temps(manifest["entries"])
         self.clear()
         sync_filesystems({os.path.dirname(entry["path"]) or "." for entry in manifest["entries"]} | {self.state_dir})
         log("an interrupted rotation was rolled back: the previous secrets are in place")
@@ -1108,7 +1162,7 @@ class Agent:
     def start(self) -> None:
         """Recover an interrupted rotation, and initialise on the very first start."""
         with self.locked():
-            self.recover()
+            self.recover(at_start=True)
             if self.load_state() is None:
                 if self.providers["identity"].enabled and self.providers["identity"].load() is None:
                     key = ed25519_from_seed(os.urandom(32))
@@ -1116,9 +1170,13 @@ class Agent:
                 self.save_state({"generation": 0, "uuid": self.product_uuid(), "last_trigger": None})
                 log("initialised: identity created, generation 0")
 
-    def recover(self) -> None:
+    def rotation_targets(self) -> list[str]:
+        """Every file any provider's rotation may write, and the state file."""
+        return [self.state_path] + [path for provider in self.providers.values() for path in provider.paths()]
+
+    def recover(self, at_start: bool = False) -> None:
         """Finish or roll back a rotation a crash interrupted (call with the lock held)."""
-        generation = self.journal.recover()
+        generation = self.journal.recover(self.rotation_targets() if at_start else ())
         if generation is not None:
             log(f"an interrupted rotation was finished: generation {generation}")
 
@@ -1181,6 +1239,8 @@ class Agent:
             self.journal.apply()
             phases.lap("journal.apply")
             self.journal.clear()
+            for name in plans:
+                self.providers[name].committed()
             phases.lap("journal.commit")
         for name, plan in plans.items():
             errors = []
