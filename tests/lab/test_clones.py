@@ -69,24 +69,37 @@ def console_text(path):
         return ""
 
 
-def console_command(conn, name, command, console_log, timeout=120):
+def console_command(conn, name, command, console_log, timeout=180, resend_after=30):
     """Run ``command`` in a guest whose serial console is a root shell; return its output lines.
 
     Writes to the domain's serial pty (raw mode, so nothing is echoed back into the guest) and
-    reads the answer from the console log file, between unique markers.
+    reads the answer from the console log file, between unique markers. A just-restored TCG guest
+    can miss what arrives on its serial line before its shell reads again, so the line is sent
+    again (after a bare return that ends any partial line) until the answer shows up; the
+    commands used here are safe to repeat.
     """
     marker = uuid.uuid4().hex[:8]
     domain = conn.lookupByName(name)
     pty = ET.fromstring(domain.XMLDesc(0)).find("devices/serial/source").get("path")
-    fd = os.open(pty, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
-    try:
-        tty.setraw(fd)
-        os.write(fd, f"echo B{marker}; {command}; echo E{marker}\r".encode())
-        time.sleep(1)
-    finally:
-        os.close(fd)
     pattern = re.compile(rf"^B{marker}\r?$(.*?)^E{marker}\r?$", re.S | re.M)
-    found = wait_for(lambda: pattern.search(console_text(console_log)), timeout, f"output of {command!r} on {name}")
+    line = f"echo B{marker}; {command}; echo E{marker}\r".encode()
+    deadline = time.monotonic() + timeout
+    found = None
+    while found is None and time.monotonic() < deadline:
+        fd = os.open(pty, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        try:
+            tty.setraw(fd)
+            os.write(fd, line)
+            time.sleep(1)
+        finally:
+            os.close(fd)
+        try:
+            found = wait_for(lambda: pattern.search(console_text(console_log)),
+                             min(resend_after, max(1.0, deadline - time.monotonic())), "")
+        except AssertionError:
+            line = b"\r" + line.lstrip(b"\r")
+    if found is None:
+        raise AssertionError(f"timed out after {timeout}s waiting for output of {command!r} on {name}")
     return [line.strip() for line in found.group(1).splitlines() if line.strip()]
 
 
