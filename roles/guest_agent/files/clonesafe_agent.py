@@ -168,6 +168,11 @@ def sync_filesystems(directories: t.Iterable[str]) -> None:
             os.close(fd)
 
 
+def sync_parents(paths: t.Iterable[str]) -> None:
+    """sync_filesystems() for the directories holding ``paths``."""
+    sync_filesystems({os.path.dirname(path) or "." for path in paths})
+
+
 def _write_new(path: str, data: bytes, mode: int = 0o600) -> None:
     """Create ``path`` (which must not exist) with ``data``; durable only after a sync."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
@@ -192,8 +197,8 @@ def write_all_atomic(files: t.Sequence[tuple[str, bytes | None, int]], on_replac
     renames and removals follow and are made durable the same way.
     """
     temps = [_write_temp(path, data, mode) if data is not None else None for path, data, mode in files]
-    directories = {os.path.dirname(path) or "." for path, _data, _mode in files}
-    sync_filesystems(directories)
+    paths = [path for path, _data, _mode in files]
+    sync_parents(paths)
     for index, ((path, _data, _mode), tmp) in enumerate(zip(files, temps)):
         if tmp is None:
             with contextlib.suppress(FileNotFoundError):
@@ -202,7 +207,7 @@ def write_all_atomic(files: t.Sequence[tuple[str, bytes | None, int]], on_replac
             os.replace(tmp, path)
         if on_replaced is not None:
             on_replaced(index)
-    sync_filesystems(directories)
+    sync_parents(paths)
 
 
 def read_bytes(path: str) -> bytes | None:
@@ -456,13 +461,17 @@ class IdentityProvider(Provider):
         """Where the identity key lives."""
         return os.path.join(self.agent.state_dir, "identity.key")
 
+    def _signature(self) -> tuple[int, int, int, int]:
+        """What changes when the key file is replaced (raises FileNotFoundError when erased)."""
+        info = os.stat(self.key_path)
+        return info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size
+
     def load(self) -> ed25519.Ed25519PrivateKey | None:
         """The identity key, or None when erased (parsed again only when the file changed)."""
         try:
-            info = os.stat(self.key_path)
+            signature = self._signature()
         except FileNotFoundError:
             return None
-        signature = (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size)
         if self._cached is not None and self._cached[0] == signature:
             return self._cached[1]
         data = read_bytes(self.key_path)
@@ -497,8 +506,7 @@ class IdentityProvider(Provider):
         key, self._planned = self._planned, None
         if key is None:
             return
-        info = os.stat(self.key_path)
-        self._cached = ((info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size), key)
+        self._cached = (self._signature(), key)
 
     def fingerprints(self, hash_key: str) -> dict[str, str]:
         key = self.load()
@@ -568,7 +576,7 @@ class SshHostKeysProvider(Provider):
 
     def sshd_pid(self) -> int | None:
         """The running sshd listener, from its pid file."""
-        pid_text = read_bytes(self.path(self.config.get("sshd_pid_file", "/run/sshd.pid")))
+        pid_text = read_bytes(self.path("/run/sshd.pid"))
         pid = pid_text.strip() if pid_text else b""
         return int(pid) if pid.isdigit() and os.path.isdir(self.path(f"/proc/{int(pid)}")) else None
 
@@ -903,7 +911,7 @@ class Journal:
                 os.unlink(self.final)
             _write_new(self.final, json.dumps(manifest).encode(), 0o600)
             self.on_step("journaled")
-            sync_filesystems({os.path.dirname(change.path) or "." for change in changes} | {self.state_dir})
+            sync_parents([change.path for change in changes] + [self.final])
         except OSError:
             # A write failed (disk full, read-only): nothing was replaced, leave no staged secret.
             self._remove_temps(entries)
@@ -923,7 +931,7 @@ class Journal:
                 with contextlib.suppress(FileNotFoundError):
                     os.replace(entry["temp"], entry["path"])
             self.on_step(f"applied:{index}")
-        sync_filesystems({os.path.dirname(entry["path"]) or "." for entry in entries})
+        sync_parents(entry["path"] for entry in entries)
         return manifest
 
     def clear(self) -> None:
@@ -1003,11 +1011,12 @@ class Journal:
         ``targets`` (at start): every file a rotation may write, whose stray temp files are swept.
         Returns the generation of a finished rotation, None when there was nothing to finish.
         """
+        targets = list(targets)
         if os.path.isdir(self.final) or os.path.isdir(self.final + ".tmp"):
             return self._recover_directory_journal()
         if not os.path.exists(self.final):
             if self.sweep(targets):
-                sync_filesystems({os.path.dirname(target) or "." for target in targets})
+                sync_parents(targets)
                 log("an interrupted rotation was rolled back: the previous secrets are in place")
             return None
         try:
@@ -1016,7 +1025,7 @@ class Journal:
             # Torn: the crash came before the flush, so no target was touched.
             self.sweep(targets)
             self.clear()
-            sync_filesystems({os.path.dirname(target) or "." for target in targets} | {self.state_dir})
+            sync_parents([*targets, self.final])
             log("an unreadable rotation journal was dropped: the previous secrets are in place")
             return None
         if all(self._whole(entry) for entry in manifest["entries"]):
@@ -1027,7 +1036,7 @@ class Journal:
             return int(manifest.get("generation", 0)) if pending else None
         self._remove_temps(manifest["entries"])
         self.clear()
-        sync_filesystems({os.path.dirname(entry["path"]) or "." for entry in manifest["entries"]} | {self.state_dir})
+        sync_parents([*(entry["path"] for entry in manifest["entries"]), self.final])
         log("an interrupted rotation was rolled back: the previous secrets are in place")
         return None
 
