@@ -1,17 +1,19 @@
-"""The agent program (roles/guest_agent/files), loaded as a module and run against a temporary root."""
+"""The agent package (roles/guest_agent/files/clonesafe_agent), imported and run against a temporary root."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import pathlib
 import shutil
 import subprocess
+import sys
+import types
 
 import pytest
 
-AGENT_PATH = pathlib.Path(__file__).resolve().parents[3] / "roles" / "guest_agent" / "files" / "clonesafe_agent.py"
+AGENT_FILES = pathlib.Path(__file__).resolve().parents[3] / "roles" / "guest_agent" / "files"
 FAKE_UUID = "6c1e1f4e-0000-4000-8000-00000000abcd"
 
 INTERRUPTS = """\
@@ -25,11 +27,29 @@ NMI:          0          0   Non-maskable interrupts
 """
 
 
-def load_agent_module():
-    spec = importlib.util.spec_from_file_location("clonesafe_agent", AGENT_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_agent_module() -> types.SimpleNamespace:
+    """The agent's names the tests use, and its modules whose functions tests replace."""
+    if str(AGENT_FILES) not in sys.path:
+        sys.path.insert(0, str(AGENT_FILES))
+    modules = {name: importlib.import_module(f"clonesafe_agent.{name}")
+               for name in ("agent", "entropy", "errors", "files", "journal", "triggers", "providers.sshd",
+                            "providers.ssh_host_keys", "__main__")}
+    return types.SimpleNamespace(
+        Agent=modules["agent"].Agent,
+        Entropy=modules["entropy"].Entropy,
+        AgentError=modules["errors"].AgentError,
+        Journal=modules["journal"].Journal,
+        SshHostKeysProvider=modules["providers.ssh_host_keys"].SshHostKeysProvider,
+        temp_path=modules["files"].temp_path,
+        sshd_reads_host_keys_per_connection=modules["providers.sshd"].sshd_reads_host_keys_per_connection,
+        read_kmsg=modules["triggers"].read_kmsg,
+        parse_cpu_list=importlib.import_module("clonesafe_agent.interrupts").parse_cpu_list,
+        parse_interrupts=importlib.import_module("clonesafe_agent.interrupts").parse_interrupts,
+        UEVENT_MARKER=modules["triggers"].UEVENT_MARKER,
+        main=modules["__main__"].main,
+        files=modules["files"],
+        sshd=modules["providers.sshd"],
+    )
 
 
 @pytest.fixture(scope="session")

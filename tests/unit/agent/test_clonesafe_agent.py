@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, wire
 
-from agent_testlib import AGENT_PATH, FAKE_UUID, agent, agent_module, guest_root, load_agent_module, make_guest_root  # noqa: F401  pylint: disable=unused-import
+from agent_testlib import AGENT_FILES, FAKE_UUID, agent, agent_module, guest_root, load_agent_module, make_guest_root  # noqa: F401  pylint: disable=unused-import
 
 NONCE = "5a" * 32
 HASH_KEY = "c3" * 32
@@ -288,7 +288,7 @@ def test_a_torn_temp_file_rolls_back_even_when_the_rest_is_whole(agent_module, a
 
 def test_a_failed_write_leaves_the_old_set_and_no_staged_secret(agent_module, agent, guest_root, monkeypatch):
     before = snapshot(guest_root)
-    real_write_new = agent_module._write_new
+    real_write_new = agent_module.files.write_new
     calls = []
 
     def disk_full_on_the_third(path, data, mode=0o600):
@@ -297,7 +297,7 @@ def test_a_failed_write_leaves_the_old_set_and_no_staged_secret(agent_module, ag
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write_new(path, data, mode)
 
-    monkeypatch.setattr(agent_module, "_write_new", disk_full_on_the_third)
+    monkeypatch.setattr(agent_module.files, "write_new", disk_full_on_the_third)
     reply = json.loads(agent.handle_line(json.dumps({"v": 1, "id": "r1", "op": "rotate", "args": rotate_args()}).encode()))
     assert reply["ok"] is False and "No space left on device" in reply["error"]["message"]
     assert snapshot(guest_root) == before
@@ -394,9 +394,9 @@ def test_no_temp_or_empty_files_are_left(agent, guest_root):
 def test_a_rotation_flushes_per_batch_not_per_file(agent_module, agent, guest_root, monkeypatch):
     """Every flush is a trip to the host disk in a TCG guest: a rotation of 8 files costs 2, not 30."""
     flushes = []
-    monkeypatch.setattr(agent_module, "_SYNCFS", lambda fd: flushes.append("syncfs") or 0)
+    monkeypatch.setattr(agent_module.files, "_SYNCFS", lambda fd: flushes.append("syncfs") or 0)
     real_fsync = os.fsync
-    monkeypatch.setattr(agent_module.os, "fsync", lambda fd: flushes.append("fsync") or real_fsync(fd))
+    monkeypatch.setattr(os, "fsync", lambda fd: flushes.append("fsync") or real_fsync(fd))
     before = snapshot(guest_root)
     result = request(agent, "rotate", rotate_args())
     after = snapshot(guest_root)
@@ -409,7 +409,7 @@ def test_a_rotation_flushes_per_batch_not_per_file(agent_module, agent, guest_ro
 def test_sshd_is_told_after_the_answer_for_channel_requests_and_at_once_for_triggers(agent_module, agent, monkeypatch):
     told = []
     monkeypatch.setattr(agent_module.SshHostKeysProvider, "reload_sshd", lambda self, pid: told.append("sighup"))
-    monkeypatch.setattr(agent_module, "sshd_reads_host_keys_per_connection", lambda root, pid: False)
+    monkeypatch.setattr(agent_module.sshd, "sshd_reads_host_keys_per_connection", lambda root, pid: False)
     fake_sshd(pathlib.Path(agent.root), b"/usr/sbin/sshd\0-D\0")
     result = request(agent, "rotate", rotate_args())
     assert result["providers"]["ssh_host_keys"]["status"] == "rotated"
@@ -523,12 +523,12 @@ def test_parsers():
 
 
 def test_command_line_status_and_boot_check(guest_root, tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    status = subprocess.run([sys.executable, str(AGENT_PATH), "--root", str(guest_root), "status"],
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(AGENT_FILES), *sys.path])}
+    status = subprocess.run([sys.executable, "-m", "clonesafe_agent", "--root", str(guest_root), "status"],
                             capture_output=True, text=True, env=env, check=False, timeout=60)
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["uuid"] == FAKE_UUID
-    boot = subprocess.run([sys.executable, str(AGENT_PATH), "--root", str(guest_root), "boot-check"],
+    boot = subprocess.run([sys.executable, "-m", "clonesafe_agent", "--root", str(guest_root), "boot-check"],
                           capture_output=True, text=True, env=env, check=False, timeout=60)
     assert boot.returncode == 0 and json.loads(boot.stdout)["rotated"] is False
 

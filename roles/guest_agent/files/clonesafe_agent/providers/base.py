@@ -1,0 +1,71 @@
+# Copyright (c) clonesafe developers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+"""The provider interface: each provider plans file changes (applied atomically through the journal) and actions."""
+
+from __future__ import annotations
+
+import typing as t
+
+from ..journal import Change
+
+if t.TYPE_CHECKING:
+    from ..agent import Agent
+    from ..entropy import Entropy
+
+
+class Plan:
+    """What one provider will do in a rotation."""
+
+    def __init__(self, status: str, method: str | None) -> None:
+        self.status = status
+        self.method = method
+        self.changes: list[Change] = []
+        self.after: list[t.Callable[[], None]] = []
+        self.notify: list[t.Callable[[], None]] = []
+        self.details: list[str] = []
+
+    def outcome(self) -> dict[str, t.Any]:
+        """The provider's entry in the rotate result."""
+        result: dict[str, t.Any] = {"status": self.status, "method": self.method}
+        if self.details:
+            result["detail"] = "; ".join(self.details)[:2000]
+        return result
+
+
+class Provider:
+    """Base class: a named secret the agent owns."""
+
+    name = ""
+
+    def __init__(self, agent: Agent, config: dict[str, t.Any]) -> None:
+        self.agent = agent
+        self.config = config
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the configuration enables this provider."""
+        return bool(self.config.get("enabled", False))
+
+    def path(self, path: str) -> str:
+        """A guest path under the agent's root."""
+        return self.agent.path(path)
+
+    def plan(self, operation: str, entropy: Entropy) -> Plan:
+        """The changes and actions of one rotation; raises on failure."""
+        raise NotImplementedError
+
+    def committed(self) -> None:
+        """Called once the planned changes are on disk."""
+
+    def paths(self) -> list[str]:
+        """Every file a rotation of this provider may write (where a crash may leave a temp file)."""
+        return []
+
+    def fingerprints(self, hash_key: str) -> dict[str, str]:
+        """Public fingerprints or keyed hashes, never secrets."""
+        return {}
+
+    def state(self) -> str:
+        """present, erased, absent or a provider-specific word."""
+        return "present"
