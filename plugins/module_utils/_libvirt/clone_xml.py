@@ -28,7 +28,8 @@ CLONE_ROLE = "clone"
 DEFAULT_NAME_PATTERN = "{template}-{index:03d}"
 # libvirt's own prefix for generated MACs (QEMU's OUI): locally administered, never a real vendor's.
 MAC_PREFIX = "52:54:00"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+# Matched with fullmatch: '$' would also accept a trailing newline.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 # Files a clone owns inside its directory; removal deletes exactly these.
 OVERLAY_FILE = "disk.qcow2"
 CONSOLE_FILE = "console.log"
@@ -41,7 +42,7 @@ def _qualified(tag: str) -> str:
 
 def validate_name(name: str) -> str:
     """A clone name that is safe as a libvirt domain name and as a directory name."""
-    if not NAME_RE.match(name or "") or len(name) > 64:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise ClonesafeError(
             f"invalid clone name {name!r}: use 1-64 letters, digits, '.', '_', '+' or '-', starting with a letter or digit"
         )
@@ -158,8 +159,15 @@ def single_disk_source(xml: str, what: str) -> str:
     driver = disks[0].find("driver")
     if source is None or not source.get("file"):
         raise ClonesafeError(f"{what}'s disk is not a file: clonesafe templates need a qcow2 file disk")
-    if driver is not None and driver.get("type") not in (None, "qcow2"):
-        raise ClonesafeError(f"{what}'s disk is {driver.get('type')}, not qcow2: convert it with qemu-img first")
+    # Stated, never guessed: libvirt reads a disk without a driver type as raw, while the clones'
+    # overlays name their backing file as qcow2 (-F qcow2).
+    disk_format = driver.get("type") if driver is not None else None
+    if disk_format != "qcow2":
+        stated = f"a {disk_format} disk" if disk_format else "a disk without <driver type='qcow2'/>"
+        raise ClonesafeError(
+            f"{what} has {stated}: clonesafe templates need a qcow2 disk that says so "
+            "(convert it with qemu-img and set <driver name='qemu' type='qcow2'/>)"
+        )
     return source.get("file")
 
 

@@ -29,7 +29,8 @@ SSH_NIC_PCI_SLOT = "0x1f"
 AGENT_CHANNEL_NAME = "org.clonesafe.agent.0"
 DOMAIN_TYPES = ("qemu", "kvm")
 NIC_MODES = ("none", "user")
-MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+# Matched with fullmatch: '$' would also accept a trailing newline.
+MAC_RE = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 
 ET.register_namespace(METADATA_PREFIX, METADATA_NAMESPACE)
 ET.register_namespace(QEMU_PREFIX, QEMU_NAMESPACE)
@@ -67,7 +68,7 @@ class DomainSpec:
         if self.nic not in NIC_MODES:
             raise ClonesafeError(f"invalid nic {self.nic!r}: use one of {', '.join(NIC_MODES)}")
         # Checked here, not left to libvirt: with ssh_forward_port the MAC goes onto QEMU's command line.
-        if self.mac is not None and not MAC_RE.match(self.mac):
+        if self.mac is not None and not MAC_RE.fullmatch(self.mac):
             raise ClonesafeError(f"invalid mac {self.mac!r}: use six hex pairs separated by ':', like 52:54:00:12:34:56")
         if self.ssh_forward_port is not None:
             if self.nic != "user":
@@ -203,6 +204,9 @@ def read_clonesafe_marker(xml: str) -> dict[str, t.Any] | None:
     try:
         spec = json.loads(spec_text)
     except ValueError:
+        spec = {}
+    # Anyone who can define a domain writes this metadata: only an object is a spec.
+    if not isinstance(spec, dict):
         spec = {}
     return {"role": marker.get("role"), "spec": spec}
 

@@ -173,3 +173,25 @@ def test_paths_and_owned_files():
         "/srv/clones/web-001/org.clonesafe.agent.0.sock",
     ]
     assert clone_xml.channel_names(LIVE_GOLDEN) == ["org.clonesafe.agent.0"]
+
+
+@pytest.mark.parametrize("name", ["web-001\n", "web\n001", "\nweb", "web 1", "", "a" * 65, "-web", "wéb"])
+def test_a_clone_name_is_checked_in_full(name):
+    """A regex anchored with '$' also accepts a trailing newline: the whole name must match."""
+    with pytest.raises(ClonesafeError, match="invalid clone name"):
+        clone_xml.validate_name(name)
+    with pytest.raises(ClonesafeError, match="invalid clone name"):
+        clone_xml.desired_names("web", None, [name], "")
+
+
+@pytest.mark.parametrize(
+    "driver",
+    ["", "<driver name='qemu'/>", "<driver name='qemu' type=''/>", "<driver name='qemu' type='raw'/>"],
+    ids=["no-driver", "no-type", "empty-type", "raw"],
+)
+def test_a_golden_disk_must_say_it_is_qcow2(driver):
+    """libvirt reads a disk without a driver type as raw, while clone overlays are made with -F qcow2."""
+    xml = LIVE_GOLDEN.replace("<driver name='qemu' type='qcow2'/>", driver)
+    with pytest.raises(ClonesafeError, match="qcow2"):
+        clone_xml.single_disk_source(xml, "domain 'golden'")
+    assert clone_xml.single_disk_source(LIVE_GOLDEN, "domain 'golden'") == "/var/lib/clonesafe/golden/golden.after-t.qcow2"

@@ -132,3 +132,15 @@ def test_unset_ssh_forward_port_keeps_older_specs_equal():
     xml = domain_xml.build_domain_xml(dataclasses.replace(SPEC, nic="user"))
     assert ET.fromstring(xml).find("devices/interface").get("type") == "user"
     assert qemu_args(xml) == []
+
+
+def test_a_mac_with_a_trailing_newline_is_refused():
+    with pytest.raises(ClonesafeError, match="invalid mac"):
+        dataclasses.replace(SPEC, nic="user", mac="52:54:00:12:34:56\n", ssh_forward_port=2222).validate()
+
+
+@pytest.mark.parametrize("spec_text", ["[1, 2]", "\"web\"", "null", "{not json"])
+def test_a_marker_whose_spec_is_not_an_object_reads_as_empty(spec_text):
+    xml = ("<domain><name>x</name><metadata><clonesafe:domain xmlns:clonesafe='https://clonesafe.invalid/xmlns/fleet/1'"
+           f" role='clone'><clonesafe:spec>{spec_text}</clonesafe:spec></clonesafe:domain></metadata></domain>")
+    assert domain_xml.read_clonesafe_marker(xml) == {"role": "clone", "spec": {}}
