@@ -41,6 +41,14 @@ _ERROR_CODE_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _MAX_PHASES = 32
 _MAX_ERROR_MESSAGE = 2048
 _MAX_PROVIDER_NAME = 64
+_MAX_VCPUS = 4096
+_MAX_IRQS = 256
+# The deepest reply the protocol defines: response > result > interrupts > channel > per_cpu list.
+MAX_RESPONSE_DEPTH = 6
+# Characters that must never reach a terminal, a log or Ansible's output unescaped: C0/C1 controls,
+# lone surrogates (not encodable as UTF-8), line/paragraph separators, bidirectional overrides, BOM.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\u2028\u2029\u202a-\u202e\u2066-\u2069\ufeff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class ProtocolError(ValueError):
@@ -169,6 +177,33 @@ def _type_name(value: t.Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+def _escape(match: re.Match) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: str, limit: int = _MAX_ERROR_MESSAGE) -> str:
+    """``text`` fit for a terminal or Ansible's output: unprintable characters escaped, at most ``limit`` characters."""
+    escaped = _UNPRINTABLE.sub(_escape, text[:limit])
+    if len(text) > limit or len(escaped) > limit:
+        escaped = escaped[: max(0, limit - 3)] + "..."
+    return escaped
+
+
+def shown(value: t.Any, limit: int = 64) -> str:
+    """A value the other end sent, for an error message: strings escaped and cut, numbers as they are, else the type."""
+    if isinstance(value, str):
+        return printable(value, limit)
+    if value is None or isinstance(value, (bool, int, float)):
+        return printable(repr(value), limit)
+    return _type_name(value)
+
+
+def check_version(value: t.Any) -> bool:
+    """Whether ``value`` is this protocol's version: the JSON integer itself (1.0 and true are not 1)."""
+    return type(value) is int and value == PROTOCOL_VERSION  # pylint: disable=unidiomatic-typecheck
+
+
 def check_fields(obj: t.Any, what: str, required: t.Iterable[str], optional: t.Iterable[str] = ()) -> dict:
     """``obj`` must be an object holding every required field and nothing outside required+optional."""
     if not isinstance(obj, dict):
@@ -178,7 +213,7 @@ def check_fields(obj: t.Any, what: str, required: t.Iterable[str], optional: t.I
     missing = [name for name in required if name not in obj]
     if missing:
         raise ProtocolError("bad_message", f"{what} lacks field(s): {', '.join(missing)}")
-    extra = sorted(str(name)[:64] for name in obj if name not in allowed)
+    extra = sorted(shown(name) for name in obj if name not in allowed)
     if extra:
         raise ProtocolError("bad_message", f"{what} has unknown field(s): {', '.join(extra[:8])}")
     return obj
@@ -191,10 +226,19 @@ def check_int(value: t.Any, what: str, minimum: int = 0, maximum: int = 2**63 - 
     return value
 
 
-def check_str(value: t.Any, what: str, max_length: int = 4096, pattern: re.Pattern | None = None) -> str:
-    """A string of bounded length, optionally matching ``pattern`` in full."""
+def check_str(
+    value: t.Any, what: str, max_length: int = 4096, pattern: re.Pattern | None = None, free_text: bool = False
+) -> str:
+    """A string of bounded length, optionally matching ``pattern`` in full.
+
+    Names, states and fingerprints must be printable (no control characters, lone surrogates,
+    bidirectional overrides); ``free_text`` (error messages, details) may hold control
+    characters, which whoever shows it escapes with :func:`printable`, but never lone surrogates.
+    """
     if not isinstance(value, str) or len(value) > max_length:
         raise ProtocolError("bad_message", f"{what} must be a string of at most {max_length} characters")
+    if (_SURROGATE if free_text else _UNPRINTABLE).search(value):
+        raise ProtocolError("bad_message", f"{what} holds unprintable characters")
     if pattern is not None and not pattern.fullmatch(value):
         raise ProtocolError("bad_message", f"{what} has an invalid format")
     return value
@@ -277,8 +321,8 @@ def validate_request(message: dict[str, t.Any]) -> dict[str, t.Any]:
         request_id = message["id"]
     try:
         check_fields(message, "request", ("v", "id", "op", "args"))
-        if message["v"] != PROTOCOL_VERSION or isinstance(message["v"], bool):
-            raise ProtocolError("bad_version", f"protocol version {str(message['v'])[:16]} is not supported (this end speaks {PROTOCOL_VERSION})")
+        if not check_version(message["v"]):
+            raise ProtocolError("bad_version", f"protocol version {shown(message['v'], 16)} is not supported (this end speaks {PROTOCOL_VERSION})")
         check_request_id(message["id"])
         if message["op"] not in OPERATIONS:
             raise ProtocolError("unknown_op", f"operation {str(message['op'])[:64]!r} is not allowed: use {', '.join(OPERATIONS)}")
@@ -335,7 +379,7 @@ def _check_int_or_null(value: t.Any, what: str) -> None:
         check_int(value, what)
 
 
-def _check_int_list(value: t.Any, what: str, max_items: int = 4096) -> None:
+def _check_int_list(value: t.Any, what: str, max_items: int = _MAX_VCPUS) -> None:
     if not isinstance(value, list) or len(value) > max_items:
         raise ProtocolError("bad_message", f"{what} must be a list of at most {max_items} integers")
     for item in value:
@@ -367,6 +411,12 @@ def _check_interrupt_source(value: t.Any, what: str) -> None:
     check_fields(value, what, ("irq", "per_cpu"), ("irqs", "affinity", "name"))
     _check_int_or_null(value["irq"], f"{what} irq")
     _check_int_list(value["per_cpu"], f"{what} per_cpu")
+    if "irqs" in value:
+        _check_int_list(value["irqs"], f"{what} irqs", _MAX_IRQS)
+    if "affinity" in value:
+        _check_int_list(value["affinity"], f"{what} affinity")
+    if "name" in value:
+        check_str(value["name"], f"{what} name", 256)
 
 
 def _check_hello_result(result: dict[str, t.Any]) -> None:
@@ -378,6 +428,8 @@ def _check_hello_result(result: dict[str, t.Any]) -> None:
         ("registration_error",),
     )
     check_str(result["agent_version"], "agent_version", 64)
+    if "registration_error" in result:
+        check_str(result["registration_error"], "registration_error", _MAX_ERROR_MESSAGE, free_text=True)
     check_int(result["protocol"], "protocol")
     check_int(result["generation"], "generation")
     check_str(result["uuid"], "uuid", 64)
@@ -397,6 +449,8 @@ def _check_hello_result(result: dict[str, t.Any]) -> None:
         if not isinstance(state["enabled"], bool):
             raise ProtocolError("bad_message", f"provider {name[:64]} enabled must be a boolean")
         check_str(state["state"], f"provider {name[:64]} state", 64)
+        if "detail" in state:
+            check_str(state["detail"], f"provider {name[:64]} detail", _MAX_ERROR_MESSAGE, free_text=True)
     if result["identity_public_key"] is not None:
         check_str(result["identity_public_key"], "identity_public_key", 256)
     trigger = result["last_trigger"]
@@ -405,6 +459,10 @@ def _check_hello_result(result: dict[str, t.Any]) -> None:
         if trigger["trigger"] not in TRIGGERS:
             raise ProtocolError("bad_message", f"last_trigger must be one of {', '.join(TRIGGERS)}")
         check_str(trigger["time"], "last_trigger time", 64)
+        if "generation" in trigger:
+            _check_int_or_null(trigger["generation"], "last_trigger generation")
+        if trigger.get("operation") is not None and trigger["operation"] not in ROTATE_OPERATIONS:
+            raise ProtocolError("bad_message", f"last_trigger operation must be one of {', '.join(ROTATE_OPERATIONS)}")
 
 
 def _check_phases(phases: t.Any) -> None:
@@ -439,9 +497,9 @@ def _check_rotate_result(result: dict[str, t.Any]) -> None:
         if outcome["method"] is not None and outcome["method"] not in PROVIDER_METHODS:
             raise ProtocolError("bad_message", f"provider {name[:64]} method is not one of {', '.join(PROVIDER_METHODS)}")
         if "error" in outcome:
-            check_str(outcome["error"], f"provider {name[:64]} error", _MAX_ERROR_MESSAGE)
+            check_str(outcome["error"], f"provider {name[:64]} error", _MAX_ERROR_MESSAGE, free_text=True)
         if "detail" in outcome:
-            check_str(outcome["detail"], f"provider {name[:64]} detail", _MAX_ERROR_MESSAGE)
+            check_str(outcome["detail"], f"provider {name[:64]} detail", _MAX_ERROR_MESSAGE, free_text=True)
     check_int(result["duration_ms"], "duration_ms")
     if "phases_ms" in result:
         _check_phases(result["phases_ms"])
@@ -456,14 +514,42 @@ _RESULT_CHECKS: dict[str, t.Callable[[dict[str, t.Any]], None]] = {
 }
 
 
+def _check_tree(message: dict[str, t.Any]) -> None:
+    """No reply nests deeper than the protocol does, and no string in it (keys too) holds a lone surrogate.
+
+    Checked before anything looks inside, without recursion: a hostile depth cannot exhaust the stack
+    of whoever walks the reply later, and every string can be encoded as UTF-8.
+    """
+    stack: list[tuple[t.Any, int]] = [(message, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            items: t.Iterable[t.Any] = value.values()
+            for key in value:
+                if _SURROGATE.search(key):
+                    raise ProtocolError("bad_message", "response holds a name that is not valid Unicode (a lone surrogate)")
+        elif isinstance(value, list):
+            items = value
+        else:
+            if isinstance(value, str) and _SURROGATE.search(value):
+                raise ProtocolError("bad_message", "response holds a string that is not valid Unicode (a lone surrogate)")
+            continue
+        if depth > MAX_RESPONSE_DEPTH:
+            raise ProtocolError("bad_message", f"response nests deeper than {MAX_RESPONSE_DEPTH} levels")
+        stack.extend((item, depth + 1) for item in items)
+
+
 def parse_response(line: bytes | OversizedLine, expected_id: str, op: str | None = None) -> dict[str, t.Any]:
     """Decode and validate one reply line (host side).
 
     Returns the whole reply (``ok`` tells success from an error reply); a reply to another
     request, a malformed reply or, when ``op`` is given, a result of the wrong shape raises
     ProtocolError. An error reply may carry ``id: null`` (the agent could not read the id).
+    Every string of a returned reply is valid Unicode, and every field of a checked result has
+    its type, size and depth checked; names and fingerprints are printable.
     """
     message = decode_line(line)
+    _check_tree(message)
     ok = message.get("ok")
     if ok is True:
         check_fields(message, "response", ("v", "id", "ok", "result"))
@@ -471,10 +557,10 @@ def parse_response(line: bytes | OversizedLine, expected_id: str, op: str | None
         check_fields(message, "response", ("v", "id", "ok", "error"))
     else:
         raise ProtocolError("bad_message", "response field ok must be true or false")
-    if message["v"] != PROTOCOL_VERSION or isinstance(message["v"], bool):
-        raise ProtocolError("bad_version", f"response protocol version {str(message['v'])[:16]} is not {PROTOCOL_VERSION}")
+    if not check_version(message["v"]):
+        raise ProtocolError("bad_version", f"response protocol version {shown(message['v'], 16)} is not {PROTOCOL_VERSION}")
     if message["id"] != expected_id and not (ok is False and message["id"] is None):
-        raise ProtocolError("wrong_id", f"response is for request {str(message['id'])[:64]!r}, expected {expected_id!r}")
+        raise ProtocolError("wrong_id", f"response is for request '{shown(message['id'])}', expected {expected_id!r}")
     if ok:
         if not isinstance(message["result"], dict):
             raise ProtocolError("bad_message", "response result must be an object")
@@ -485,5 +571,5 @@ def parse_response(line: bytes | OversizedLine, expected_id: str, op: str | None
     else:
         check_fields(message["error"], "response error", ("code", "message"))
         check_str(message["error"]["code"], "error code", 64, _ERROR_CODE_PATTERN)
-        check_str(message["error"]["message"], "error message", _MAX_ERROR_MESSAGE)
+        check_str(message["error"]["message"], "error message", _MAX_ERROR_MESSAGE, free_text=True)
     return message

@@ -274,3 +274,153 @@ def test_encode_refuses_oversized_messages():
     with pytest.raises(wire.ProtocolError) as caught:
         wire.encode_message({"pad": "x" * wire.MAX_MESSAGE_BYTES})
     assert caught.value.code == "too_large"
+
+
+# -- issue 12: whatever a guest sends is checked for type, size and depth before use -------------
+
+HELLO_RESULT = {
+    "agent_version": "0.1.0", "protocol": 1, "generation": 2, "uuid": "u",
+    "vcpus": {"online": [0, 1], "registered": [1]},
+    "interrupts": {"channel": {"irq": 24, "irqs": [24, 25], "per_cpu": [0, 3], "affinity": [1], "name": "virtio0-input"},
+                   "acpi_sci": {"irq": 9, "per_cpu": [1, 0], "affinity": [0, 1]}, "gpe_vmgenid": 1},
+    "providers": {"identity": {"enabled": True, "state": "present"},
+                  "tls": {"enabled": False, "state": "disabled", "detail": "no keys configured"}},
+    "identity_public_key": None,
+    "last_trigger": {"trigger": "generation", "time": "2025-01-01T00:00:00Z", "generation": 2, "operation": "regenerate"},
+}
+
+
+def reply(result, op):
+    # json.dumps escapes a lone surrogate as \udXXX, as a hostile agent would send it.
+    return wire.parse_response(json.dumps(wire.make_result("r", result)).encode() + b"\n", "r", op)
+
+
+def with_path(document, path, value):
+    """A deep copy of ``document`` with the value at ``path`` (keys and indexes) replaced."""
+    copy = json.loads(json.dumps(document))
+    node = copy
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return copy
+
+
+def nested(depth):
+    value = 0
+    for _level in range(depth):
+        value = [value]
+    return value
+
+
+def test_a_complete_hello_parses():
+    assert reply(HELLO_RESULT, "hello")["result"] == HELLO_RESULT
+
+
+@pytest.mark.parametrize("version", [1.0, True, "1", [1], None, 2])
+def test_the_protocol_version_is_the_integer_itself(version):
+    """1.0 == 1 and True == 1 in Python: a float or a bool must not pass as version 1."""
+    response = json.dumps({"v": version, "id": "r", "ok": True, "result": ATTESTATION}).encode() + b"\n"
+    with pytest.raises(wire.ProtocolError) as caught:
+        wire.parse_response(response, "r", "attest")
+    assert caught.value.code == "bad_version"
+    request = json.dumps({"v": version, "id": "r", "op": "hello", "args": {}}).encode() + b"\n"
+    with pytest.raises(wire.ProtocolError) as caught:
+        wire.parse_request(request)
+    assert caught.value.code == "bad_version"
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (("interrupts", "channel", "name"), nested(500)),
+        (("interrupts", "channel", "name"), {"a": {"b": {"c": 1}}}),
+        (("interrupts", "channel", "name"), "x" * 257),
+        (("interrupts", "channel", "name"), "virtio0\x1b[2J"),
+        (("interrupts", "channel", "irqs"), "24"),
+        (("interrupts", "channel", "irqs"), [24, "25"]),
+        (("interrupts", "channel", "irqs"), list(range(300))),
+        (("interrupts", "acpi_sci", "affinity"), [[0]]),
+        (("interrupts", "acpi_sci", "affinity"), [True]),
+        (("providers", "tls", "detail"), nested(500)),
+        (("providers", "tls", "detail"), "d" * 2049),
+        (("providers", "tls", "state"), "ok\nFAKE LINE"),
+        (("last_trigger", "generation"), "2"),
+        (("last_trigger", "generation"), nested(500)),
+        (("last_trigger", "operation"), "shell"),
+        (("last_trigger", "operation"), {"x": 1}),
+        (("agent_version",), "0.1\u202e"),
+        (("uuid",), "u\x00"),
+        (("registration_error",), nested(40)),
+    ],
+)
+def test_every_hello_field_is_checked(path, value):
+    with pytest.raises(wire.ProtocolError) as caught:
+        reply(with_path(HELLO_RESULT, path, value), "hello")
+    assert wire.printable(caught.value.message) == caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (("fingerprints", "identity"), "SHA256:\ud800"),
+        (("fingerprints", "ssh_host_key.ed25519"), "\udfff"),
+        (("fingerprints", "identity"), "SHA256:abc\nSHA256:def"),
+        (("fingerprints", "identity"), "SHA256:\x1b]0;owned\x07"),
+        (("uuid",), "\ud83d"),
+        (("public_key",), "AAAA\x00"),
+    ],
+)
+def test_a_lone_surrogate_or_control_character_in_an_attestation_is_refused(path, value):
+    with pytest.raises(wire.ProtocolError) as caught:
+        reply(with_path(ATTESTATION, path, value), "attest")
+    assert caught.value.code == "bad_message"
+
+
+def test_a_lone_surrogate_anywhere_is_refused_even_where_no_schema_looks():
+    for message in (
+        {"v": 1, "id": "r", "ok": True, "result": {"\ud800": 1}},
+        {"v": 1, "id": "r", "ok": True, "result": {"x": ["\udc00"]}},
+        {"v": 1, "id": "r", "ok": False, "error": {"code": "busy", "message": "a\ud800b"}},
+        {"v": 1, "id": "\ud800", "ok": True, "result": {}},
+    ):
+        with pytest.raises(wire.ProtocolError):
+            wire.parse_response(json.dumps(message).encode() + b"\n", "r")
+
+
+def test_deep_nesting_is_refused_before_any_schema_walks_it():
+    for depth in (7, 500, 900):
+        message = json.dumps({"v": 1, "id": "r", "ok": True, "result": {"x": nested(depth)}}).encode() + b"\n"
+        with pytest.raises(wire.ProtocolError) as caught:
+            wire.parse_response(message, "r")
+        assert caught.value.code in ("bad_message", "bad_json")
+
+
+def test_free_text_may_hold_control_characters_that_printable_escapes():
+    error = wire.encode_message(wire.make_error("r", "failed", "line one\nline two\x1b[31m"))
+    message = wire.parse_response(error, "r")["error"]["message"]
+    assert wire.printable(message) == "line one\\x0aline two\\x1b[31m"
+    rotate = reply(with_path(ROTATE_RESULT, ("providers", "identity"), {"status": "failed", "method": None,
+                                                                          "error": "OSError:\n\tdisk full"}), "rotate")
+    assert rotate["result"]["providers"]["identity"]["error"] == "OSError:\n\tdisk full"
+
+
+def test_printable_bounds_and_escapes():
+    assert wire.printable("abc") == "abc"
+    assert wire.printable("x" * 5000, 100) == "x" * 97 + "..."
+    cut = wire.printable("\x00" * 100, 20)
+    assert len(cut) == 20 and cut.startswith("\\x00\\x00") and cut.endswith("...")
+    assert wire.printable("\ud800\u202e\u2028") == "\\ud800\\u202e\\u2028"
+    assert wire.printable("grüße, 日本") == "grüße, 日本"
+
+
+@settings(deadline=None, max_examples=300)
+@given(st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x10FFFF), max_size=80))
+def test_error_messages_about_any_field_name_or_version_are_printable(text):
+    for message in ({"v": 1, "id": "r", "ok": True, "result": {**ATTESTATION, text: 1}},
+                    {"v": text, "id": "r", "ok": True, "result": ATTESTATION},
+                    {"v": 1, "id": text, "ok": True, "result": ATTESTATION}):
+        try:
+            wire.parse_response(json.dumps(message).encode() + b"\n", "r", "attest")
+        except wire.ProtocolError as error:
+            assert wire.printable(error.message, 10**6) == error.message
+            error.message.encode("utf-8")
