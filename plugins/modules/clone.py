@@ -138,7 +138,10 @@ EXAMPLES = r"""
 
 RETURN = r"""
 clones:
-  description: One entry per clone the run looked at, in order.
+  description:
+    - One entry per clone the run looked at, in order.
+    - The fields other than RV(clones[].name), RV(clones[].actions), RV(clones[].changed), RV(clones[].error)
+      and RV(clones[].seconds) are there when the clone exists after the run.
   returned: always
   type: list
   elements: dict
@@ -147,6 +150,70 @@ clones:
       description: Clone (domain) name.
       type: str
       sample: web-001
+    uuid:
+      description: Domain UUID.
+      type: str
+      sample: 0e0c8f6a-5c61-4bd4-9f0a-1f4c5a7e9d21
+    genid:
+      description: VM Generation ID of the clone.
+      type: str
+      sample: 6a3e2a83-1f0b-4c9e-8d0d-1f2e3a4b5c6d
+    state:
+      description:
+        - Domain state, one of V(running), V(paused), V(shutoff), V(shutdown), V(crashed), V(pmsuspended),
+          V(blocked) or V(nostate).
+      type: str
+      sample: running
+    template:
+      description: Template the clone was made from.
+      type: str
+      sample: web
+    index:
+      description: The clone's index in the template's name pattern, or null for a clone made with an explicit name.
+      type: int
+      sample: 1
+    created_at:
+      description: Creation time (UTC).
+      type: str
+      sample: "2025-01-31T12:00:00.000000Z"
+    overlay:
+      description: The clone's qcow2 overlay.
+      type: str
+      sample: /var/lib/clonesafe/clones/web-001/disk.qcow2
+    overlay_size:
+      description: Bytes the overlay occupies on disk, or null when it cannot be read.
+      type: int
+      sample: 204800
+    directory:
+      description: The clone's own directory (overlay, console log, channel sockets).
+      type: str
+      sample: /var/lib/clonesafe/clones/web-001
+    console_log:
+      description: File the serial console is logged to.
+      type: str
+      sample: /var/lib/clonesafe/clones/web-001/console.log
+    channel_sockets:
+      description: Host-side unix socket per channel name.
+      type: dict
+      sample: {"org.clonesafe.agent.0": "/var/lib/clonesafe/clones/web-001/org.clonesafe.agent.0.sock"}
+    macs:
+      description: MAC addresses of the clone's NICs, as the running domain has them.
+      type: list
+      elements: str
+      sample: ["52:54:00:3a:9f:01"]
+    links:
+      description: Link state of each NIC, in the order of RV(clones[].macs).
+      type: list
+      elements: str
+      sample: [down]
+    network:
+      description: V(held) when a NIC link is down, V(released) when all are up, V(none) without NICs.
+      type: str
+      sample: held
+    uri:
+      description: The libvirt connection URI the clone was read through.
+      type: str
+      sample: qemu:///system
     actions:
       description: What was done to this clone (empty when unchanged).
       type: list
@@ -164,51 +231,6 @@ clones:
       description: Time spent on this clone.
       type: float
       sample: 0.82
-    uuid:
-      description: Domain UUID.
-      type: str
-      sample: 0e0c8f6a-5c61-4bd4-9f0a-1f4c5a7e9d21
-    genid:
-      description: VM Generation ID of the clone.
-      type: str
-      sample: 6a3e2a83-1f0b-4c9e-8d0d-1f2e3a4b5c6d
-    state:
-      description: Domain state.
-      type: str
-      sample: running
-    template:
-      description: Template of the clone.
-      type: str
-      sample: web
-    overlay:
-      description: The clone's qcow2 overlay.
-      type: str
-      sample: /var/lib/clonesafe/clones/web-001/disk.qcow2
-    overlay_size:
-      description: Bytes the overlay occupies on disk.
-      type: int
-      sample: 204800
-    created_at:
-      description: Creation time (UTC).
-      type: str
-      sample: "2025-01-31T12:00:00.000000Z"
-    console_log:
-      description: File the serial console is logged to.
-      type: str
-      sample: /var/lib/clonesafe/clones/web-001/console.log
-    channel_sockets:
-      description: Host-side unix socket per channel name.
-      type: dict
-      sample: {"org.clonesafe.agent.0": "/var/lib/clonesafe/clones/web-001/org.clonesafe.agent.0.sock"}
-    macs:
-      description: MAC addresses of the clone's NICs (live).
-      type: list
-      elements: str
-      sample: ["52:54:00:3a:9f:01"]
-    network:
-      description: V(held) when a NIC link is down, V(released) when all are up, V(none) without NICs.
-      type: str
-      sample: held
 progress:
   description: One line per clone, shown at -v.
   returned: always

@@ -57,30 +57,40 @@ clones:
       description: Domain UUID.
       type: str
       sample: 0e0c8f6a-5c61-4bd4-9f0a-1f4c5a7e9d21
-    state:
-      description: Domain state, as C(virsh domstate) words.
-      type: str
-      sample: running
     genid:
-      description: VM Generation ID.
+      description: VM Generation ID of the clone.
       type: str
       sample: 6a3e2a83-1f0b-4c9e-8d0d-1f2e3a4b5c6d
+    state:
+      description:
+        - Domain state, one of V(running), V(paused), V(shutoff), V(shutdown), V(crashed), V(pmsuspended),
+          V(blocked) or V(nostate).
+      type: str
+      sample: running
     template:
       description: Template the clone was made from.
       type: str
       sample: web
+    index:
+      description: The clone's index in the template's name pattern, or null for a clone made with an explicit name.
+      type: int
+      sample: 1
+    created_at:
+      description: Creation time (UTC).
+      type: str
+      sample: "2025-01-31T12:00:00.000000Z"
     overlay:
       description: The clone's qcow2 overlay.
       type: str
       sample: /var/lib/clonesafe/clones/web-001/disk.qcow2
     overlay_size:
-      description: Bytes the overlay occupies on disk.
+      description: Bytes the overlay occupies on disk, or null when it cannot be read.
       type: int
       sample: 204800
-    created_at:
-      description: Creation time (UTC).
+    directory:
+      description: The clone's own directory (overlay, console log, channel sockets).
       type: str
-      sample: "2025-01-31T12:00:00.000000Z"
+      sample: /var/lib/clonesafe/clones/web-001
     console_log:
       description: File the serial console is logged to.
       type: str
@@ -90,14 +100,23 @@ clones:
       type: dict
       sample: {"org.clonesafe.agent.0": "/var/lib/clonesafe/clones/web-001/org.clonesafe.agent.0.sock"}
     macs:
-      description: MAC addresses of the clone's NICs.
+      description: MAC addresses of the clone's NICs, as the running domain has them.
       type: list
       elements: str
       sample: ["52:54:00:3a:9f:01"]
+    links:
+      description: Link state of each NIC, in the order of RV(clones[].macs).
+      type: list
+      elements: str
+      sample: [down]
     network:
       description: V(held) when a NIC link is down, V(released) when all are up, V(none) without NICs.
       type: str
-      sample: released
+      sample: held
+    uri:
+      description: The libvirt connection URI the clone was read through.
+      type: str
+      sample: qemu:///system
 """
 
 from ansible.module_utils.basic import AnsibleModule
