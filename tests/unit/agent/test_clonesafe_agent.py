@@ -291,11 +291,11 @@ def test_a_failed_write_leaves_the_old_set_and_no_staged_secret(agent_module, ag
     real_write_new = agent_module.files.write_new
     calls = []
 
-    def disk_full_on_the_third(path, data, mode=0o600):
+    def disk_full_on_the_third(path, data, mode=0o600, like=None):
         calls.append(path)
         if len(calls) == 3:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_write_new(path, data, mode)
+        real_write_new(path, data, mode, like)
 
     monkeypatch.setattr(agent_module.files, "write_new", disk_full_on_the_third)
     reply = json.loads(agent.handle_line(json.dumps({"v": 1, "id": "r1", "op": "rotate", "args": rotate_args()}).encode()))

@@ -6,8 +6,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import typing as t
+
+# The extended attributes that carry a file's security label: kept when a secret is replaced.
+SECURITY_LABELS = ("security.selinux", "security.SMACK64")
 
 
 def fsync_dir(path: str) -> None:
@@ -25,17 +30,53 @@ def temp_path(path: str) -> str:
 
 
 def write_temp(path: str, data: bytes, mode: int) -> str:
-    """Write ``data`` to the temp file beside ``path`` (not yet durable); returns the temp path."""
+    """Write ``data`` to the temp file beside ``path`` (not yet durable); returns the temp path.
+
+    The temp takes the owner, group and security labels of the file it will replace, so a key
+    read by a non-root service (or confined by SELinux) stays readable by it after the rename.
+    """
     tmp = temp_path(path)
+    like = _existing(path)
     try:
-        write_new(tmp, data, mode)
+        write_new(tmp, data, mode, like)
     except FileExistsError:  # left by a crash: never trust its content
         os.unlink(tmp)
-        write_new(tmp, data, mode)
+        write_new(tmp, data, mode, like)
     except FileNotFoundError:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        write_new(tmp, data, mode)
+        write_new(tmp, data, mode, like)
     return tmp
+
+
+def _existing(path: str) -> str | None:
+    """``path`` when it is a regular file whose owner and labels a replacement should keep."""
+    try:
+        return path if stat.S_ISREG(os.lstat(path).st_mode) else None
+    except FileNotFoundError:
+        return None
+
+
+def resolve(path: str) -> str:
+    """The file a rotation must replace: a symlink is followed to its target, so the link stays.
+
+    Replacing the link itself would turn it into a plain file and leave its target, the file the
+    service really reads, with the old secret.
+    """
+    return os.path.realpath(path) if os.path.islink(path) else path
+
+
+def copy_ownership(fd: int, source: str) -> None:
+    """Give the open file ``fd`` the owner, group and security labels (SELinux, SMACK) of ``source``."""
+    info = os.stat(source)
+    os.fchown(fd, info.st_uid, info.st_gid)
+    for name in SECURITY_LABELS:
+        try:
+            value = os.getxattr(source, name)
+        except OSError as error:
+            if error.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+                continue
+            raise
+        os.setxattr(fd, name, value)
 
 
 def _load_syncfs() -> t.Callable[[int], int] | None:
@@ -81,10 +122,15 @@ def sync_parents(paths: t.Iterable[str]) -> None:
     sync_filesystems({os.path.dirname(path) or "." for path in paths})
 
 
-def write_new(path: str, data: bytes, mode: int = 0o600) -> None:
-    """Create ``path`` (which must not exist) with ``data``; durable only after a sync."""
+def write_new(path: str, data: bytes, mode: int = 0o600, like: str | None = None) -> None:
+    """Create ``path`` (which must not exist) with ``data``, owned and labelled like ``like`` if given.
+
+    Durable only after a sync.
+    """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
+        if like is not None:
+            copy_ownership(fd, like)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]

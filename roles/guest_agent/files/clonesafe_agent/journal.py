@@ -56,6 +56,7 @@ class Journal:
 
     def prepare(self, generation: int, operation: str, changes: list[Change]) -> None:
         """Write every new content beside its target and the journal, all made durable by one flush."""
+        changes = [change._replace(path=files.resolve(change.path)) for change in changes]
         entries = [{"path": change.path, "temp": temp_path(change.path) if change.content is not None else None,
                     "mode": change.mode, "sha256": self._digest(change.content) if change.content is not None else None}
                    for change in changes]
@@ -78,20 +79,33 @@ class Journal:
             raise
         self.on_step("prepared")
 
-    def apply(self) -> dict[str, t.Any]:
-        """Put every staged change in place (idempotent: a replay gives the same result)."""
+    def apply(self, verify: bool = False) -> dict[str, t.Any]:
+        """Put every staged change in place (idempotent: a replay gives the same result).
+
+        ``verify`` (recovery): a temp is installed only when its content is the one the journal
+        names; any other temp beside a target (a later rotation that crashed before its own journal
+        was written) is removed, never installed.
+        """
         manifest = self._load()
         entries = t.cast(list, manifest["entries"])
         for index, entry in enumerate(entries):
             if entry["temp"] is None:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry["path"])
+            elif verify and not self._holds(entry["temp"], entry["sha256"]):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry["temp"])
             else:
                 with contextlib.suppress(FileNotFoundError):
                     os.replace(entry["temp"], entry["path"])
             self.on_step(f"applied:{index}")
         sync_parents(entry["path"] for entry in entries)
         return manifest
+
+    def _holds(self, path: str, sha256: str) -> bool:
+        """Whether ``path`` exists with the content whose SHA-256 is ``sha256``."""
+        data = read_bytes(path)
+        return data is not None and self._digest(data) == sha256
 
     def clear(self) -> None:
         """Drop the journal of a finished rotation.
@@ -115,7 +129,7 @@ class Journal:
         removed = 0
         for target in targets:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp_path(target))
+                os.unlink(temp_path(files.resolve(target)))
                 removed += 1
         return removed
 
@@ -161,8 +175,7 @@ class Journal:
         """Whether the new content of one change is on disk (in its temp or already in place)."""
         if entry["sha256"] is None:
             return True
-        return any(data is not None and self._digest(data) == entry["sha256"]
-                   for data in (read_bytes(entry["temp"]), read_bytes(entry["path"])))
+        return self._holds(entry["temp"], entry["sha256"]) or self._holds(entry["path"], entry["sha256"])
 
     def recover(self, targets: t.Iterable[str] = ()) -> int | None:
         """Finish a rotation whose new set is whole on disk, roll back any other.
@@ -188,10 +201,12 @@ class Journal:
             log("an unreadable rotation journal was dropped: the previous secrets are in place")
             return None
         if all(self._whole(entry) for entry in manifest["entries"]):
-            pending = any(os.path.lexists(entry["temp"] if entry["temp"] is not None else entry["path"])
-                          for entry in manifest["entries"])
-            self.apply()
+            pending = any(self._holds(entry["temp"], entry["sha256"]) if entry["temp"] is not None
+                          else os.path.lexists(entry["path"]) for entry in manifest["entries"])
+            self.apply(verify=True)
             self.clear()
+            if self.sweep(targets):  # temps of a later rotation that crashed before its journal
+                sync_parents(targets)
             return int(manifest.get("generation", 0)) if pending else None
         self._remove_temps(manifest["entries"])
         self.clear()
