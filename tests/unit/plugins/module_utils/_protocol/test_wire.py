@@ -399,8 +399,8 @@ def test_free_text_may_hold_control_characters_that_printable_escapes():
     error = wire.encode_message(wire.make_error("r", "failed", "line one\nline two\x1b[31m"))
     message = wire.parse_response(error, "r")["error"]["message"]
     assert wire.printable(message) == "line one\\x0aline two\\x1b[31m"
-    rotate = reply(with_path(ROTATE_RESULT, ("providers", "identity"), {"status": "failed", "method": None,
-                                                                          "error": "OSError:\n\tdisk full"}), "rotate")
+    failed = {"status": "failed", "method": None, "error": "OSError:\n\tdisk full"}
+    rotate = reply(with_path(ROTATE_RESULT, ("providers", "identity"), failed), "rotate")
     assert rotate["result"]["providers"]["identity"]["error"] == "OSError:\n\tdisk full"
 
 
