@@ -16,7 +16,9 @@ from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import p
 
 ARGUMENT_SPEC = {
     "results": {"type": "raw", "required": True},
+    "run_secret": {"type": "str", "required": True, "no_log": True},
     "golden_fingerprints": {"type": "dict", "default": {}},
+    "allow_missing_golden": {"type": "bool", "default": False},
     "fail_on_duplicate": {"type": "bool", "default": True},
 }
 
@@ -38,20 +40,6 @@ def results_by_host(results: t.Any) -> dict[str, t.Mapping[str, t.Any]]:
     raise AnsibleActionFail(f"results must be a dict of host -> secret_multicast result or a list of results, got {type(results).__name__}")
 
 
-def verified_clones(verdict: uniqueness.Verdict) -> dict[str, list[str]]:
-    """Clones whose proof verified and none of whose fingerprints is shared: they may be released."""
-    bad: set[tuple[str, str]] = set()
-    for row in verdict.rows:
-        if row["status"] not in ("unique", "erased"):
-            bad.add((row["host"], row["clone"]))
-    released: dict[str, list[str]] = {}
-    for row in verdict.rows:
-        key = (row["host"], row["clone"])
-        if key not in bad and row["clone"] not in released.get(row["host"], []):
-            released.setdefault(row["host"], []).append(row["clone"])
-    return released
-
-
 class ActionModule(ActionBase):
     """Verify every clone's signed proof and fail, naming them, if any secret is shared."""
 
@@ -65,8 +53,22 @@ class ActionModule(ActionBase):
             raise AnsibleActionFail(f"verify_unique: {'; '.join(validation.error_messages)}")
         args = validation.validated_parameters
 
+        if len(args["run_secret"]) < proof.MIN_RUN_SECRET_LENGTH:
+            raise AnsibleActionFail(
+                f"verify_unique: run_secret must have at least {proof.MIN_RUN_SECRET_LENGTH} characters "
+                "(the secret this run's nonces derive from, given to every secret_multicast of the run)"
+            )
+        golden = args["golden_fingerprints"]
+        if not golden and not args["allow_missing_golden"]:
+            raise AnsibleActionFail(
+                "verify_unique has no golden fingerprints, so a clone that still holds a secret of the golden "
+                "could not be told apart: give golden_fingerprints (the template's, as clonesafe.fleet.golden_snapshot "
+                "or clonesafe.fleet.secret_multicast return them), or set allow_missing_golden: true to compare "
+                "the clones with each other only"
+            )
+
         proofs = uniqueness.collect_proofs(results_by_host(args["results"]))
-        verdict = uniqueness.judge(proofs, args["golden_fingerprints"], proof.verify_attestation)
+        verdict = uniqueness.judge(proofs, golden, args["run_secret"])
         result.update(
             changed=False,
             unique=verdict.unique,
@@ -76,15 +78,18 @@ class ActionModule(ActionBase):
             duplicates=[dict(d, clones=[{"host": h, "clone": c} for h, c in d["clones"]]) for d in verdict.duplicates],
             same_as_golden=verdict.same_as_golden,
             bad_proofs=verdict.bad_proofs,
-            verified=verified_clones(verdict),
+            incomplete=verdict.incomplete,
+            golden_compared=bool(golden),
+            verified=verdict.verified,
         )
-        if not proofs:
+        if not verdict.clones_checked:
             result.update(failed=True, msg="verify_unique found no clone proofs in results: did secret_multicast run and select any clone?")
         elif not verdict.unique and args["fail_on_duplicate"]:
             result.update(failed=True, msg=f"clones are not proven unique: {verdict.failure_message()}")
         else:
             result["msg"] = (
-                f"{verdict.clones_checked} clone(s) proven unique: every signature verified, no secret shared"
+                f"{verdict.clones_checked} clone(s) proven unique: every signature verified, every secret of the golden "
+                "covered, no secret shared" + ("" if golden else " (not compared with the golden: allow_missing_golden)")
                 if verdict.unique
                 else verdict.failure_message()
             )

@@ -69,12 +69,16 @@ options:
     version_added: 0.1.0
   seal:
     description:
-      - Before freezing, ask the golden's clonesafe agent to V(erase) its identity key, SSH host keys and machine-id,
-        so the template holds none of them; the manifest records that the template is sealed.
+      - Before freezing, ask the golden's clonesafe agent to V(erase) its identity key, SSH host keys, machine-id,
+        random seed file and TLS keys, so the template holds none of them; the manifest records that the template
+        is sealed.
+      - The seal is checked against the proof the agent gives just before it. Every secret named there must be
+        reported again, erased, and none may be reported as found but not erased; otherwise the module fails and
+        makes no template.
       - Needs the golden running with the agent (role clonesafe.fleet.guest_agent). The golden keeps running without
         those secrets.
       - Without O(seal), the agent is asked for the fingerprints of the golden's secrets instead (when it answers);
-        M(clonesafe.fleet.verify_unique) fails any clone that still has one of them.
+        M(clonesafe.fleet.verify_unique) fails any clone that still has one of them, or whose proof lacks one.
     type: bool
     default: false
     version_added: 0.1.0
@@ -122,6 +126,13 @@ template:
           as its agent attested them; V(erased) for a sealed template. Give them to M(clonesafe.fleet.verify_unique).
       type: dict
       sample: {identity: "SHA256:Zk3v...", machine_id: "HMAC-SHA256:5f1c...", ssh_host_key.ed25519: "SHA256:q9..."}
+    fingerprint_names:
+      description:
+        - Every secret name the golden's agent reported at snapshot time (with O(seal), the ones it erased). Empty
+          when the golden gave no proof; M(clonesafe.fleet.verify_unique) then refuses to judge unless told otherwise.
+      type: list
+      elements: str
+      sample: [identity, machine_id, ssh_host_key.ecdsa, ssh_host_key.ed25519]
     name:
       description: Template name.
       type: str

@@ -15,6 +15,10 @@ description:
   - Each answer carries per-provider fingerprints and an Ed25519 signature over a fresh per-clone nonce; the
     module verifies every signature before returning, and reports fingerprints shared by clones of this host.
     Cross-host uniqueness is proven by M(clonesafe.fleet.verify_unique) on the controller.
+  - Every nonce derives from O(run_secret), the clone's libvirt domain UUID and a fresh salt, so
+    M(clonesafe.fleet.verify_unique), given the same O(run_secret), can tell that an answer belongs to this run.
+  - A clone whose rotation failed anywhere (no answer, a provider that failed or did not report, a proof that
+    does not verify) is reported as V(failed) and fails the task, after the others rotated.
   - Paused clones (restored with O(clonesafe.fleet.clone#module:paused=true)) are resumed first; their network
     stays as it is (held clones remain held).
   - Never returns or logs key material; fingerprints, keyed hashes and signatures only.
@@ -88,8 +92,17 @@ options:
       - Read from the template manifest when omitted and O(template) is given.
     type: str
     version_added: 0.1.0
+  run_secret:
+    description:
+      - The secret the controller holds for this run (at least 32 characters); every nonce is derived from it.
+        Give every O(run_secret) of one run and M(clonesafe.fleet.verify_unique) the same value, drawn once per run
+        on the controller (see C(playbooks/clone_fleet.yml)).
+      - When omitted, the module draws one for itself. The answers are still verified on this host, but
+        M(clonesafe.fleet.verify_unique) rejects them, as it cannot tell them from the answers of another run.
+    type: str
+    version_added: 0.1.0
   templates_dir:
-    description: Directory holding the templates (for the comparison key in the manifest).
+    description: Directory holding the templates (for the comparison key and the golden's fingerprints in the manifest).
     type: path
     default: /var/lib/clonesafe/templates
     version_added: 0.1.0
@@ -130,11 +143,20 @@ seealso:
 """
 
 EXAMPLES = r"""
+- name: Draw this run's secret on the controller, once
+  ansible.builtin.set_fact:
+    clonesafe_run_secret: "{{ lookup('ansible.builtin.password', '/dev/null', length=64, chars=['ascii_letters', 'digits']) }}"
+  delegate_to: localhost
+  delegate_facts: true
+  run_once: true
+  no_log: true
+
 - name: Regenerate every secret of the clones of template web, with hypervisor and guest entropy
   clonesafe.fleet.secret_multicast:
     template: web
     operation: regenerate
     entropy_source: combined
+    run_secret: "{{ hostvars['localhost'].clonesafe_run_secret }}"
   register: clonesafe_multicast
 
 - name: Rotate only the SSH host keys of two clones, skipping clones without an agent
@@ -143,6 +165,7 @@ EXAMPLES = r"""
     providers: [ssh_host_keys]
     operation: modify
     hash_key: "{{ fleet_hash_key }}"
+    run_secret: "{{ hostvars['localhost'].clonesafe_run_secret }}"
     missing_agent: skip
 """
 
@@ -162,6 +185,10 @@ clones:
       description: Domain name.
       type: str
       sample: web-1
+    domain_uuid:
+      description: The clone's libvirt domain UUID; its nonce derives from it.
+      type: str
+      sample: 3c1b2a4e-5d6f-4a7b-8c9d-0e1f2a3b4c5d
     status:
       description: V(rotated), V(attested) (with O(operation=attest)), V(failed), V(skipped) or, in check mode, V(checked).
       type: str
@@ -184,6 +211,13 @@ clones:
       type: list
       elements: int
       sample: [1]
+    providers:
+      description:
+        - The agent's outcome per provider (C(status), C(method), and C(error) or C(detail) where it has one).
+        - C(not_rotated) lists the fingerprint names of secrets the provider found but did not change; they stay
+          in the proof under their current fingerprints.
+      type: dict
+      sample: {ssh_host_keys: {status: rotated, method: regenerated}, rng: {status: rotated, method: reseeded}}
     fingerprints:
       description: Per-provider public fingerprints or keyed hashes, verified against the signature.
       type: dict
@@ -192,7 +226,12 @@ clones:
       description: The signed proof (nonce, uuid, generation, fingerprints, public key, signature).
       type: dict
     nonce:
-      description: The nonce this host sent (hex); M(clonesafe.fleet.verify_unique) checks the proof against it.
+      description: The nonce this host sent (hex).
+      type: str
+    nonce_salt:
+      description:
+        - The salt of that nonce (hex); M(clonesafe.fleet.verify_unique) derives the nonce again from O(run_secret),
+          C(domain_uuid) and this salt, and checks the proof against it.
       type: str
     latency_ms:
       description: Time from sending the instruction to its answer.
@@ -214,6 +253,13 @@ summary:
   returned: always
   type: dict
   sample: {selected: 4, rotated: 4, failed: 0, skipped: 0, checked: 0, collisions: [], elapsed_ms: 212.4}
+golden_fingerprints:
+  description:
+    - The golden's fingerprints recorded in the manifest of O(template) on this host (empty without O(template), or
+      when the manifest records none). Give them to M(clonesafe.fleet.verify_unique).
+  returned: always
+  type: dict
+  sample: {identity: "SHA256:Zk3v...", machine_id: "HMAC-SHA256:5f1c...", ssh_host_key.ed25519: "SHA256:q9..."}
 resumed:
   description: Clones that were paused and were resumed.
   returned: always
@@ -222,6 +268,7 @@ resumed:
   sample: [web-1]
 """
 
+import dataclasses
 import socket
 
 from ansible.module_utils.basic import AnsibleModule
@@ -236,6 +283,7 @@ from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.selection i
 )
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt._libvirt_dep import assert_libvirt_available
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.connection import LibvirtConnection, require_local_uri
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.template import load_template
 from ansible_collections.clonesafe.fleet.plugins.module_utils._module import run_module
 
 
@@ -253,6 +301,7 @@ def main() -> None:
             "entropy_source": {"type": "str", "default": "combined", "choices": ["guest", "hypervisor", "combined"]},
             "trigger": {"type": "str", "default": "channel", "choices": ["channel", "generation", "both"]},
             "hash_key": {"type": "str", "no_log": True},
+            "run_secret": {"type": "str", "no_log": True},
             "templates_dir": {"type": "path", "default": "/var/lib/clonesafe/templates"},
             "missing_agent": {"type": "str", "default": "fail", "choices": ["fail", "skip"]},
             "timeout": {"type": "float", "default": 60},
@@ -269,6 +318,7 @@ def main() -> None:
     def body() -> dict:
         require_local_uri(params["uri"], "secret_multicast reaches the agent channels through their host-side sockets")
         hash_key = params["hash_key"] or template_hash_key(params["templates_dir"], params["template"])
+        template = load_template(params["templates_dir"], params["template"]) if params["template"] else None
         settings = Settings(
             operation=params["operation"],
             providers=params["providers"],
@@ -280,12 +330,20 @@ def main() -> None:
             hello_timeout=params["hello_timeout"],
             generation_timeout=params["generation_timeout"],
         )
+        if params["run_secret"] is not None:
+            settings.run_secret = params["run_secret"]
         settings.validate()
         with LibvirtConnection(params["uri"]) as conn:
             targets = select_targets(conn, params["template"], params["names"], params["golden"])
             resumed: list[str] = []
             if params["resume"] and not module.check_mode:
                 targets, resumed = resume_paused(conn, targets)
+            # Each nonce, and the proof that answers it, is bound to the domain as libvirt names it.
+            targets = [
+                dataclasses.replace(target, domain_uuid=conn.call(
+                    f"reading the UUID of domain '{target.name}'", conn.get_domain(target.name).UUIDString))
+                for target in targets
+            ]
             report = multicast(targets, settings, check_mode=module.check_mode)
             if not module.check_mode:
                 record_attestations(conn, report, params["operation"])
@@ -296,6 +354,7 @@ def main() -> None:
             "hypervisor": socket.gethostname(),
             "clones": [clone.as_dict() for clone in report.clones],
             "summary": report.summary(),
+            "golden_fingerprints": template.summary()["golden_fingerprints"] if template else {},
             "resumed": resumed,
         }
         failures = report.failures()

@@ -11,10 +11,14 @@ version_added: 0.1.0
 description:
   - Runs on the controller (an action plugin); give it the C(clonesafe.fleet.secret_multicast) results of
     every hypervisor host.
-  - Verifies every clone's Ed25519 attestation against the nonce its host sent (a replayed proof carries an
-    old nonce and is rejected), then compares every fingerprint across all clones of all hosts and with the
-    golden's fingerprints recorded at snapshot time.
-  - Fails, naming the clones, hosts and providers, when a proof does not verify or a secret is shared.
+  - A clone is verified only when its multicast succeeded (status V(rotated) or V(attested), no provider failed),
+    its Ed25519 attestation answers the nonce derived from O(run_secret) for the domain UUID and salt its host
+    reports (an answer from another run is rejected) and verifies, its proof names every secret the golden
+    holds (rotated, or reported as not rotated), and none of its fingerprints is held by another clone of any
+    host or by the golden.
+  - Fails, naming the clones, hosts and secrets, when any clone is not verified. Clones that are not verified
+    are left out of RV(verified), so a later play keeps their network held.
+  - Refuses to judge without O(golden_fingerprints) unless O(allow_missing_golden=true).
   - Never sees key material; fingerprints, keyed hashes and signatures only.
 author:
   - clonesafe developers (@clonesafe)
@@ -40,15 +44,36 @@ options:
     type: raw
     required: true
     version_added: 0.1.0
+  run_secret:
+    description:
+      - The secret the controller drew for this run, the one every M(clonesafe.fleet.secret_multicast) of the run was
+        given as its O(clonesafe.fleet.secret_multicast#module:run_secret) (at least 32 characters).
+      - Every clone's nonce is derived again from it; a result whose nonce does not derive from it (another run, or a
+        multicast given no or another run secret) is rejected.
+    type: str
+    required: true
+    version_added: 0.1.0
   golden_fingerprints:
     description:
-      - The golden's fingerprints recorded in the template manifest by C(clonesafe.fleet.golden_snapshot).
-      - A clone that still has one of them fails the verification.
+      - The golden's fingerprints recorded in the template manifest by C(clonesafe.fleet.golden_snapshot)
+        (RV(clonesafe.fleet.golden_snapshot#module:template.golden_fingerprints), also returned by
+        M(clonesafe.fleet.secret_multicast) as RV(clonesafe.fleet.secret_multicast#module:golden_fingerprints)).
+      - A clone that still has one of them fails the verification, and so does a clone whose proof lacks a secret the
+        golden holds (every name with a value other than V(erased)).
+      - When empty, the task fails unless O(allow_missing_golden=true).
     type: dict
     default: {}
     version_added: 0.1.0
+  allow_missing_golden:
+    description:
+      - Judge without O(golden_fingerprints), comparing the clones with each other only. A secret every clone still
+        shares with the golden is then caught only when two clones are judged together, and a proof that leaves a
+        secret out is not noticed.
+    type: bool
+    default: false
+    version_added: 0.1.0
   fail_on_duplicate:
-    description: Fail the task when the fleet is not proven unique; otherwise report it in RV(unique).
+    description: Fail the task when the fleet is not proven unique (any clone not verified); otherwise report it in RV(unique).
     type: bool
     default: true
     version_added: 0.1.0
@@ -60,14 +85,15 @@ EXAMPLES = r"""
 - name: Prove the fleet unique
   clonesafe.fleet.verify_unique:
     results: "{{ dict(groups['hypervisors'] | zip(groups['hypervisors'] | map('extract', hostvars, 'clonesafe_multicast'))) }}"
-    golden_fingerprints: "{{ clonesafe_template.manifest.golden_fingerprints }}"
+    run_secret: "{{ hostvars['localhost'].clonesafe_run_secret }}"
+    golden_fingerprints: "{{ hostvars[groups['hypervisors'][0]].clonesafe_multicast.golden_fingerprints }}"
   run_once: true
   delegate_to: localhost
 """
 
 RETURN = r"""
 unique:
-  description: Whether every proof verified and no secret is shared.
+  description: Whether every clone is verified (its multicast succeeded, its proof verified and is complete, no secret shared).
   returned: always
   type: bool
   sample: true
@@ -77,7 +103,11 @@ clones_checked:
   type: int
   sample: 12
 table:
-  description: One row per clone and provider.
+  description:
+    - One row per clone and secret. C(status) is V(unique), V(unique, not rotated) (found but not changed by its
+      provider, and held by no other clone nor the golden), V(erased), V(duplicate), V(same as golden), V(missing)
+      (a secret of the golden the proof lacks), or, in a single row for the clone, V(multicast failed),
+      V(no proof), V(bad proof) or V(skipped).
   returned: always
   type: list
   elements: dict
@@ -105,12 +135,24 @@ same_as_golden:
   elements: dict
   sample: []
 bad_proofs:
-  description: Clones whose proof is missing or does not verify, with the reason.
+  description: Clones whose multicast failed, or whose proof is missing, from another run or does not verify, with the reason.
   returned: always
   type: list
   elements: dict
   sample:
-    - {host: hv1, clone: web-3, reason: "attestation nonce is not the nonce sent with this request: a stale or replayed attestation"}
+    - {host: hv1, clone: web-3, reason: "provider(s) failed in the guest: rng (OSError: [Errno 1] Operation not permitted)"}
+incomplete:
+  description: Clones whose proof lacks secrets the golden holds, with their names.
+  returned: always
+  type: list
+  elements: dict
+  sample:
+    - {host: hv1, clone: web-2, missing: [ssh_host_key.ecdsa]}
+golden_compared:
+  description: Whether the clones were compared with golden fingerprints (false only with O(allow_missing_golden=true)).
+  returned: always
+  type: bool
+  sample: true
 verified:
   description: Per host, the clones proven unique (the ones a later play may release onto the network).
   returned: always

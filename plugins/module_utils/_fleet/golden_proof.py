@@ -4,8 +4,10 @@
 """What a template records about the golden's secrets: fingerprints to compare clones against, or a seal.
 
 At snapshot time the golden's agent either proves its current secrets (their fingerprints go into the
-manifest, so ``verify_unique`` fails a clone that still has one) or, with ``seal``, erases them so the
-template holds none. Either way the template gets the fleet's comparison key for keyed hashes.
+manifest, so ``verify_unique`` fails a clone that still has one, or whose proof leaves one out) or,
+with ``seal``, erases them so the template holds none. Either way the template gets the fleet's
+comparison key for keyed hashes, and ``fingerprint_names``: every secret name the golden's agent
+reported.
 """
 
 from __future__ import annotations
@@ -14,13 +16,12 @@ import secrets
 import typing as t
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
-from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.multicast import Settings, Target, multicast
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.multicast import CloneOutcome, Settings, Target, multicast
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.domain_xml import read_channel_socket
-from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import wire
+from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, wire
 
-SEALED_PROVIDERS = ["identity", "ssh_host_keys", "machine_id"]
-# The fingerprint names those providers report under.
-SEALED_FINGERPRINTS = ("identity", "ssh_host_key.", "machine_id")
+# Every provider that holds a secret; rng drops the saved seed file. Hooks are not run for a seal.
+SEALED_PROVIDERS = ["identity", "ssh_host_keys", "machine_id", "rng", "tls"]
 
 
 def new_hash_key() -> str:
@@ -28,24 +29,32 @@ def new_hash_key() -> str:
     return secrets.token_hex(wire.HASH_KEY_BYTES)
 
 
-def golden_proof(name: str, socket_path: str | None, state: str, seal: bool, timeout: float = 30.0) -> dict[str, t.Any]:
+def golden_proof(
+    name: str, socket_path: str | None, state: str, seal: bool, timeout: float = 30.0, domain_uuid: str | None = None
+) -> dict[str, t.Any]:
     """Ask the golden's agent for its fingerprints (or to erase its secrets with ``seal``).
 
-    Returns the manifest's ``proof`` section: the comparison key, the golden's fingerprints, whether the
-    template is sealed, and a warning when the golden has no agent to ask (only allowed without seal).
+    Returns the manifest's ``proof`` section: the comparison key, the golden's fingerprints, the names of
+    its secrets, whether the template is sealed, and a warning when the golden has no agent to ask (only
+    allowed without seal). A seal is checked against the proof taken just before it: every secret named
+    there must be reported again, erased.
     """
     hash_key = new_hash_key()
-    settings = Settings(
-        operation="erase" if seal else "attest",
-        providers=list(SEALED_PROVIDERS) if seal else None,
-        entropy_source="guest",
-        hash_key=hash_key,
-        timeout=timeout,
-        hello_timeout=timeout,
-        allow_unsigned=seal,
-    )
-    report = multicast([Target(name=name, socket_path=socket_path, state=state, role="golden")], settings)
-    outcome = report.clones[0]
+    target = Target(name=name, socket_path=socket_path, state=state, role="golden", domain_uuid=domain_uuid)
+
+    def ask(operation: str) -> CloneOutcome:
+        settings = Settings(
+            operation=operation,
+            providers=list(SEALED_PROVIDERS) if operation == "erase" else None,
+            entropy_source="guest",
+            hash_key=hash_key,
+            timeout=timeout,
+            hello_timeout=timeout,
+            allow_unsigned=seal,
+        )
+        return multicast([target], settings).clones[0]
+
+    outcome = ask("attest")
     if outcome.status == "failed":
         if seal:
             raise ClonesafeError(
@@ -56,24 +65,40 @@ def golden_proof(name: str, socket_path: str | None, state: str, seal: bool, tim
         return {
             "hash_key": hash_key,
             "golden_fingerprints": {},
+            "fingerprint_names": [],
             "sealed": False,
             "warning": f"golden '{name}' gave no proof of its secrets ({outcome.reason}): clones cannot be compared with it",
         }
     if seal:
-        left = sorted(key for key, value in outcome.fingerprints.items() if value != "erased" and _sealed_secret(key))
-        if left:
-            raise ClonesafeError(f"golden '{name}' still reports secrets after the erase: {', '.join(left)}", domain=name)
+        before = set(outcome.fingerprints)
+        outcome = ask("erase")
+        if outcome.status == "failed":
+            raise ClonesafeError(f"cannot seal golden '{name}': {outcome.reason}", domain=name)
+        check_sealed(name, before, outcome)
     return {
         "hash_key": hash_key,
         "golden_fingerprints": dict(outcome.fingerprints),
+        "fingerprint_names": sorted(outcome.fingerprints),
         "sealed": seal,
         "golden_generation": outcome.generation,
     }
 
 
-def _sealed_secret(fingerprint_name: str) -> bool:
-    return any(fingerprint_name == prefix or (prefix.endswith(".") and fingerprint_name.startswith(prefix))
-               for prefix in SEALED_FINGERPRINTS)
+def check_sealed(name: str, before: t.Iterable[str], outcome: CloneOutcome) -> None:
+    """Fail unless every secret the golden reported before the erase is reported again, erased, and none was kept."""
+    after = outcome.fingerprints
+    left = sorted(key for key, value in after.items() if value != proof.ERASED)
+    vanished = sorted(set(before) - set(after))
+    kept = sorted({str(key) for state in outcome.providers.values() for key in state.get(proof.NOT_ROTATED, [])})
+    problems = []
+    if left:
+        problems.append(f"still reports secrets after the erase: {', '.join(left)}")
+    if kept:
+        problems.append(f"reports secrets it found but did not erase: {', '.join(kept)}")
+    if vanished:
+        problems.append(f"the proof after the erase leaves out {', '.join(vanished)}, named before it: not proven erased")
+    if problems:
+        raise ClonesafeError(f"golden '{name}' is not sealed: {'; '.join(problems)}", domain=name)
 
 
 def golden_proof_for_domain(conn: t.Any, golden: str, seal: bool, timeout: float = 30.0) -> dict[str, t.Any]:
@@ -85,4 +110,5 @@ def golden_proof_for_domain(conn: t.Any, golden: str, seal: bool, timeout: float
             f"cannot seal golden '{golden}': it is {state}; its agent must be running to erase its secrets",
             domain=golden,
         )
-    return golden_proof(golden, read_channel_socket(conn.domain_xml(domain)), state, seal, timeout)
+    return golden_proof(golden, read_channel_socket(conn.domain_xml(domain)), state, seal, timeout,
+                        domain_uuid=conn.call(f"reading the UUID of domain '{golden}'", domain.UUIDString))

@@ -31,12 +31,13 @@ HYPERVISOR_ENTROPY_BYTES = 64
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """A selected clone: its name, the host side of its agent channel, and its domain state."""
+    """A selected clone: its name, the host side of its agent channel, its domain state and libvirt UUID."""
 
     name: str
     socket_path: str | None
     state: str = "running"
     role: str = "clone"
+    domain_uuid: str | None = None
 
 
 @dataclasses.dataclass
@@ -48,6 +49,9 @@ class Settings:
     entropy_source: str = "combined"
     trigger: str = "channel"
     hash_key: str = ""
+    # The secret the controller holds for this run: every nonce derives from it (proof.derive_nonce).
+    # A fresh one when the caller has none; verify_unique then cannot tie the answers to its run.
+    run_secret: str = dataclasses.field(default_factory=lambda: secrets.token_hex(32), repr=False)
     missing_agent: str = "fail"
     timeout: float = 60.0
     hello_timeout: float = 15.0
@@ -75,6 +79,8 @@ class Settings:
                 "hash_key must be 64 lowercase hex characters: the template manifest's comparison key, "
                 "the same on every host of the fleet"
             )
+        if not isinstance(self.run_secret, str) or len(self.run_secret) < proof.MIN_RUN_SECRET_LENGTH:
+            raise ClonesafeError(f"run_secret must have at least {proof.MIN_RUN_SECRET_LENGTH} characters")
         if self.operation == "attest" and self.trigger != "channel":
             raise ClonesafeError("operation=attest only collects proofs: use trigger=channel")
         if self.trigger == "generation" and self.operation != "regenerate":
@@ -87,6 +93,7 @@ class CloneOutcome:
 
     name: str
     role: str = "clone"
+    domain_uuid: str | None = None
     status: str = "pending"
     reason: str | None = None
     agent_version: str | None = None
@@ -99,6 +106,7 @@ class CloneOutcome:
     providers: dict[str, t.Any] = dataclasses.field(default_factory=dict)
     fingerprints: dict[str, str] = dataclasses.field(default_factory=dict)
     nonce: str | None = None
+    nonce_salt: str | None = None
     attestation: dict[str, t.Any] | None = None
     entropy_source: str | None = None
     latency_ms: float | None = None
@@ -155,6 +163,12 @@ def _interrupted_vcpus(before: list[int], after: list[int]) -> list[int]:
     return [cpu for cpu, (old, new) in enumerate(zip(before, after)) if new > old]
 
 
+def _nonce(settings: Settings, target: Target) -> tuple[str, str]:
+    """A fresh salt and the nonce it derives with the run secret for this domain: (salt, nonce)."""
+    salt = secrets.token_hex(proof.NONCE_SALT_BYTES)
+    return salt, proof.derive_nonce(settings.run_secret, target.domain_uuid or "", salt)
+
+
 def _rotate_args(settings: Settings, nonce: str) -> dict[str, t.Any]:
     args: dict[str, t.Any] = {
         "operation": settings.operation,
@@ -196,7 +210,9 @@ def _hello_all(outcomes: dict[str, CloneOutcome], targets: t.Sequence[Target], s
     return hellos
 
 
-def _attach_attestation(outcome: CloneOutcome, attestation: dict[str, t.Any], nonce: str, allow_unsigned: bool = False) -> None:
+def _attach_attestation(
+    outcome: CloneOutcome, attestation: dict[str, t.Any], nonce: str, salt: str, allow_unsigned: bool = False
+) -> None:
     """Check the proof right here, so a garbage or replayed answer is named by the host that got it."""
     try:
         outcome.fingerprints = proof.verify_attestation(attestation, nonce, allow_unsigned=allow_unsigned)
@@ -206,6 +222,7 @@ def _attach_attestation(outcome: CloneOutcome, attestation: dict[str, t.Any], no
         return
     outcome.attestation = attestation
     outcome.nonce = nonce
+    outcome.nonce_salt = salt
 
 
 def _wait_for_own_regeneration(
@@ -237,11 +254,11 @@ def _wait_for_own_regeneration(
 
 def _attest_all(outcomes: dict[str, CloneOutcome], targets: t.Sequence[Target], settings: Settings, status: str) -> None:
     """Ask every target for a proof of its current secrets over a fresh nonce."""
-    calls = [
-        ChannelCall(target.name, target.socket_path or "", "attest",
-                    {"nonce": secrets.token_hex(wire.NONCE_BYTES), "hash_key": settings.hash_key})
-        for target in targets
-    ]
+    salts = {}
+    calls = []
+    for target in targets:
+        salts[target.name], nonce = _nonce(settings, target)
+        calls.append(ChannelCall(target.name, target.socket_path or "", "attest", {"nonce": nonce, "hash_key": settings.hash_key}))
     call_all(calls, settings.timeout)
     for call in calls:
         outcome = outcomes[call.clone]
@@ -252,17 +269,22 @@ def _attest_all(outcomes: dict[str, CloneOutcome], targets: t.Sequence[Target], 
         outcome.status = status
         outcome.latency_ms = call.latency_ms
         outcome.generation = (call.result or {}).get("generation")
-        _attach_attestation(outcome, call.result or {}, call.args["nonce"])
+        _attach_attestation(outcome, call.result or {}, call.args["nonce"], salts[call.clone], settings.allow_unsigned)
 
 
 def multicast(targets: t.Sequence[Target], settings: Settings, check_mode: bool = False) -> Report:
     """Run one multicast over ``targets``: hello, then (unless check mode) the instruction, at once."""
     settings.validate()
     started = time.monotonic()
-    outcomes = {target.name: CloneOutcome(name=target.name, role=target.role) for target in targets}
+    outcomes = {target.name: CloneOutcome(name=target.name, role=target.role, domain_uuid=target.domain_uuid)
+                for target in targets}
     reachable = []
     for target in targets:
-        if target.state != "running":
+        if not target.domain_uuid or not proof.DOMAIN_UUID_PATTERN.fullmatch(target.domain_uuid):
+            # Nothing would bind its proof to its domain: never ask it.
+            outcomes[target.name].status = "failed"
+            outcomes[target.name].reason = f"its libvirt domain UUID is unknown or malformed ({target.domain_uuid!r})"
+        elif target.state != "running":
             _fail_or_skip(outcomes[target.name], f"it is {target.state}, not running", settings.missing_agent)
         elif not target.socket_path:
             _fail_or_skip(outcomes[target.name], "its domain has no org.clonesafe.agent.0 channel", settings.missing_agent)
@@ -294,8 +316,9 @@ def multicast(targets: t.Sequence[Target], settings: Settings, check_mode: bool 
         return _finish(outcomes, started)
 
     rotate_calls = []
+    salts = {}
     for target in ready:
-        nonce = secrets.token_hex(wire.NONCE_BYTES)
+        salts[target.name], nonce = _nonce(settings, target)
         rotate_calls.append(ChannelCall(target.name, target.socket_path or "", "rotate", _rotate_args(settings, nonce)))
     call_all(rotate_calls, settings.timeout)
     for call in rotate_calls:
@@ -316,15 +339,28 @@ def multicast(targets: t.Sequence[Target], settings: Settings, check_mode: bool 
         outcome.interrupted_vcpus = _interrupted_vcpus(list(before), outcome.vcpu_interrupts)
         outcome.trigger = outcome.trigger or "channel"
         failed_providers = sorted(name for name, state in outcome.providers.items() if state["status"] == "failed")
+        unreported = _unreported_providers(settings, hellos.get(call.clone, {}), outcome.providers)
         outcome.status = "rotated"
-        _attach_attestation(outcome, result["attestation"], call.args["nonce"],
+        _attach_attestation(outcome, result["attestation"], call.args["nonce"], salts[call.clone],
                             allow_unsigned=settings.allow_unsigned and settings.operation == "erase")
         if failed_providers and outcome.status == "rotated":
             outcome.status = "failed"
             outcome.reason = "provider(s) failed in the guest: " + ", ".join(
                 f"{name} ({outcome.providers[name].get('error', 'no reason given')})" for name in failed_providers
             )
+        elif unreported and outcome.status == "rotated":
+            outcome.status = "failed"
+            outcome.reason = f"its agent reported no outcome for provider(s) {', '.join(unreported)}"
     return _finish(outcomes, started)
+
+
+def _unreported_providers(settings: Settings, hello: dict[str, t.Any], reported: dict[str, t.Any]) -> list[str]:
+    """Providers the instruction covered (those asked for, else every one the agent said is enabled) without an outcome."""
+    if settings.providers:
+        expected = list(settings.providers)
+    else:
+        expected = [name for name, state in (hello.get("providers") or {}).items() if state.get("enabled")]
+    return sorted(name for name in expected if name not in reported)
 
 
 def _finish(outcomes: dict[str, CloneOutcome], started: float) -> Report:

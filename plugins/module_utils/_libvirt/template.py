@@ -7,7 +7,8 @@ Layout of ``<templates_dir>/<name>/``::
 
     base.qcow2      the golden's disk as it was at snapshot time (read-only from then on)
     memory.save     libvirt save image of the golden's RAM, consistent with base.qcow2 (memory: true)
-    manifest.json   source domain and XML, genid at snapshot time, paths, sizes, sha256, time
+    manifest.json   source domain and XML, genid at snapshot time, paths, sizes, sha256, time, and
+                    the golden's proof (comparison key, fingerprints, fingerprint_names, sealed)
 
 A template is built in ``.<name>.partial`` and renamed into place at the end, so a template
 directory with a manifest is always complete.
@@ -112,6 +113,7 @@ class Template:
             "golden_overlay": manifest["source"].get("overlay_after"),
             "sealed": bool((manifest.get("proof") or {}).get("sealed")),
             "golden_fingerprints": dict((manifest.get("proof") or {}).get("golden_fingerprints") or {}),
+            "fingerprint_names": list((manifest.get("proof") or {}).get("fingerprint_names") or []),
         }
 
 
@@ -292,8 +294,8 @@ def create_template(
 ) -> Template:
     """Freeze the golden into a new template directory (see the module docstring for the order).
 
-    ``proof`` is what the golden's agent said just before (its fingerprints or its seal, and the fleet's
-    comparison key); the manifest keeps it for the multicast and for verify_unique.
+    ``proof`` is what the golden's agent said just before (its fingerprints or its seal, the names of its
+    secrets, and the fleet's comparison key); the manifest keeps it for the multicast and for verify_unique.
     """
     domain = conn.get_domain(plan.golden)
     source_xml = conn.domain_xml(domain, inactive=True)

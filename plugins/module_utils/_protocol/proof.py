@@ -12,6 +12,16 @@ An attestation is ``{"nonce", "uuid", "generation", "fingerprints", "public_key"
 the signature is Ed25519 by the guest's identity key over :func:`canonical_payload`. The host
 checks that the nonce is the one it sent (a replayed attestation carries an old one), that the
 public key is the one fingerprints["identity"] names, and that the signature verifies.
+
+Nonces come from a secret the controller holds for one run (:func:`derive_nonce`): the host draws
+a salt per request and sends HMAC(run secret, domain UUID, salt); verify_unique, which holds the run
+secret, recomputes it from the salt and domain UUID the host returns, so an answer to a nonce of
+another run, or of another domain, does not verify.
+
+Completeness: a proof names every secret the guest holds, each under its fingerprint name. A secret
+the agent found but did not change in a rotation keeps its current fingerprint in the proof (so it
+is still compared with the golden's and the other clones') and its provider's outcome lists its name
+under :data:`NOT_ROTATED`; it is never left out.
 """
 
 from __future__ import annotations
@@ -42,7 +52,19 @@ FINGERPRINT_PREFIX = "SHA256:"
 KEYED_HASH_PREFIX = "HMAC-SHA256:"
 ATTESTATION_FIELDS = ("nonce", "uuid", "generation", "fingerprints", "public_key", "signature")
 
+# Optional field of a provider's outcome in a rotate result: the fingerprint names of secrets the
+# provider found on the guest but did not change (rotate, modify, regenerate or erase), for example a
+# host key of a type it cannot make. Such a secret stays in the attestation under its current
+# fingerprint, so verify_unique still compares it with the golden's and the other clones'.
+NOT_ROTATED = "not_rotated"
+NONCE_DOMAIN = "clonesafe-nonce-v1"
+NONCE_SALT_BYTES = 16
+MIN_RUN_SECRET_LENGTH = 32
+
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_SALT = re.compile(r"[0-9a-f]{%d}" % (2 * NONCE_SALT_BYTES))
+# libvirt's UUIDString(): the canonical lowercase form.
+DOMAIN_UUID_PATTERN = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _MAX_FINGERPRINTS = 512
 
 
@@ -90,6 +112,24 @@ def keyed_hash(hash_key_hex: str, data: bytes) -> str:
     if not isinstance(hash_key_hex, str) or not _HEX64.fullmatch(hash_key_hex):
         raise ProofError("hash_key must be 64 lowercase hex characters (32 bytes)")
     return KEYED_HASH_PREFIX + hmac.new(bytes.fromhex(hash_key_hex), data, hashlib.sha256).hexdigest()
+
+
+def derive_nonce(run_secret: str, domain_uuid: str, salt: str) -> str:
+    """The nonce for one request to one domain: hex HMAC-SHA256 keyed with the run secret.
+
+    The message is ``NONCE_DOMAIN``, ``domain_uuid`` (libvirt's, lowercase) and ``salt`` (32 lowercase
+    hex characters, fresh per request) joined by NUL bytes; the key is the UTF-8 of ``run_secret``
+    (at least MIN_RUN_SECRET_LENGTH characters). Whoever holds the run secret can recompute the nonce
+    from the salt and domain UUID; nobody else can tie an answer to this run.
+    """
+    if not isinstance(run_secret, str) or len(run_secret) < MIN_RUN_SECRET_LENGTH:
+        raise ProofError(f"the run secret must be a string of at least {MIN_RUN_SECRET_LENGTH} characters")
+    if not isinstance(domain_uuid, str) or not DOMAIN_UUID_PATTERN.fullmatch(domain_uuid):
+        raise ProofError("the domain UUID must be a lowercase UUID as libvirt writes it")
+    if not isinstance(salt, str) or not _SALT.fullmatch(salt):
+        raise ProofError(f"the nonce salt must be {2 * NONCE_SALT_BYTES} lowercase hex characters")
+    message = "\0".join((NONCE_DOMAIN, domain_uuid, salt)).encode("ascii")
+    return hmac.new(run_secret.encode("utf-8"), message, hashlib.sha256).hexdigest()
 
 
 def canonical_payload(nonce: str, uuid: str, generation: int, fingerprints: dict[str, str]) -> bytes:

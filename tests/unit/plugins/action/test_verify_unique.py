@@ -1,4 +1,5 @@
-"""verify_unique as users run it: a playbook on the controller, fed multicast results of several hosts."""
+"""verify_unique as users run it: a playbook on the controller, fed multicast results of several hosts,
+with proofs made independently of the code under test (proof_oracle)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,14 @@ import os
 import secrets
 
 from clonesafe_testlib import run_playbook
-
-from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof
-
-HASH_KEY = secrets.token_hex(32)
+from proof_oracle import RUN_SECRET, clone_result, fingerprint
 
 PLAYBOOK = """
 - hosts: localhost
   gather_facts: false
   tasks:
     - name: Verify
-      clonesafe.fleet.verify_unique:
-        results: "{{ fleet_results }}"
-        golden_fingerprints: "{{ golden_fingerprints }}"
+      clonesafe.fleet.verify_unique: "{{ verify_args }}"
       register: verdict
       ignore_errors: true
     - name: Save the verdict
@@ -29,25 +25,18 @@ PLAYBOOK = """
         mode: "0600"
 """
 
-
-def clone_result(name, seed=None):
-    key = proof.generate_identity_key(seed or os.urandom(32))
-    nonce = secrets.token_hex(32)
-    fingerprints = {
-        "identity": proof.identity_fingerprint(proof.raw_public_key(key)),
-        "machine_id": proof.keyed_hash(HASH_KEY, os.urandom(16)),
-    }
-    return {"name": name, "nonce": nonce, "status": "rotated",
-            "attestation": proof.sign_attestation(key, nonce, name, 1, fingerprints)}
+GOLDEN = {"identity": fingerprint(b"golden identity")}
 
 
-def verify(tmp_path, fleet_results, golden=None):
+def verify(tmp_path, fleet_results, golden=None, **options):
     (tmp_path / "play.yml").write_text(PLAYBOOK)
-    variables = {"fleet_results": fleet_results, "golden_fingerprints": golden or {},
-                 "verdict_file": str(tmp_path / "verdict.json")}
+    args = {"results": fleet_results, "run_secret": RUN_SECRET,
+            "golden_fingerprints": GOLDEN if golden is None else golden, **options}
+    variables = {"verify_args": args, "verdict_file": str(tmp_path / "verdict.json")}
     (tmp_path / "vars.json").write_text(json.dumps(variables))
     run = run_playbook(tmp_path / "play.yml", "-e", f"@{tmp_path / 'vars.json'}")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert RUN_SECRET not in run.stdout + run.stderr, "the run secret must never reach the output"
     return json.loads((tmp_path / "verdict.json").read_text())
 
 
@@ -55,15 +44,16 @@ def test_unique_fleet_passes(tmp_path):
     verdict = verify(tmp_path, {"hv1": {"clones": [clone_result("a"), clone_result("b")]},
                                 "hv2": {"clones": [clone_result("c")]}})
     assert verdict.get("failed") is not True, verdict
-    assert verdict["unique"] is True
+    assert verdict["unique"] is True and verdict["golden_compared"] is True
     assert verdict["clones_checked"] == 3
     assert verdict["verified"] == {"hv1": ["a", "b"], "hv2": ["c"]}
+    assert RUN_SECRET not in json.dumps(verdict)
 
 
 def test_planted_duplicate_fails_and_names_clones(tmp_path):
     seed = os.urandom(32)
-    verdict = verify(tmp_path, {"hv1": {"clones": [clone_result("a", seed), clone_result("b")]},
-                                "hv2": {"clones": [clone_result("c", seed)]}})
+    verdict = verify(tmp_path, {"hv1": {"clones": [clone_result("a", seed=seed), clone_result("b")]},
+                                "hv2": {"clones": [clone_result("c", seed=seed)]}})
     assert verdict["failed"] is True
     assert "identity is shared by a on hv1, c on hv2" in verdict["msg"]
     assert verdict["verified"] == {"hv1": ["b"]}
@@ -79,3 +69,55 @@ def test_no_proofs_at_all_is_an_error(tmp_path):
     verdict = verify(tmp_path, {"hv1": {"clones": []}})
     assert verdict["failed"] is True
     assert "found no clone proofs" in verdict["msg"]
+
+
+# Issue 17, hole 1: without golden fingerprints the comparison with the golden silently turned off.
+
+def test_no_golden_fingerprints_no_verdict_unless_asked_for(tmp_path):
+    fleet = {"hv1": {"clones": [clone_result("a"), clone_result("b")]}}
+    refused = verify(tmp_path, fleet, golden={})
+    assert refused["failed"] is True
+    assert "verify_unique has no golden fingerprints" in refused["msg"] and "allow_missing_golden: true" in refused["msg"]
+    assert "verified" not in refused
+    allowed = verify(tmp_path, fleet, golden={}, allow_missing_golden=True)
+    assert allowed.get("failed") is not True, allowed
+    assert allowed["golden_compared"] is False and allowed["verified"] == {"hv1": ["a", "b"]}
+    assert "not compared with the golden" in allowed["msg"]
+
+
+def test_a_proof_lacking_a_secret_of_the_golden_fails_naming_clone_and_secret(tmp_path):
+    golden = {"identity": fingerprint(b"gi"), "ssh_host_key.ecdsa": fingerprint(b"gec")}
+    verdict = verify(tmp_path, {"hv1": {"clones": [clone_result("a", secrets_={"ssh_host_key.ecdsa": fingerprint(b"a")}),
+                                                   clone_result("b", secrets_={})]}}, golden=golden)
+    assert verdict["failed"] is True
+    assert "clone b on hv1: its proof lacks the golden's ssh_host_key.ecdsa" in verdict["msg"]
+    assert verdict["incomplete"] == [{"host": "hv1", "clone": "b", "missing": ["ssh_host_key.ecdsa"]}]
+    assert verdict["verified"] == {"hv1": ["a"]}
+
+
+# Issue 17, hole 6: a result saved from another run verified against its own nonce.
+
+def test_a_result_of_another_run_is_rejected(tmp_path):
+    replayed = clone_result("a", run_secret=secrets.token_urlsafe(48))
+    verdict = verify(tmp_path, {"hv1": {"clones": [replayed, clone_result("b")]}})
+    assert verdict["failed"] is True
+    assert "clone a on hv1: not verified: its nonce was not issued in this run" in verdict["msg"]
+    assert verdict["verified"] == {"hv1": ["b"]}
+
+
+def test_a_short_run_secret_is_refused(tmp_path):
+    verdict = verify(tmp_path, {"hv1": {"clones": [clone_result("a")]}}, run_secret="short")
+    assert verdict["failed"] is True and "run_secret must have at least 32 characters" in verdict["msg"]
+
+
+# Issue 17, hole 7: a clone whose multicast failed was verified on its unique fingerprints.
+
+def test_a_clone_whose_multicast_failed_stays_held_and_is_named(tmp_path):
+    providers = {"identity": {"status": "rotated", "method": "regenerated"},
+                 "hooks": {"status": "failed", "method": None, "error": "10-restart-sshd exited 1"}}
+    failed = clone_result("b", status="failed", reason="provider(s) failed in the guest: hooks (10-restart-sshd exited 1)",
+                          providers=providers)
+    verdict = verify(tmp_path, {"hv1": {"failed": True, "clones": [clone_result("a"), failed]}})
+    assert verdict["failed"] is True and verdict["unique"] is False
+    assert "clone b on hv1: not verified: its multicast did not succeed (failed: provider(s) failed in the guest: hooks" in verdict["msg"]
+    assert verdict["verified"] == {"hv1": ["a"]}

@@ -8,6 +8,7 @@ import shutil
 import socket
 import sys
 import threading
+import uuid
 
 import pytest
 
@@ -61,12 +62,13 @@ def fleet(tmp_path, agent_module):
     agent_module.Agent(str(golden_root)).start()
     servers = []
 
-    def serve(name, root):
+    def serve(name, root, wrap=None):
+        """Serve the agent on ``root``; ``wrap(agent)`` may return something else with a handle_line to serve instead."""
         agent = agent_module.Agent(str(root))
         agent.start()
         path = str(tmp_path / f"{name}.sock")
-        servers.append(ChannelServer(path, agent))
-        return Target(name=name, socket_path=path)
+        servers.append(ChannelServer(path, wrap(agent) if wrap else agent))
+        return Target(name=name, socket_path=path, domain_uuid=str(uuid.uuid4()))
 
     def make_clones(count: int) -> list[Target]:
         targets = []

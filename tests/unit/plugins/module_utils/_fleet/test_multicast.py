@@ -3,34 +3,40 @@ root share its secrets, and one multicast makes every secret unique."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import secrets
+import shutil
+import uuid
 
 import pytest
+from proof_oracle import nonce_for
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet import uniqueness
-from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.fanout import ChannelCall, call_all
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.multicast import Settings, Target, multicast
-from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof
 
 HASH_KEY = secrets.token_hex(32)
+RUN_SECRET = secrets.token_urlsafe(48)
 
 
 def attest_all(targets):
-    calls = [ChannelCall(t.name, t.socket_path, "attest", {"nonce": secrets.token_hex(32), "hash_key": HASH_KEY})
-             for t in targets]
-    call_all(calls, timeout=10)
-    assert all(call.failure() is None for call in calls), [call.failure() for call in calls]
-    return {"hv": {"clones": [{"name": c.clone, "nonce": c.args["nonce"], "attestation": c.result} for c in calls]}}
+    report = multicast(targets, Settings(hash_key=HASH_KEY, operation="attest", run_secret=RUN_SECRET, timeout=10))
+    assert [clone.status for clone in report.clones] == ["attested"] * len(targets), [c.reason for c in report.clones]
+    return {"hv": {"clones": [clone.as_dict() for clone in report.clones]}}
+
+
+def judge(results, run_secret=RUN_SECRET):
+    return uniqueness.judge(uniqueness.collect_proofs(results), {}, run_secret)
 
 
 def test_copied_clones_share_secrets_until_the_multicast(fleet):
     targets = fleet(4)
-    before = uniqueness.judge(uniqueness.collect_proofs(attest_all(targets)), {}, proof.verify_attestation)
+    before = judge(attest_all(targets))
     shared = {duplicate["provider"] for duplicate in before.duplicates}
     assert {"identity", "machine_id", "ssh_host_key.ed25519"} <= shared, "copies must start out sharing their secrets"
 
-    report = multicast(targets, Settings(hash_key=HASH_KEY, entropy_source="combined", timeout=30))
+    report = multicast(targets, Settings(hash_key=HASH_KEY, entropy_source="combined", timeout=30, run_secret=RUN_SECRET))
     assert report.changed
     assert [clone.status for clone in report.clones] == ["rotated"] * 4, [c.reason for c in report.clones]
     assert report.collisions == []
@@ -40,10 +46,76 @@ def test_copied_clones_share_secrets_until_the_multicast(fleet):
         assert clone.fingerprints["identity"].startswith("SHA256:")
         assert 0 <= clone.agent_ms <= clone.latency_ms, "the agent's own time is part of the round trip"
         assert clone.agent_phases_ms["total"] == clone.agent_ms and "journal.apply" in clone.agent_phases_ms
-    after = uniqueness.judge(
-        uniqueness.collect_proofs({"hv": {"clones": [c.as_dict() for c in report.clones]}}), {}, proof.verify_attestation
-    )
+    after = judge({"hv": {"clones": [c.as_dict() for c in report.clones]}})
     assert after.unique, after.failure_message()
+    assert after.verified == {"hv": [target.name for target in targets]}
+
+
+# Issue 17, hole 6: the nonces derive from the run's secret, so only the controller of this run can judge the answers.
+
+def test_every_nonce_derives_from_the_run_secret_the_domain_uuid_and_a_fresh_salt(fleet):
+    targets = fleet(2)
+    report = multicast(targets, Settings(hash_key=HASH_KEY, run_secret=RUN_SECRET))
+    for target, clone in zip(targets, report.clones):
+        assert clone.domain_uuid == target.domain_uuid
+        assert len(clone.nonce_salt) == 32
+        assert clone.nonce == clone.attestation["nonce"] == nonce_for(RUN_SECRET, target.domain_uuid, clone.nonce_salt)
+    assert report.clones[0].nonce_salt != report.clones[1].nonce_salt
+
+
+def test_answers_judged_with_another_run_secret_are_rejected(fleet):
+    report = multicast(fleet(2), Settings(hash_key=HASH_KEY, run_secret=RUN_SECRET))
+    verdict = judge({"hv": {"clones": [c.as_dict() for c in report.clones]}}, run_secret=secrets.token_urlsafe(48))
+    assert verdict.verified == {}
+    assert [problem["reason"][:39] for problem in verdict.bad_proofs] == ["its nonce was not issued in this run: a"] * 2
+
+
+def test_a_multicast_without_a_run_secret_cannot_be_judged_by_the_controller(fleet):
+    report = multicast(fleet(1), Settings(hash_key=HASH_KEY))
+    assert report.clones[0].status == "rotated"
+    verdict = judge({"hv": {"clones": [c.as_dict() for c in report.clones]}})
+    assert verdict.verified == {} and "not issued in this run" in verdict.bad_proofs[0]["reason"]
+
+
+@pytest.mark.parametrize("domain_uuid", [None, "", "6C1E1F4E-0000-4000-8000-000000000001", "not-a-uuid"])
+def test_a_clone_without_a_proper_domain_uuid_is_never_asked(fleet, domain_uuid):
+    target = dataclasses.replace(fleet(1)[0], domain_uuid=domain_uuid)
+    report = multicast([target], Settings(hash_key=HASH_KEY))
+    assert report.clones[0].status == "failed"
+    assert report.clones[0].reason.startswith("its libvirt domain UUID is unknown or malformed")
+    assert report.clones[0].hello == {}, "no request may reach a clone its proof could not be bound to"
+
+
+# Issue 17, hole 7: a rotation that did not cover every provider fails the clone.
+
+class DroppingOutcome:
+    """The real agent, whose rotate answers lose one provider's outcome on the way."""
+
+    def __init__(self, agent, provider):
+        self.agent, self.provider = agent, provider
+
+    def handle_line(self, line):
+        reply = json.loads(self.agent.handle_line(line))
+        if reply.get("ok") and "providers" in reply["result"] and "attestation" in reply["result"]:
+            reply["result"]["providers"].pop(self.provider, None)
+        return (json.dumps(reply) + "\n").encode()
+
+
+def test_a_provider_that_reports_no_outcome_fails_the_clone(fleet):
+    golden = fleet.golden_root
+    healthy = fleet.serve("healthy", _copy(golden, "healthy"))
+    lossy = fleet.serve("lossy", _copy(golden, "lossy"), wrap=lambda agent: DroppingOutcome(agent, "rng"))
+    report = multicast([healthy, lossy], Settings(hash_key=HASH_KEY, run_secret=RUN_SECRET))
+    statuses = {clone.name: (clone.status, clone.reason) for clone in report.clones}
+    assert statuses == {"healthy": ("rotated", None), "lossy": ("failed", "its agent reported no outcome for provider(s) rng")}
+    verdict = judge({"hv": {"clones": [c.as_dict() for c in report.clones]}})
+    assert verdict.verified == {"hv": ["healthy"]}
+
+
+def _copy(golden_root, name):
+    root = golden_root.parent / name
+    shutil.copytree(golden_root, root, symlinks=True)
+    return root
 
 
 def test_check_mode_only_says_hello(fleet):
@@ -58,7 +130,7 @@ def test_check_mode_only_says_hello(fleet):
 
 
 def test_clone_without_agent_fails_by_name_while_others_rotate(fleet, tmp_path):
-    targets = fleet(2) + [Target(name="silent", socket_path=str(tmp_path / "nobody.sock"))]
+    targets = fleet(2) + [Target(name="silent", socket_path=str(tmp_path / "nobody.sock"), domain_uuid=str(uuid.uuid4()))]
     report = multicast(targets, Settings(hash_key=HASH_KEY, hello_timeout=2))
     statuses = {clone.name: clone.status for clone in report.clones}
     assert statuses == {"clone-0": "rotated", "clone-1": "rotated", "silent": "failed"}
@@ -66,7 +138,7 @@ def test_clone_without_agent_fails_by_name_while_others_rotate(fleet, tmp_path):
 
 
 def test_skip_policy_lists_skipped_clones(fleet, tmp_path):
-    targets = fleet(1) + [Target(name="off", socket_path=str(tmp_path / "x.sock"), state="shutoff")]
+    targets = fleet(1) + [Target(name="off", socket_path=str(tmp_path / "x.sock"), state="shutoff", domain_uuid=str(uuid.uuid4()))]
     report = multicast(targets, Settings(hash_key=HASH_KEY, missing_agent="skip"))
     assert report.summary()["skipped"] == 1
     assert report.clones[1].reason == "it is shutoff, not running"

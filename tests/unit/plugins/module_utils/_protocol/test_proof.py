@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import copy
 import hashlib
+import hmac
 import json
 
 import pytest
@@ -133,3 +134,26 @@ def test_keyed_hash_is_hmac_and_requires_a_proper_key():
 def test_arbitrary_attestations_raise_only_proof_errors(attestation):
     with pytest.raises(proof.ProofError):
         proof.verify_attestation(attestation, NONCE)
+
+
+def test_nonces_derive_from_the_run_secret_as_an_independent_hmac_says():
+    run_secret, domain_uuid, salt = "r" * 40, "3c1b2a4e-5d6f-4a7b-8c9d-0e1f2a3b4c5d", "ab" * 16
+    expected = hmac.new(b"r" * 40, b"clonesafe-nonce-v1\0" + domain_uuid.encode() + b"\0" + salt.encode(), hashlib.sha256).hexdigest()
+    assert proof.derive_nonce(run_secret, domain_uuid, salt) == expected
+    assert proof.derive_nonce("s" * 40, domain_uuid, salt) != expected, "another run, another nonce"
+    assert proof.derive_nonce(run_secret, "3c1b2a4e-5d6f-4a7b-8c9d-0e1f2a3b4c5e", salt) != expected, "another domain, another nonce"
+
+
+@pytest.mark.parametrize(
+    ("run_secret", "domain_uuid", "salt", "message"),
+    [
+        ("short", "3c1b2a4e-5d6f-4a7b-8c9d-0e1f2a3b4c5d", "ab" * 16, "run secret"),
+        ("r" * 40, "3C1B2A4E-5D6F-4A7B-8C9D-0E1F2A3B4C5D", "ab" * 16, "domain UUID"),
+        ("r" * 40, "", "ab" * 16, "domain UUID"),
+        ("r" * 40, "3c1b2a4e-5d6f-4a7b-8c9d-0e1f2a3b4c5d", "ab", "salt"),
+        ("r" * 40, "3c1b2a4e-5d6f-4a7b-8c9d-0e1f2a3b4c5d", None, "salt"),
+    ],
+)
+def test_nonce_inputs_are_checked(run_secret, domain_uuid, salt, message):
+    with pytest.raises(proof.ProofError, match=message):
+        proof.derive_nonce(run_secret, domain_uuid, salt)
