@@ -162,6 +162,8 @@ class Agent:
             generation = int(state["generation"]) + 1
             self.pending_generation, self.pending_trigger = generation, trigger
             phases.lap("recover")
+            entropy.prepare(self.live)
+            phases.lap("reseed")
             plans: dict[str, Plan] = {}
             for name in names:
                 provider = self.providers[name]
@@ -174,6 +176,9 @@ class Agent:
                     outcomes[name] = {"status": "failed", "method": None, "error": f"{type(error).__name__}: {error}"[:2000]}
                 phases.lap(f"plan.{name}")
             state["generation"] = generation
+            for name, plan in plans.items():
+                if plan.remember is not None:
+                    state.setdefault("providers", {})[name] = plan.remember
             state["last_trigger"] = {"trigger": trigger, "time": now(), "generation": generation, "operation": operation}
             changes = [change for plan in plans.values() for change in plan.changes]
             changes.append(Change(self.state_path, json.dumps(state, sort_keys=True).encode(), 0o600))

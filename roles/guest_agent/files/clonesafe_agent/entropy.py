@@ -27,7 +27,12 @@ def hkdf(material: bytes, length: int, info: bytes, salt: bytes | None = None) -
 
 
 class Entropy:
-    """Fresh bytes for one rotation, from the guest, the hypervisor or both (HKDF over both)."""
+    """Fresh bytes for one rotation, from the guest, the hypervisor or both (HKDF over both).
+
+    Nothing is drawn until prepare(): a memory clone starts with its golden's kernel RNG state, so
+    the kernel RNG is reseeded first (with the hypervisor's bytes mixed in where the request brought
+    some), and only then is the guest's part read from it.
+    """
 
     def __init__(self, source: str, hypervisor: bytes | None = None) -> None:
         if source not in wire.ENTROPY_SOURCES:
@@ -35,22 +40,41 @@ class Entropy:
         if source != "guest" and (hypervisor is None or len(hypervisor) < wire.MIN_HYPERVISOR_ENTROPY_BYTES):
             raise AgentError(f"entropy source {source} needs at least {wire.MIN_HYPERVISOR_ENTROPY_BYTES} bytes from the hypervisor")
         self.source = source
-        if source == "guest":
-            self._seed = os.urandom(32)
-        elif source == "hypervisor":
-            self._seed = hkdf(t.cast(bytes, hypervisor), 32, b"clonesafe entropy hypervisor v1")
+        self._hypervisor = hypervisor if source != "guest" else None
+        self._seed: bytes | None = None
+
+    def prepare(self, live: bool) -> None:
+        """Reseed the kernel RNG (live systems), then draw this rotation's seed.
+
+        The hypervisor's bytes are credited to the kernel pool: they are new to this guest and
+        differ per clone. Nothing drawn from the guest's own RNG is credited (it is the kernel's own
+        output, and crediting it would claim entropy that is not there).
+        """
+        if live:
+            hypervisor = self._hypervisor or b""
+            reseed_kernel_rng(hypervisor, credit_bits=8 * len(hypervisor))
+        if self.source == "hypervisor":
+            self._seed = hkdf(t.cast(bytes, self._hypervisor), 32, b"clonesafe entropy hypervisor v1")
+        elif self.source == "combined":
+            self._seed = hkdf(os.urandom(32), 32, b"clonesafe entropy combined v1", salt=self._hypervisor)
         else:
-            self._seed = hkdf(os.urandom(32), 32, b"clonesafe entropy combined v1", salt=hypervisor)
+            self._seed = os.urandom(32)
 
     def derive(self, label: str, length: int) -> bytes:
         """``length`` bytes bound to ``label``: distinct labels give independent bytes."""
+        if self._seed is None:
+            raise AgentError("entropy drawn before the kernel RNG was reseeded (Entropy.prepare was not called)")
         return hkdf(self._seed, length, b"clonesafe/" + label.encode("utf-8"))
 
 
-def reseed_kernel_rng(material: bytes) -> None:
-    """Credit ``material`` to the kernel pool and force a CRNG reseed."""
+def reseed_kernel_rng(material: bytes, credit_bits: int = 0) -> None:
+    """Mix ``material`` into the kernel pool, crediting ``credit_bits``, and force a CRNG reseed.
+
+    With no material the reseed still happens: the CRNG then draws from everything the input
+    pool gathered since its last reseed (after a VM fork, the Generation ID the kernel mixed in).
+    """
     words = (len(material) + 3) // 4
-    request = struct.pack("ii", len(material) * 8, len(material)) + material.ljust(words * 4, b"\0")
+    request = struct.pack("ii", min(credit_bits, 8 * len(material)), len(material)) + material.ljust(words * 4, b"\0")
     fd = os.open("/dev/random", os.O_WRONLY)
     try:
         fcntl.ioctl(fd, RNDADDENTROPY, request)

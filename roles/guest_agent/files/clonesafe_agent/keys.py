@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import typing as t
 
 from cryptography.hazmat.primitives import serialization
@@ -24,9 +26,23 @@ def ed25519_seed(key: ed25519.Ed25519PrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
 
 
+# Group orders of the curves OpenSSH and TLS use (SEC 2).
+CURVE_ORDERS = {
+    "secp256r1": 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
+    "secp384r1": int("FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF581A0DB248B0A77AECEC196ACCC52973", 16),
+    "secp521r1": int("01FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFA51868783BF2F966B7FCC0148F709A5D03BB5C9B8899C47AEBB6FB71E91386409", 16),
+}
+CURVES: dict[str, ec.EllipticCurve] = {"secp256r1": ec.SECP256R1(), "secp384r1": ec.SECP384R1(), "secp521r1": ec.SECP521R1()}
+
+
+def ec_material_bytes(curve: ec.EllipticCurve) -> int:
+    """Bytes of fresh material for a scalar on ``curve``: 16 more than its size (negligible bias)."""
+    return (curve.key_size + 7) // 8 + 16
+
+
 def ec_from_material(material: bytes, curve: ec.EllipticCurve) -> ec.EllipticCurvePrivateKey:
-    """An EC key whose scalar is ``material`` reduced into [1, n-1] (48 bytes for P-256: negligible bias)."""
-    order = {"secp256r1": 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551}[curve.name]
+    """An EC key whose scalar is ``material`` reduced into [1, n-1]."""
+    order = CURVE_ORDERS[curve.name]
     scalar = int.from_bytes(material, "big") % (order - 1) + 1
     return ec.derive_private_key(scalar, curve)
 
@@ -36,22 +52,62 @@ def ec_scalar(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_numbers().private_value.to_bytes((key.curve.key_size + 7) // 8, "big")
 
 
-def new_key(kind: str, entropy: Entropy, label: str, old: t.Any | None, modify: bool, rsa_bits: int = 3072) -> tuple[t.Any, str]:
+# Runs in a new interpreter: its OpenSSL generator is seeded from the kernel RNG when it starts.
+_RSA_CHILD = (
+    "import sys\n"
+    "from cryptography.hazmat.primitives import serialization as s\n"
+    "from cryptography.hazmat.primitives.asymmetric import rsa\n"
+    "key = rsa.generate_private_key(public_exponent=65537, key_size=int(sys.argv[1]))\n"
+    "sys.stdout.buffer.write(key.private_bytes(s.Encoding.DER, s.PrivateFormat.PKCS8, s.NoEncryption()))\n"
+)
+RSA_CHILD_TIMEOUT_SECONDS = 300
+
+
+def fresh_rsa_key(bits: int) -> rsa.RSAPrivateKey:
+    """An RSA key made by a new process, never by this one.
+
+    OpenSSL's generator in a long-running process is part of the RAM a memory clone copies, and a
+    restore changes nothing it reseeds on (PID, time, request count): every clone of one golden
+    would make the same RSA key. A new process seeds its generator from the kernel RNG, which the
+    rotation reseeded first. The key comes back over a pipe and stays inside the guest.
+    """
+    try:
+        completed = subprocess.run([sys.executable, "-I", "-c", _RSA_CHILD, str(int(bits))], stdin=subprocess.DEVNULL,
+                                   capture_output=True, timeout=RSA_CHILD_TIMEOUT_SECONDS, check=False)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise AgentError(f"RSA key generation in a new process failed: {error}") from None
+    if completed.returncode != 0:
+        lines = completed.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise AgentError(f"RSA key generation in a new process exited {completed.returncode}" + (f": {lines[-1][:200]}" if lines else ""))
+    key = serialization.load_der_private_key(completed.stdout, password=None)
+    if not isinstance(key, rsa.RSAPrivateKey) or key.key_size != bits:
+        raise AgentError("RSA key generation in a new process returned something else than the key asked for")
+    return key
+
+
+def new_key(kind: str, entropy: Entropy, label: str, old: t.Any | None, modify: bool, rsa_bits: int = 3072,
+            curve: ec.EllipticCurve | None = None) -> tuple[t.Any, str]:
     """A new private key of ``kind`` and how it was made (hkdf or regenerated).
 
     ``modify`` derives the new key from the old one and fresh entropy with HKDF where the key type
-    allows it (Ed25519 seeds, EC scalars); RSA keys are always regenerated (OpenSSL's generator,
-    whose kernel-seeded DRBG the rng provider reseeds) and the method says so.
+    allows it (Ed25519 seeds, EC scalars); RSA keys are always regenerated, in a new process (see
+    fresh_rsa_key), and the method says so. An EC key keeps the old key's curve (P-256 when there
+    is none and no ``curve`` is given).
     """
-    fresh = entropy.derive(label, 48)
     if kind == "ed25519":
+        fresh = entropy.derive(label, 48)
         if modify and isinstance(old, ed25519.Ed25519PrivateKey):
             return ed25519_from_seed(hkdf(ed25519_seed(old), 32, b"clonesafe modify ed25519 v1", salt=fresh)), "hkdf"
         return ed25519_from_seed(fresh[:32]), "regenerated"
     if kind in ("ecdsa", "ec"):
+        if isinstance(old, ec.EllipticCurvePrivateKey) and old.curve.name in CURVES:
+            curve = CURVES[old.curve.name]
+        curve = curve or ec.SECP256R1()
+        size = ec_material_bytes(curve)
+        fresh = entropy.derive(label, size)
         if modify and isinstance(old, ec.EllipticCurvePrivateKey):
-            return ec_from_material(hkdf(ec_scalar(old), 48, b"clonesafe modify ec v1", salt=fresh), ec.SECP256R1()), "hkdf"
-        return ec_from_material(fresh, ec.SECP256R1()), "regenerated"
+            return ec_from_material(hkdf(ec_scalar(old), size, b"clonesafe modify ec v1", salt=fresh), curve), "hkdf"
+        return ec_from_material(fresh, curve), "regenerated"
     if kind == "rsa":
-        return rsa.generate_private_key(public_exponent=65537, key_size=rsa_bits), "regenerated"
+        return fresh_rsa_key(rsa_bits), "regenerated"
     raise AgentError(f"unsupported key type {kind!r}")

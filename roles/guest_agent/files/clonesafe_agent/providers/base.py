@@ -24,12 +24,16 @@ class Plan:
         self.after: list[t.Callable[[], None]] = []
         self.notify: list[t.Callable[[], None]] = []
         self.details: list[str] = []
+        # What the provider records in the agent's state with this rotation (Provider.remembered()).
+        self.remember: dict[str, t.Any] | None = None
 
     def outcome(self) -> dict[str, t.Any]:
         """The provider's entry in the rotate result."""
         result: dict[str, t.Any] = {"status": self.status, "method": self.method}
         if self.details:
             result["detail"] = "; ".join(self.details)[:2000]
+            if self.status == "failed":
+                result["error"] = result["detail"]
         return result
 
 
@@ -54,6 +58,11 @@ class Provider:
     def plan(self, operation: str, entropy: Entropy) -> Plan:
         """The changes and actions of one rotation; raises on failure."""
         raise NotImplementedError
+
+    def remembered(self) -> dict[str, t.Any]:
+        """What this provider's last rotation recorded in the agent's state (Plan.remember)."""
+        recorded = (self.agent.state().get("providers") or {}).get(self.name)
+        return recorded if isinstance(recorded, dict) else {}
 
     def committed(self) -> None:
         """Called once the planned changes are on disk."""
