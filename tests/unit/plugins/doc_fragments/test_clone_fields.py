@@ -54,4 +54,3 @@ def test_fragment_documents_every_field_describe_clone_returns():
     returned = next(node.value for node in ast.walk(function) if isinstance(node, ast.Return))
     assert isinstance(returned, ast.Dict)
     assert {ast.literal_eval(key) for key in returned.keys} == set(FIELDS)
-
