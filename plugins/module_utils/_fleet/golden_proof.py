@@ -81,6 +81,9 @@ def golden_proof(
         "fingerprint_names": sorted(outcome.fingerprints),
         "sealed": seal,
         "golden_generation": outcome.generation,
+        # How many VM Generation ID changes the golden had seen when the template was taken: a
+        # clone's own regeneration is one recorded after a later change (trigger: generation).
+        "golden_vmgenid_events": (outcome.hello.get("interrupts") or {}).get("gpe_vmgenid"),
     }
 
 
@@ -89,7 +92,7 @@ def check_sealed(name: str, before: t.Iterable[str], outcome: CloneOutcome) -> N
     after = outcome.fingerprints
     left = sorted(key for key, value in after.items() if value != proof.ERASED)
     vanished = sorted(set(before) - set(after))
-    kept = sorted({str(key) for state in outcome.providers.values() for key in state.get(proof.NOT_ROTATED, [])})
+    kept = sorted({str(key) for state in outcome.providers.values() for key in state.get(wire.NOT_ROTATED, [])})
     problems = []
     if left:
         problems.append(f"still reports secrets after the erase: {', '.join(left)}")

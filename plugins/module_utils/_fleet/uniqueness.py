@@ -23,7 +23,7 @@ import dataclasses
 import hmac
 import typing as t
 
-from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof
+from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, wire
 from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol.proof import ERASED
 
 # Multicast outcomes whose proof may be judged; every other status keeps the clone held.
@@ -49,8 +49,8 @@ class CloneProof:
         """Fingerprint names its providers found but did not change (reported, never left out)."""
         names: set[str] = set()
         for outcome in self.providers.values():
-            if isinstance(outcome, t.Mapping) and isinstance(outcome.get(proof.NOT_ROTATED), list):
-                names.update(str(name) for name in outcome[proof.NOT_ROTATED])
+            if isinstance(outcome, t.Mapping) and isinstance(outcome.get(wire.NOT_ROTATED), list):
+                names.update(str(name) for name in outcome[wire.NOT_ROTATED])
         return names
 
 

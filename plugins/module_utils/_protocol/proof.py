@@ -21,7 +21,7 @@ another run, or of another domain, does not verify.
 Completeness: a proof names every secret the guest holds, each under its fingerprint name. A secret
 the agent found but did not change in a rotation keeps its current fingerprint in the proof (so it
 is still compared with the golden's and the other clones') and its provider's outcome lists its name
-under :data:`NOT_ROTATED`; it is never left out.
+under ``not_rotated`` (wire.NOT_ROTATED); it is never left out.
 """
 
 from __future__ import annotations
@@ -52,11 +52,6 @@ FINGERPRINT_PREFIX = "SHA256:"
 KEYED_HASH_PREFIX = "HMAC-SHA256:"
 ATTESTATION_FIELDS = ("nonce", "uuid", "generation", "fingerprints", "public_key", "signature")
 
-# Optional field of a provider's outcome in a rotate result: the fingerprint names of secrets the
-# provider found on the guest but did not change (rotate, modify, regenerate or erase), for example a
-# host key of a type it cannot make. Such a secret stays in the attestation under its current
-# fingerprint, so verify_unique still compares it with the golden's and the other clones'.
-NOT_ROTATED = "not_rotated"
 NONCE_DOMAIN = "clonesafe-nonce-v1"
 NONCE_SALT_BYTES = 16
 MIN_RUN_SECRET_LENGTH = 32

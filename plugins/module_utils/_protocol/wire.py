@@ -33,6 +33,11 @@ ENTROPY_SOURCES = ("guest", "hypervisor", "combined")
 PROVIDERS = ("identity", "ssh_host_keys", "machine_id", "rng", "tls", "hooks")
 PROVIDER_STATUSES = ("rotated", "erased", "unchanged", "failed")
 PROVIDER_METHODS = ("hkdf", "regenerated", "erased", "reseeded")
+# Optional field of a provider's outcome in a rotate result: the fingerprint names of secrets the
+# provider found on the guest but did not change (rotate, modify, regenerate or erase), for example a
+# host key of a type it cannot make. Such a secret stays in the attestation under its current
+# fingerprint, so verify_unique still compares it with the golden's and the other clones'.
+NOT_ROTATED = "not_rotated"
 TRIGGERS = ("channel", "generation", "boot_uuid")
 
 _ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -41,6 +46,8 @@ _ERROR_CODE_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _MAX_PHASES = 32
 _MAX_ERROR_MESSAGE = 2048
 _MAX_PROVIDER_NAME = 64
+# As many as an attestation may hold fingerprints (proof._MAX_FINGERPRINTS).
+_MAX_NOT_ROTATED = 512
 _MAX_VCPUS = 4096
 _MAX_IRQS = 256
 # The deepest reply the protocol defines: response > result > interrupts > channel > per_cpu list.
@@ -386,6 +393,13 @@ def _check_int_list(value: t.Any, what: str, max_items: int = _MAX_VCPUS) -> Non
         check_int(item, f"{what} item")
 
 
+def _check_str_list(value: t.Any, what: str, max_items: int) -> None:
+    if not isinstance(value, list) or len(value) > max_items:
+        raise ProtocolError("bad_message", f"{what} must be a list of at most {max_items} names")
+    for item in value:
+        check_str(item, f"{what} item", 512)
+
+
 def _check_str_dict(value: t.Any, what: str, max_items: int = 512) -> None:
     if not isinstance(value, dict) or len(value) > max_items:
         raise ProtocolError("bad_message", f"{what} must be an object of at most {max_items} strings")
@@ -491,7 +505,7 @@ def _check_rotate_result(result: dict[str, t.Any]) -> None:
         raise ProtocolError("bad_message", "rotate result providers must be an object")
     for name, outcome in providers.items():
         check_str(name, "provider name", _MAX_PROVIDER_NAME)
-        check_fields(outcome, f"provider {name[:64]}", ("status", "method"), ("error", "detail"))
+        check_fields(outcome, f"provider {name[:64]}", ("status", "method"), ("error", "detail", NOT_ROTATED))
         if outcome["status"] not in PROVIDER_STATUSES:
             raise ProtocolError("bad_message", f"provider {name[:64]} status is not one of {', '.join(PROVIDER_STATUSES)}")
         if outcome["method"] is not None and outcome["method"] not in PROVIDER_METHODS:
@@ -500,6 +514,8 @@ def _check_rotate_result(result: dict[str, t.Any]) -> None:
             check_str(outcome["error"], f"provider {name[:64]} error", _MAX_ERROR_MESSAGE, free_text=True)
         if "detail" in outcome:
             check_str(outcome["detail"], f"provider {name[:64]} detail", _MAX_ERROR_MESSAGE, free_text=True)
+        if NOT_ROTATED in outcome:
+            _check_str_list(outcome[NOT_ROTATED], f"provider {name[:64]} {NOT_ROTATED}", _MAX_NOT_ROTATED)
     check_int(result["duration_ms"], "duration_ms")
     if "phases_ms" in result:
         _check_phases(result["phases_ms"])

@@ -243,6 +243,19 @@ def test_malformed_phases_are_rejected(phases):
         wire.parse_response(wire.encode_message(wire.make_result("r", {**ROTATE_RESULT, "phases_ms": phases})), "r", "rotate")
 
 
+def test_a_provider_may_name_the_secrets_it_found_but_did_not_rotate():
+    kept = {**ROTATE_RESULT, "providers": {"ssh_host_keys": {"status": "rotated", "method": "regenerated",
+                                                             wire.NOT_ROTATED: ["ssh_host_key.rsa"]}}}
+    assert wire.parse_response(wire.encode_message(wire.make_result("r", kept)), "r", "rotate")["result"] == kept
+
+
+@pytest.mark.parametrize("names", ["ssh_host_key.rsa", [1], ["a\x1b[2J"], ["x" * 513], ["k"] * 513, None])
+def test_malformed_not_rotated_lists_are_rejected(names):
+    kept = {**ROTATE_RESULT, "providers": {"ssh_host_keys": {"status": "rotated", "method": "regenerated", wire.NOT_ROTATED: names}}}
+    with pytest.raises(wire.ProtocolError, match="not_rotated"):
+        wire.parse_response(wire.encode_message(wire.make_result("r", kept)), "r", "rotate")
+
+
 @settings(deadline=None, max_examples=500)
 @given(st.binary(max_size=300))
 def test_arbitrary_bytes_never_crash_the_response_parser(data):
