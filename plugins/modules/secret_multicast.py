@@ -81,6 +81,9 @@ options:
       - V(channel) sends the instruction over the agent channel.
       - V(generation) waits for the agent's own regeneration on the VM Generation ID change that the restore of a
         memory clone raised, then asks for its proof; V(both) waits for it and sends the instruction too.
+      - A regeneration counts only when the agent recorded it after a VM Generation ID change the template had not seen
+        (the template manifest holds its golden's event count), so a record a clone inherited from its golden is never
+        taken for the clone's own. V(generation) needs O(template) with such a manifest, and fails each clone otherwise.
     type: str
     choices: [channel, generation, both]
     default: channel
@@ -329,6 +332,7 @@ def main() -> None:
             timeout=params["timeout"],
             hello_timeout=params["hello_timeout"],
             generation_timeout=params["generation_timeout"],
+            template_vmgenid_events=template.summary()["golden_vmgenid_events"] if template else None,
         )
         if params["run_secret"] is not None:
             settings.run_secret = params["run_secret"]

@@ -57,6 +57,9 @@ class Settings:
     hello_timeout: float = 15.0
     generation_timeout: float = 30.0
     poll_interval: float = 0.5
+    # VM Generation ID changes the golden had seen when the template was taken (its manifest):
+    # trigger=generation accepts only a regeneration recorded after a later change, the clone's own.
+    template_vmgenid_events: int | None = None
     # Only an erase may answer unsigned: its identity key is gone, by request.
     allow_unsigned: bool = False
 
@@ -225,6 +228,16 @@ def _attach_attestation(
     outcome.nonce_salt = salt
 
 
+def _after_own_restore(trigger: dict[str, t.Any], template_events: int) -> bool:
+    """Whether a "generation" regeneration followed a VM Generation ID change the template had not seen.
+
+    A clone inherits its golden's record of the golden's own earlier regenerations; only a record
+    whose event count passed the template's is this clone's (each restore adds one event).
+    """
+    events = trigger.get("vmgenid_events")
+    return isinstance(events, int) and not isinstance(events, bool) and events > template_events
+
+
 def _wait_for_own_regeneration(
     outcomes: dict[str, CloneOutcome], sockets: dict[str, str], settings: Settings
 ) -> list[str]:
@@ -235,7 +248,7 @@ def _wait_for_own_regeneration(
         still = []
         for name in waiting:
             trigger = outcomes[name].hello.get("last_trigger") or {}
-            if trigger.get("trigger") == "generation":
+            if trigger.get("trigger") == "generation" and _after_own_restore(trigger, t.cast(int, settings.template_vmgenid_events)):
                 outcomes[name].trigger = "generation"
                 outcomes[name].generation = trigger.get("generation")
             else:
@@ -299,7 +312,13 @@ def multicast(targets: t.Sequence[Target], settings: Settings, check_mode: bool 
             outcomes[target.name].status = "checked"
         return _finish(outcomes, started)
 
-    if settings.trigger in ("generation", "both"):
+    if settings.trigger == "generation" and settings.template_vmgenid_events is None:
+        for target in ready:
+            _fail_or_skip(outcomes[target.name], "trigger=generation needs the template's record of its golden's VM "
+                          "Generation ID events (a template taken from a golden with the agent running), to tell this "
+                          "clone's own regeneration from one it inherited: use trigger=channel", "fail")
+        return _finish(outcomes, started)
+    if settings.trigger in ("generation", "both") and settings.template_vmgenid_events is not None:
         waiting = _wait_for_own_regeneration(outcomes, {target.name: target.socket_path or "" for target in ready}, settings)
         if settings.trigger == "generation":
             for name in waiting:

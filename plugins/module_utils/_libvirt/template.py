@@ -114,6 +114,7 @@ class Template:
             "sealed": bool((manifest.get("proof") or {}).get("sealed")),
             "golden_fingerprints": dict((manifest.get("proof") or {}).get("golden_fingerprints") or {}),
             "fingerprint_names": list((manifest.get("proof") or {}).get("fingerprint_names") or []),
+            "golden_vmgenid_events": (manifest.get("proof") or {}).get("golden_vmgenid_events"),
         }
 
 

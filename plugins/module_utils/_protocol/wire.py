@@ -469,12 +469,14 @@ def _check_hello_result(result: dict[str, t.Any]) -> None:
         check_str(result["identity_public_key"], "identity_public_key", 256)
     trigger = result["last_trigger"]
     if trigger is not None:
-        check_fields(trigger, "last_trigger", ("trigger", "time"), ("generation", "operation"))
+        check_fields(trigger, "last_trigger", ("trigger", "time"), ("generation", "operation", "vmgenid_events"))
         if trigger["trigger"] not in TRIGGERS:
             raise ProtocolError("bad_message", f"last_trigger must be one of {', '.join(TRIGGERS)}")
         check_str(trigger["time"], "last_trigger time", 64)
         if "generation" in trigger:
             _check_int_or_null(trigger["generation"], "last_trigger generation")
+        if "vmgenid_events" in trigger:
+            _check_int_or_null(trigger["vmgenid_events"], "last_trigger vmgenid_events")
         if trigger.get("operation") is not None and trigger["operation"] not in ROTATE_OPERATIONS:
             raise ProtocolError("bad_message", f"last_trigger operation must be one of {', '.join(ROTATE_OPERATIONS)}")
 

@@ -179,7 +179,10 @@ class Agent:
             for name, plan in plans.items():
                 if plan.remember is not None:
                     state.setdefault("providers", {})[name] = plan.remember
-            state["last_trigger"] = {"trigger": trigger, "time": now(), "generation": generation, "operation": operation}
+            # The VM Generation ID event count binds a "generation" regeneration to the change that
+            # caused it: a clone inherits its golden's record, with a count its own restore has passed.
+            state["last_trigger"] = {"trigger": trigger, "time": now(), "generation": generation, "operation": operation,
+                                     "vmgenid_events": self.irq.gpe_count()}
             changes = [change for plan in plans.values() for change in plan.changes]
             changes.append(Change(self.state_path, json.dumps(state, sort_keys=True).encode(), 0o600))
             self.journal.prepare(generation, operation, changes)
