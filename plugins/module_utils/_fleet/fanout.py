@@ -6,6 +6,8 @@
 One thread, one selector: every request is written at the same time and the replies are read as
 they come, so N clones cost about one round trip, not N. Everything a guest sends is untrusted: a
 reply is capped in size, parsed against the protocol schema, and must arrive before the deadline.
+Whatever one guest sends ends as that call's failure, named, never as an exception that would take
+the other clones' answers with it; guest text in a failure is escaped and bounded (wire.printable).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import w
 # Replies to earlier requests (a previous client that left early) may still sit in the channel.
 MAX_STALE_REPLIES = 16
 READ_CHUNK = 65536
+# The most characters of a guest's own words (an error message) that reach the module's output.
+MAX_GUEST_TEXT = 512
 
 
 @dataclasses.dataclass
@@ -51,7 +55,10 @@ class ChannelCall:
             return self.error
         if self.reply is not None and not self.reply.get("ok"):
             problem = self.reply["error"]
-            return f"agent of clone '{self.clone}' refused {self.op}: {problem['code']}: {problem['message']}"
+            return (
+                f"agent of clone '{self.clone}' refused {self.op}: {wire.printable(problem['code'], 64)}: "
+                f"{wire.printable(problem['message'], MAX_GUEST_TEXT)}"
+            )
         return None
 
 
@@ -93,7 +100,11 @@ def _handle_line(pending: _Pending, line: bytes | wire.OversizedLine) -> bool:
         if error.code == "wrong_id" and pending.stale < MAX_STALE_REPLIES:
             pending.stale += 1
             return False
-        call.error = f"clone '{call.clone}' answered {call.op} with an invalid reply: {error.message}"
+        call.error = f"clone '{call.clone}' answered {call.op} with an invalid reply: {wire.printable(error.message, MAX_GUEST_TEXT)}"
+        return True
+    except Exception as error:  # pylint: disable=broad-exception-caught
+        # A reply the parser did not foresee is still only this clone's failure.
+        call.error = f"clone '{call.clone}' answered {call.op} with a reply the host could not parse ({type(error).__name__})"
         return True
     call.reply = message
     return True

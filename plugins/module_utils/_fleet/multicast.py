@@ -27,6 +27,9 @@ ENTROPY_SOURCES = wire.ENTROPY_SOURCES
 TRIGGERS = ("channel", "generation", "both")
 POLICIES = ("fail", "skip")
 HYPERVISOR_ENTROPY_BYTES = 64
+# Output bounds (guest text is escaped, so a string may grow up to four times before it is cut).
+MAX_OUTPUT_STRING = 4096
+MAX_OUTPUT_DEPTH = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,8 +121,8 @@ class CloneOutcome:
     hello: dict[str, t.Any] = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict[str, t.Any]:
-        """Plain data for the module result."""
-        return dataclasses.asdict(self)
+        """Plain data for the module result, every string printable and bounded."""
+        return printable_data(dataclasses.asdict(self))
 
 
 @dataclasses.dataclass
@@ -147,13 +150,39 @@ class Report:
             "skipped": counts.get("skipped", 0),
             "checked": counts.get("checked", 0),
             "attested": counts.get("attested", 0),
-            "collisions": self.collisions,
+            "collisions": printable_data(self.collisions),
             "elapsed_ms": self.elapsed_ms,
         }
 
     def failures(self) -> list[CloneOutcome]:
         """Clones that failed, in the order they were selected."""
         return [clone for clone in self.clones if clone.status == "failed"]
+
+
+def printable_data(value: t.Any, depth: int = 0) -> t.Any:
+    """``value`` with every string (keys too) escaped and bounded by wire.printable, for Ansible's output.
+
+    The identity on what the wire checks let through (names and fingerprints are printable already),
+    so a verified attestation keeps its exact bytes; free text such as a guest's error messages gets
+    its control characters escaped.
+    """
+    if depth > MAX_OUTPUT_DEPTH:
+        return "..."
+    if isinstance(value, str):
+        return wire.printable(value, MAX_OUTPUT_STRING)
+    if isinstance(value, dict):
+        return {printable_data(key, depth + 1): printable_data(item, depth + 1) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [printable_data(item, depth + 1) for item in value]
+    return value
+
+
+def _unusable(outcome: CloneOutcome, op: str, error: Exception) -> None:
+    """An answer that passed the wire checks but could not be used: this clone's failure, not the run's."""
+    outcome.status = "failed"
+    outcome.reason = f"its agent's answer to {op} could not be used ({type(error).__name__})"
+    outcome.fingerprints = {}
+    outcome.attestation = None
 
 
 def _fail_or_skip(outcome: CloneOutcome, reason: str, policy: str) -> None:
@@ -196,20 +225,24 @@ def _hello_all(outcomes: dict[str, CloneOutcome], targets: t.Sequence[Target], s
         if failure:
             _fail_or_skip(outcome, f"no agent answered: {failure}", settings.missing_agent)
             continue
-        hello = call.result or {}
-        hellos[call.clone] = hello
-        outcome.agent_version = hello["agent_version"]
-        outcome.generation_before = hello["generation"]
-        outcome.registered_vcpus = list(hello["vcpus"]["registered"])
-        outcome.hello = {
-            "uuid": hello["uuid"],
-            "vcpus": hello["vcpus"],
-            "interrupts": hello["interrupts"],
-            "providers": hello["providers"],
-            "last_trigger": hello["last_trigger"],
-        }
-        if not outcome.registered_vcpus:
-            _fail_or_skip(outcome, "its agent has no vCPU registered for the interrupt", settings.missing_agent)
+        try:
+            hello = call.result or {}
+            hellos[call.clone] = hello
+            outcome.agent_version = hello["agent_version"]
+            outcome.generation_before = hello["generation"]
+            outcome.registered_vcpus = list(hello["vcpus"]["registered"])
+            outcome.hello = {
+                "uuid": hello["uuid"],
+                "vcpus": hello["vcpus"],
+                "interrupts": hello["interrupts"],
+                "providers": hello["providers"],
+                "last_trigger": hello["last_trigger"],
+            }
+            if not outcome.registered_vcpus:
+                _fail_or_skip(outcome, "its agent has no vCPU registered for the interrupt", settings.missing_agent)
+        except Exception as error:  # pylint: disable=broad-exception-caught
+            hellos.pop(call.clone, None)
+            _unusable(outcome, "hello", error)
     return hellos
 
 
@@ -279,10 +312,13 @@ def _attest_all(outcomes: dict[str, CloneOutcome], targets: t.Sequence[Target], 
         if failure:
             outcome.status, outcome.reason = "failed", failure
             continue
-        outcome.status = status
-        outcome.latency_ms = call.latency_ms
-        outcome.generation = (call.result or {}).get("generation")
-        _attach_attestation(outcome, call.result or {}, call.args["nonce"], salts[call.clone], settings.allow_unsigned)
+        try:
+            outcome.status = status
+            outcome.latency_ms = call.latency_ms
+            outcome.generation = (call.result or {}).get("generation")
+            _attach_attestation(outcome, call.result or {}, call.args["nonce"], salts[call.clone], settings.allow_unsigned)
+        except Exception as error:  # pylint: disable=broad-exception-caught
+            _unusable(outcome, "attest", error)
 
 
 def multicast(targets: t.Sequence[Target], settings: Settings, check_mode: bool = False) -> Report:
@@ -346,30 +382,34 @@ def multicast(targets: t.Sequence[Target], settings: Settings, check_mode: bool 
         if failure:
             outcome.status, outcome.reason = "failed", failure
             continue
-        result = call.result or {}
-        outcome.latency_ms = call.latency_ms
-        outcome.agent_phases_ms = dict(result.get("phases_ms", {}))
-        outcome.agent_ms = outcome.agent_phases_ms.get("total", result["duration_ms"])
-        outcome.generation = result["generation"]
-        outcome.entropy_source = result["entropy_source"]
-        outcome.providers = result["providers"]
-        outcome.vcpu_interrupts = list(result["vcpu_interrupts"])
-        before = hellos.get(call.clone, {}).get("interrupts", {}).get("channel", {}).get("per_cpu", [])
-        outcome.interrupted_vcpus = _interrupted_vcpus(list(before), outcome.vcpu_interrupts)
-        outcome.trigger = outcome.trigger or "channel"
-        failed_providers = sorted(name for name, state in outcome.providers.items() if state["status"] == "failed")
-        unreported = _unreported_providers(settings, hellos.get(call.clone, {}), outcome.providers)
-        outcome.status = "rotated"
-        _attach_attestation(outcome, result["attestation"], call.args["nonce"], salts[call.clone],
-                            allow_unsigned=settings.allow_unsigned and settings.operation == "erase")
-        if failed_providers and outcome.status == "rotated":
-            outcome.status = "failed"
-            outcome.reason = "provider(s) failed in the guest: " + ", ".join(
-                f"{name} ({outcome.providers[name].get('error', 'no reason given')})" for name in failed_providers
-            )
-        elif unreported and outcome.status == "rotated":
-            outcome.status = "failed"
-            outcome.reason = f"its agent reported no outcome for provider(s) {', '.join(unreported)}"
+        try:
+            result = call.result or {}
+            outcome.latency_ms = call.latency_ms
+            outcome.agent_phases_ms = dict(result.get("phases_ms", {}))
+            outcome.agent_ms = outcome.agent_phases_ms.get("total", result["duration_ms"])
+            outcome.generation = result["generation"]
+            outcome.entropy_source = result["entropy_source"]
+            outcome.providers = result["providers"]
+            outcome.vcpu_interrupts = list(result["vcpu_interrupts"])
+            before = hellos.get(call.clone, {}).get("interrupts", {}).get("channel", {}).get("per_cpu", [])
+            outcome.interrupted_vcpus = _interrupted_vcpus(list(before), outcome.vcpu_interrupts)
+            outcome.trigger = outcome.trigger or "channel"
+            failed_providers = sorted(name for name, state in outcome.providers.items() if state["status"] == "failed")
+            unreported = _unreported_providers(settings, hellos.get(call.clone, {}), outcome.providers)
+            outcome.status = "rotated"
+            _attach_attestation(outcome, result["attestation"], call.args["nonce"], salts[call.clone],
+                                allow_unsigned=settings.allow_unsigned and settings.operation == "erase")
+            if failed_providers and outcome.status == "rotated":
+                outcome.status = "failed"
+                outcome.reason = "provider(s) failed in the guest: " + ", ".join(
+                    f"{name} ({wire.printable(outcome.providers[name].get('error', 'no reason given'), 256)})"
+                    for name in failed_providers
+                )
+            elif unreported and outcome.status == "rotated":
+                outcome.status = "failed"
+                outcome.reason = f"its agent reported no outcome for provider(s) {', '.join(unreported)}"
+        except Exception as error:  # pylint: disable=broad-exception-caught
+            _unusable(outcome, "rotate", error)
     return _finish(outcomes, started)
 
 

@@ -1,0 +1,819 @@
+# Copyright (c) clonesafe developers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Seeded fuzzing of the host <-> agent channel, counted: inputs, escaped exceptions, peak memory.
+
+Run from the repository root (no lab, no root needed):
+
+    .venv/bin/python bench/fuzz_channel.py --side host --count 1000000 --seed 1
+
+Targets are registered per side (``--side host|agent|both``; ``--target NAME`` runs one). The host
+side is implemented here; the agent side (what a guest does with what a host sends) registers its
+targets in the same registry with ``@register(..., side="agent")``.
+
+Host targets:
+
+- ``host.multicast``: the host's whole response path. Fake agents listen on real unix sockets (one
+  per clone, like the host side of a virtio-serial channel) and answer the real multicast code
+  (fan-out, wire checks, proof verification, result building, output) with generated replies:
+  valid ones, signed over the nonce of the request, or mutated ones. Each input is one reply line
+  (or a reply broken off), to ``hello`` or to ``rotate``; every round is one multicast over
+  ``--clones`` clones, each with its own plan.
+- ``host.wire``: the same generated and mutated replies fed to ``wire.parse_response`` directly,
+  many more per second.
+
+Mutations: truncation, bit flips, inserted/deleted/duplicated bytes, invalid UTF-8 (including
+surrogates encoded as UTF-8), newlines splitting a reply, stale lines before it, oversized lines,
+random bytes; and, in the JSON value, any field replaced by a hostile value (deep nesting, huge
+strings, lone surrogates, NULs, control characters, bidirectional overrides, huge or negative
+numbers, floats for integers, wrong types), fields removed, added or renamed, versions as 1.0 or
+true. Replies are sent in random chunks, and sometimes the channel closes without or in the middle
+of a reply.
+
+Checked after every multicast (an escaped exception is any exception out of the multicast or out of
+building the module's output; a broken invariant is counted the same way):
+
+- every clone has an outcome; a failed clone has a reason;
+- a clone whose hello and rotate replies were both valid rotated, with the fingerprints it signed;
+- a clone that rotated has an attestation that verifies against the nonce its agent was sent;
+- the module's output (clones, summary, the failure message) is JSON that encodes as UTF-8, every
+  string is printable (no control characters, lone surrogates or bidirectional overrides) and
+  bounded, and the whole output per clone is bounded.
+
+Deterministic for a seed: the plan of every round and every mutation come from ``random.Random``
+(the host's nonces and the fake agents' signatures differ from run to run, so a mutation hits the
+same position of different bytes). Inputs that broke something are written to ``--crash-dir``.
+Prints one JSON line at the end; exits 1 when anything escaped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import json
+import os
+import pathlib
+import random
+import re
+import resource
+import selectors
+import socket
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import typing as t
+import uuid as uuidlib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "build" / "collections"))
+
+# pylint: disable=wrong-import-position
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet import fanout  # noqa: E402
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet import multicast as mc  # noqa: E402
+from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, wire  # noqa: E402
+
+SIDES = ("host", "agent")
+# What must never appear in output, whatever a guest sent (wire.printable escapes these).
+UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\u2028\u2029\u202a-\u202e\u2066-\u2069\ufeff]")
+MAX_OUTPUT_PER_CLONE = 512 * 1024
+# The longest string the output may hold: the multicast's own bound plus room for the failure
+# message that joins every failed clone's reason.
+MAX_OUTPUT_STRING = 4096
+KEEP_FAILURES = 20
+
+
+# ---------------------------------------------------------------------------------------------
+# Counting
+
+
+@dataclasses.dataclass
+class Stats:
+    """What one target did: inputs fed, what became of them, and what escaped."""
+
+    target: str
+    inputs: int = 0
+    rounds: int = 0
+    escaped: int = 0
+    outcomes: dict[str, int] = dataclasses.field(default_factory=dict)
+    failures: list[dict[str, t.Any]] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+    rss_kib: list[int] = dataclasses.field(default_factory=list)
+
+    def count(self, what: str, amount: int = 1) -> None:
+        """Count one kind of outcome (a rejection code, a clone status)."""
+        self.outcomes[what] = self.outcomes.get(what, 0) + amount
+
+    def escape(self, problem: str, inputs: t.Any, crash_dir: str | None) -> None:
+        """Record an escaped exception or a broken invariant, with the inputs that caused it."""
+        self.escaped += 1
+        if len(self.failures) < KEEP_FAILURES:
+            record = {"target": self.target, "problem": problem[-4000:], "inputs": repr(inputs)[:4000]}
+            self.failures.append(record)
+            if crash_dir:
+                os.makedirs(crash_dir, exist_ok=True)
+                path = os.path.join(crash_dir, f"{self.target}-{self.escaped}.json")
+                with open(path, "w", encoding="utf-8") as handle:
+                    json.dump({"problem": problem, "inputs": repr(inputs)}, handle, indent=1)
+
+    def as_dict(self) -> dict[str, t.Any]:
+        """The summary printed at the end."""
+        return {
+            "target": self.target,
+            "inputs": self.inputs,
+            "rounds": self.rounds,
+            "escaped": self.escaped,
+            "seconds": round(self.seconds, 2),
+            "inputs_per_second": round(self.inputs / self.seconds) if self.seconds else None,
+            "rss_kib_first_last": [self.rss_kib[0], self.rss_kib[-1]] if self.rss_kib else None,
+            "outcomes": dict(sorted(self.outcomes.items(), key=lambda item: -item[1])[:25]),
+        }
+
+
+def current_rss_kib() -> int:
+    """Resident set size of this process now (Linux)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+    except OSError:
+        return 0
+
+
+def peak_rss_kib() -> int:
+    """Peak resident set size of this process (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry
+
+
+@dataclasses.dataclass
+class FuzzTarget:
+    """One fuzz target: ``run(rng, count, stats, options)`` feeds ``count`` inputs."""
+
+    name: str
+    side: str
+    share: float
+    description: str
+    run: t.Callable[[random.Random, int, Stats, argparse.Namespace], None]
+
+
+TARGETS: dict[str, FuzzTarget] = {}
+
+
+def register(name: str, side: str, share: float, description: str) -> t.Callable:
+    """Add a target; ``share`` is its part of ``--count`` among the targets of the sides run."""
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES}")
+
+    def decorate(function: t.Callable) -> t.Callable:
+        TARGETS[name] = FuzzTarget(name, side, share, description, function)
+        return function
+
+    return decorate
+
+
+# ---------------------------------------------------------------------------------------------
+# Valid replies, as an agent would send them
+
+
+@dataclasses.dataclass
+class FakeClone:
+    """One fake guest: its name, domain UUID, identity key and generation counter."""
+
+    name: str
+    uuid: str
+    key: t.Any
+    generation: int = 1
+
+    @property
+    def identity(self) -> str:
+        """The fingerprint of its identity key."""
+        return proof.identity_fingerprint(proof.raw_public_key(self.key))
+
+
+PROVIDERS = ("identity", "ssh_host_keys", "machine_id", "rng")
+
+
+def valid_hello(rng: random.Random, clone: FakeClone) -> dict[str, t.Any]:
+    """A hello result the host must accept (with at least one registered vCPU)."""
+    cpus = rng.randint(1, 4)
+    counts = [rng.randint(0, 10**6) for _cpu in range(cpus)]
+    registered = sorted(rng.sample(range(cpus), rng.randint(1, cpus)))
+    trigger = None
+    if rng.random() < 0.5:
+        trigger = {"trigger": rng.choice(wire.TRIGGERS), "time": "2026-01-01T00:00:00.000000Z",
+                   "generation": clone.generation, "operation": rng.choice(wire.ROTATE_OPERATIONS)}
+    return {
+        "agent_version": "0.1.0",
+        "protocol": wire.PROTOCOL_VERSION,
+        "generation": clone.generation,
+        "uuid": clone.uuid,
+        "vcpus": {"online": list(range(cpus)), "registered": registered},
+        "interrupts": {
+            "channel": {"irq": 24, "irqs": [24, 25], "per_cpu": counts, "affinity": registered,
+                        "name": "virtio0-virtqueues"},
+            "acpi_sci": {"irq": 9, "per_cpu": [0] * cpus, "affinity": list(range(cpus))},
+            "gpe_vmgenid": rng.randint(0, 5),
+        },
+        "providers": {name: {"enabled": True, "state": "present"} for name in PROVIDERS},
+        "identity_public_key": base64.b64encode(proof.raw_public_key(clone.key)).decode("ascii"),
+        "last_trigger": trigger,
+    }
+
+
+def valid_rotate(rng: random.Random, clone: FakeClone, args: dict[str, t.Any]) -> tuple[dict[str, t.Any], dict[str, str]]:
+    """A rotate result signed over the request's nonce, and the fingerprints it attests."""
+    clone.generation += 1
+    names = args.get("providers") or list(PROVIDERS)
+    fingerprints = {"identity": clone.identity}
+    if "machine_id" in names:
+        fingerprints["machine_id"] = proof.keyed_hash(args["hash_key"], os.urandom(16))
+    if "ssh_host_keys" in names:
+        fingerprints["ssh_host_key.ed25519"] = proof.sha256_fingerprint(os.urandom(32))
+    attestation = proof.sign_attestation(clone.key, args["nonce"], clone.uuid, clone.generation, fingerprints)
+    result = {
+        "generation": clone.generation,
+        "operation": args["operation"],
+        "entropy_source": args["entropy_source"],
+        "providers": {name: {"status": "rotated", "method": "regenerated"} for name in names},
+        "duration_ms": rng.randint(1, 500),
+        "vcpu_interrupts": [rng.randint(0, 10**6) for _cpu in range(rng.randint(1, 4))],
+        "attestation": attestation,
+    }
+    if rng.random() < 0.5:
+        result["phases_ms"] = {"journal.apply": rng.randint(0, 50), "total": result["duration_ms"]}
+    return result, fingerprints
+
+
+def valid_attestation(rng: random.Random, clone: FakeClone, nonce: str) -> dict[str, t.Any]:
+    """An attest result signed over ``nonce``."""
+    fingerprints = {"identity": clone.identity, "machine_id": "HMAC-SHA256:" + os.urandom(32).hex()}
+    return proof.sign_attestation(clone.key, nonce, clone.uuid, rng.randint(0, 100), fingerprints)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mutations
+
+
+def nested(rng: random.Random, depth: int) -> t.Any:
+    """A value nested ``depth`` levels deep (lists and objects)."""
+    value: t.Any = rng.choice([0, "x", None, True, []])
+    for _level in range(depth):
+        value = [value] if rng.random() < 0.5 else {"a": value}
+    return value
+
+
+HOSTILE_STRINGS = (
+    "\ud800", "\udfff", "SHA256:\ud83d", "a\x00b", "\x1b[2J\x1b[H", "line\nbreak", "\r\n", "\u202eevil",
+    "\u2028", "\ufeff", "\x7f\x85\x9f", "{{ lookup('env','HOME') }}", "'; rm -rf / #", "../../etc/shadow",
+    "", " ", "é", "日本語", "\U0001f600", "%s%n", "\\u0000",
+)
+
+
+def hostile_value(rng: random.Random) -> t.Any:
+    """One value of a kind no valid reply holds where it is put."""
+    kind = rng.randrange(16)
+    if kind == 0:
+        return nested(rng, rng.choice([3, 7, 50, 500, 990, 3000]))
+    if kind == 1:
+        return rng.choice("ax\x00\ud800é") * rng.choice([65, 257, 1025, 2049, 5000, 70000])
+    if kind == 2:
+        return rng.choice(HOSTILE_STRINGS)
+    if kind == 3:
+        return rng.choice([-1, 0, 1, 2**31, 2**63, 2**64, -(2**63) - 1, 10**100])
+    if kind == 4:
+        return rng.choice([1.0, 0.5, -0.0, 1e308, 1e400, float("nan"), float("inf")])
+    if kind == 5:
+        return rng.choice([True, False, None])
+    if kind == 6:
+        return [rng.randint(0, 10) for _item in range(rng.choice([0, 1, 300, 5000]))]
+    if kind == 7:
+        return {rng.choice(HOSTILE_STRINGS): rng.choice([1, "x", None])}
+    if kind == 8:
+        return {f"k{index}": index for index in range(rng.choice([2, 65, 600]))}
+    if kind == 9:
+        return [rng.choice(HOSTILE_STRINGS)]
+    if kind == 10:
+        return "".join(chr(rng.randrange(0, 0x110000)) for _char in range(rng.randint(1, 40)))
+    if kind == 11:
+        return []
+    if kind == 12:
+        return {}
+    if kind == 13:
+        return str(rng.randint(0, 100))
+    if kind == 14:
+        return rng.choice(["SHA256:" + "A" * 43, "erased", "HMAC-SHA256:" + "0" * 64])
+    return "x" * rng.randint(0, 100)
+
+
+def _paths(value: t.Any, prefix: tuple = ()) -> list[tuple]:
+    """Paths (keys and indexes) in a JSON value down to 10 levels, containers included."""
+    found = [prefix]
+    if len(prefix) >= 10:
+        return found
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found.extend(_paths(item, prefix + (key,)))
+    elif isinstance(value, list):
+        for index, item in enumerate(value[:8]):
+            found.extend(_paths(item, prefix + (index,)))
+    return found
+
+
+def _copy(value: t.Any, depth: int = 0) -> t.Any:
+    """A copy down to the depth mutations reach (deeper parts are shared, never changed)."""
+    if depth > 11:
+        return value
+    if isinstance(value, dict):
+        return {key: _copy(item, depth + 1) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_copy(item, depth + 1) for item in value]
+    return value
+
+
+def mutate_value(rng: random.Random, message: dict[str, t.Any]) -> dict[str, t.Any]:
+    """A copy of ``message`` with one to three structural changes."""
+    message = _copy(message)
+    for _change in range(rng.choice([1, 1, 1, 2, 3])):
+        paths = [path for path in _paths(message) if path]
+        if not paths:
+            break
+        path = rng.choice(paths)
+        parent: t.Any = message
+        for key in path[:-1]:
+            parent = parent[key]
+        last = path[-1]
+        action = rng.randrange(7)
+        if action <= 2:
+            parent[last] = hostile_value(rng)
+        elif action == 3 and isinstance(parent, dict):
+            del parent[last]
+        elif action == 4 and isinstance(parent, dict):
+            parent[rng.choice(["extra", "private_key", "__proto__", "\ud800", "x" * 100])] = hostile_value(rng)
+        elif action == 5 and isinstance(parent, dict):
+            parent[str(last) + rng.choice(["_", "\x00", " ", "\ud800"])] = parent.pop(last)
+        else:
+            parent[last] = [parent[last]] if rng.random() < 0.5 else {"value": parent[last]}
+    if rng.random() < 0.1:
+        message["v"] = rng.choice([1.0, True, "1", 2, None, [1]])
+    return message
+
+
+def encode(rng: random.Random, message: t.Any) -> bytes:
+    """JSON as a hostile agent might write it: ASCII escapes or raw UTF-8 (surrogates as invalid UTF-8)."""
+    try:
+        text = json.dumps(message, ensure_ascii=rng.random() < 0.5, allow_nan=True)
+    except (ValueError, RecursionError):
+        text = json.dumps({"v": 1, "deep": "unencodable"})
+    return text.encode("utf-8", "surrogatepass")
+
+
+BAD_BYTES = (b"\xff", b"\xc0\x80", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\x00", b"\n", b"\r", b"\xe2\x80", b"{", b'"')
+
+
+def mutate_bytes(rng: random.Random, data: bytes) -> bytes:
+    """``data`` (one line, without newline) with one byte-level change."""
+    action = rng.randrange(11)
+    if action == 0 and data:
+        return data[: rng.randrange(len(data))]
+    if action == 1 and data:
+        flipped = bytearray(data)
+        for _bit in range(rng.randint(1, 8)):
+            position = rng.randrange(len(flipped))
+            flipped[position] ^= 1 << rng.randrange(8)
+        return bytes(flipped)
+    if action == 2:
+        position = rng.randint(0, len(data))
+        return data[:position] + rng.choice(BAD_BYTES) * rng.randint(1, 3) + data[position:]
+    if action == 3 and data:
+        start = rng.randrange(len(data))
+        return data[:start] + data[start + rng.randint(1, 64):]
+    if action == 4 and data:
+        start = rng.randrange(len(data))
+        return data[:start] + data[start:start + rng.randint(1, 200)] * rng.randint(2, 5) + data[start:]
+    if action == 5:
+        return data + b" " * (wire.MAX_MESSAGE_BYTES + rng.randint(-2, 2) - len(data))
+    if action == 6:
+        return bytes(rng.randrange(256) for _byte in range(rng.randint(0, 300)))
+    if action == 7:
+        position = rng.randint(0, len(data))
+        return data[:position] + b"\n" + data[position:]
+    if action == 8:
+        return b"[" * rng.choice([100, 5000, 70000]) + data
+    if action == 9:
+        return data + b"\n" + data
+    return b""
+
+
+@dataclasses.dataclass
+class Plan:
+    """What one fake agent does with one request."""
+
+    mutate: str = "none"      # none | value | bytes | both
+    delivery: str = "reply"   # reply | close | partial
+    stale: int = 0            # stale lines (other ids) before the reply
+    chunked: bool = False     # the reply written in small pieces
+    hold: bool = False        # keep the channel open after the reply (only for valid replies)
+
+    @property
+    def valid(self) -> bool:
+        """Whether the host must accept this reply as sent (the host skips a bounded number of stale lines)."""
+        return self.mutate == "none" and self.delivery == "reply" and self.stale <= fanout.MAX_STALE_REPLIES
+
+
+def make_plan(rng: random.Random, mutation_rate: float) -> Plan:
+    """A random plan: mostly mutated replies, sometimes valid ones, rarely a broken channel."""
+    plan = Plan()
+    roll = rng.random()
+    if roll < mutation_rate:
+        plan.mutate = rng.choice(["value", "value", "bytes", "both"])
+    if rng.random() < 0.03:
+        plan.delivery = rng.choice(["close", "partial"])
+    if rng.random() < 0.05:
+        plan.stale = rng.randint(1, 20)
+    plan.chunked = rng.random() < 0.2
+    plan.hold = plan.valid and rng.random() < 0.5
+    return plan
+
+
+def render(rng: random.Random, plan: Plan, message: dict[str, t.Any]) -> list[bytes]:
+    """The lines (newline included) a fake agent writes for ``message`` under ``plan``."""
+    if plan.mutate in ("value", "both"):
+        message = mutate_value(rng, message)
+    data = encode(rng, message)
+    if plan.mutate in ("bytes", "both"):
+        data = mutate_bytes(rng, data)
+    lines = []
+    for _stale in range(plan.stale):
+        lines.append(encode(rng, wire.make_result(f"old{rng.randrange(10**6)}", {"x": 1})) + b"\n")
+    lines.append(data + b"\n")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake agents on real unix sockets
+
+
+class FakeFleet:
+    """Listening unix sockets, one per clone, served by one thread; ``respond(clone, request)`` answers.
+
+    ``respond`` returns (data, close): the bytes to write (None: nothing) and whether to close the
+    connection after them (a real channel stays open; the host closes it when done).
+    """
+
+    def __init__(self, directory: str, clones: list[FakeClone],
+                 respond: t.Callable[[FakeClone, dict[str, t.Any]], tuple[bytes | None, bool, bool]]) -> None:
+        self.clones = {clone.name: clone for clone in clones}
+        self.respond = respond
+        self.paths: dict[str, str] = {}
+        self.selector = selectors.DefaultSelector()
+        self.stopping = False
+        self.listeners = []
+        for clone in clones:
+            path = os.path.join(directory, f"{clone.name}.sock")
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(path)
+            listener.listen(64)
+            listener.setblocking(False)
+            self.selector.register(listener, selectors.EVENT_READ, ("listen", clone))
+            self.listeners.append(listener)
+            self.paths[clone.name] = path
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopping:
+            for key, _events in self.selector.select(0.2):
+                kind, clone = key.data[0], key.data[1]
+                if kind == "listen":
+                    try:
+                        conn = key.fileobj.accept()[0]
+                    except OSError:
+                        continue
+                    conn.setblocking(False)
+                    self.selector.register(conn, selectors.EVENT_READ, ("conn", clone, bytearray()))
+                    continue
+                self._read(key.fileobj, clone, key.data[2])
+
+    def _drop(self, conn: socket.socket) -> None:
+        try:
+            self.selector.unregister(conn)
+        except (KeyError, ValueError):
+            pass
+        conn.close()
+
+    def _read(self, conn: socket.socket, clone: FakeClone, buffer: bytearray) -> None:
+        try:
+            data = conn.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._drop(conn)
+            return
+        if not data:
+            self._drop(conn)
+            return
+        buffer += data
+        while b"\n" in buffer:
+            line, _newline, rest = bytes(buffer).partition(b"\n")
+            buffer[:] = rest
+            reply, chunked, close = self.respond(clone, json.loads(line))
+            if reply:
+                self._write(conn, reply, chunked)
+            if close:
+                self._drop(conn)
+                return
+
+    @staticmethod
+    def _write(conn: socket.socket, data: bytes, chunked: bool) -> None:
+        conn.setblocking(True)
+        conn.settimeout(10)
+        try:
+            if chunked:
+                for start in range(0, len(data), 7):
+                    conn.sendall(data[start:start + 7])
+            else:
+                conn.sendall(data)
+        except OSError:
+            pass  # the host gave up on this reply (oversized, invalid): its business
+        finally:
+            conn.setblocking(False)
+
+    def close(self) -> None:
+        """Stop serving and close every socket."""
+        self.stopping = True
+        self.thread.join(timeout=5)
+        for key in list(self.selector.get_map().values()):
+            key.fileobj.close()
+        self.selector.close()
+
+
+def make_target(name: str, socket_path: str, domain_uuid: str) -> mc.Target:
+    """A multicast target; the domain UUID is given where this version of Target has the field."""
+    fields = {field.name for field in dataclasses.fields(mc.Target)}
+    extra = {"domain_uuid": domain_uuid} if "domain_uuid" in fields else {}
+    return mc.Target(name=name, socket_path=socket_path, **extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output checks
+
+
+def output_problems(report: mc.Report) -> list[str]:
+    """What is wrong with the module output built from ``report`` (empty when nothing is)."""
+    problems = []
+    clones = [clone.as_dict() for clone in report.clones]
+    failures = report.failures()
+    message = "; ".join(f"{clone.name}: {clone.reason}" for clone in failures)
+    document = {"clones": clones, "summary": report.summary(), "msg": message}
+    encoded = json.dumps(document, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    if len(encoded) > MAX_OUTPUT_PER_CLONE * max(1, len(clones)):
+        problems.append(f"output of {len(encoded)} bytes for {len(clones)} clones")
+    stack: list[t.Any] = [document]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, str):
+            if UNPRINTABLE.search(value):
+                problems.append(f"unprintable string in the output: {value[:80]!r}")
+            if len(value) > MAX_OUTPUT_STRING:
+                problems.append(f"string of {len(value)} characters in the output")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Host targets
+
+
+@register("host.wire", "host", 0.5, "generated and mutated replies straight into wire.parse_response")
+def fuzz_wire(rng: random.Random, count: int, stats: Stats, options: argparse.Namespace) -> None:
+    """parse_response either returns a reply whose strings are UTF-8-encodable, or raises ProtocolError."""
+    clone = FakeClone("c", str(uuidlib.UUID(int=rng.getrandbits(128))), proof.generate_identity_key(rng.randbytes(32)))
+    args = {"operation": "regenerate", "nonce": "ab" * 32, "hash_key": "cd" * 32, "entropy_source": "guest"}
+    started = time.monotonic()
+    batch = max(1, count // 50)
+    while stats.inputs < count:
+        op = rng.choice(["hello", "rotate", "attest", None])
+        if op == "hello" or (op is None and rng.random() < 0.5):
+            result: dict[str, t.Any] = valid_hello(rng, clone)
+        elif op == "rotate":
+            result = valid_rotate(rng, clone, args)[0]
+        else:
+            result = valid_attestation(rng, clone, args["nonce"])
+        message = wire.make_result("r1", result) if rng.random() < 0.9 else wire.make_error("r1", "busy", "x\ny")
+        plan = make_plan(rng, options.mutation_rate)
+        for line in render(rng, plan, message):
+            stats.inputs += 1
+            try:
+                parsed = wire.parse_response(line, "r1", op)
+            except wire.ProtocolError as error:
+                stats.count(f"rejected:{error.code}")
+                if UNPRINTABLE.search(error.message):
+                    stats.escape(f"unprintable ProtocolError message {error.message[:200]!r}", line[:2000], options.crash_dir)
+                continue
+            except Exception:  # pylint: disable=broad-exception-caught
+                stats.escape(traceback.format_exc(), line[:2000], options.crash_dir)
+                continue
+            stats.count("accepted")
+            try:
+                json.dumps(parsed, ensure_ascii=False).encode("utf-8")
+            except Exception:  # pylint: disable=broad-exception-caught
+                stats.escape("accepted reply does not encode: " + traceback.format_exc(), line[:2000], options.crash_dir)
+        if stats.inputs // batch != (stats.inputs - 1) // batch:
+            stats.rss_kib.append(current_rss_kib())
+    stats.seconds = time.monotonic() - started
+
+
+@register("host.multicast", "host", 0.5,
+          "fake agents on unix sockets answer the real multicast (hello, rotate) with generated and mutated replies")
+def fuzz_multicast(rng: random.Random, count: int, stats: Stats, options: argparse.Namespace) -> None:
+    """One multicast per round over ``options.clones`` fake agents, each with its own plan per request."""
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="clonesafe-fuzz-") as directory:
+        clones = [
+            FakeClone(f"clone-{index}", str(uuidlib.UUID(int=rng.getrandbits(128))),
+                      proof.generate_identity_key(rng.randbytes(32)))
+            for index in range(options.clones)
+        ]
+        plans: dict[tuple[str, str], Plan] = {}
+        seen: dict[tuple[str, str], t.Any] = {}
+        lock = threading.Lock()
+        # The responder runs in the server thread: its own generator, seeded from the main one per round.
+        responder_rng = random.Random()
+
+        def respond(clone: FakeClone, request: dict[str, t.Any]) -> tuple[bytes | None, bool, bool]:
+            with lock:
+                op = request["op"]
+                plan = plans.get((clone.name, op), Plan())
+                if op == "hello":
+                    message = wire.make_result(request["id"], valid_hello(responder_rng, clone))
+                    fingerprints = None
+                elif op == "rotate":
+                    result, fingerprints = valid_rotate(responder_rng, clone, request["args"])
+                    message = wire.make_result(request["id"], result)
+                else:
+                    message = wire.make_result(request["id"], valid_attestation(responder_rng, clone, request["args"]["nonce"]))
+                    fingerprints = message["result"]["fingerprints"]
+                lines = render(responder_rng, plan, message)
+                data = b"".join(lines)
+                seen[(clone.name, op)] = {"request": request, "fingerprints": fingerprints, "sent": data[:3000]}
+                stats.inputs += 1
+                if plan.delivery == "close":
+                    return None, False, True
+                if plan.delivery == "partial":
+                    return data[: responder_rng.randint(0, max(0, len(data) - 2))], plan.chunked, True
+                # A mutated reply may carry another request's id: the host then waits for the real one
+                # until its timeout. Closing after the reply (the host reads the line before the end)
+                # keeps rounds short; plan.hold keeps the channel open like a real port.
+                return data, plan.chunked, not plan.hold
+
+        fleet = FakeFleet(directory, clones, respond)
+        try:
+            targets = [make_target(clone.name, fleet.paths[clone.name], clone.uuid) for clone in clones]
+            batch = max(1, count // 50)
+            while stats.inputs < count:
+                with lock:
+                    plans.clear()
+                    seen.clear()
+                    responder_rng.seed(rng.getrandbits(64))
+                    for clone in clones:
+                        plans[(clone.name, "hello")] = make_plan(rng, options.mutation_rate / 3)
+                        plans[(clone.name, "rotate")] = make_plan(rng, options.mutation_rate)
+                before = stats.inputs
+                settings = mc.Settings(hash_key=os.urandom(32).hex(), entropy_source=rng.choice(wire.ENTROPY_SOURCES),
+                                       timeout=options.timeout, hello_timeout=options.timeout,
+                                       operation=rng.choice(["regenerate", "modify"]))
+                try:
+                    report = mc.multicast(targets, settings)
+                except Exception:  # pylint: disable=broad-exception-caught
+                    stats.escape("multicast raised: " + traceback.format_exc(), dict(seen), options.crash_dir)
+                    stats.rounds += 1
+                    continue
+                stats.rounds += 1
+                try:
+                    problems = output_problems(report) + round_problems(report, plans, seen)
+                except Exception:  # pylint: disable=broad-exception-caught
+                    problems = ["building the output raised: " + traceback.format_exc()]
+                for problem in problems:
+                    stats.escape(problem, dict(seen), options.crash_dir)
+                for clone in report.clones:
+                    stats.count(f"clone:{clone.status}")
+                if stats.inputs // batch != before // batch:
+                    stats.rss_kib.append(current_rss_kib())
+        finally:
+            fleet.close()
+    stats.seconds = time.monotonic() - started
+
+
+def round_problems(report: mc.Report, plans: dict[tuple[str, str], Plan], seen: dict[tuple[str, str], t.Any]) -> list[str]:
+    """Invariants of one round: outcomes for all, valid exchanges rotated, rotated ones proven."""
+    problems = []
+    names = {name for name, _op in plans}
+    outcomes = {clone.name: clone for clone in report.clones}
+    if set(outcomes) != names:
+        problems.append(f"outcomes for {sorted(outcomes)}, clones {sorted(names)}")
+    for name, outcome in outcomes.items():
+        if outcome.status not in ("rotated", "failed"):
+            problems.append(f"{name}: status {outcome.status!r}")
+        if outcome.status == "failed" and not (isinstance(outcome.reason, str) and outcome.reason):
+            problems.append(f"{name}: failed without a reason")
+        exchange = seen.get((name, "rotate"))
+        valid = plans[(name, "hello")].valid and plans[(name, "rotate")].valid
+        if valid and outcome.status != "rotated":
+            problems.append(f"{name}: valid hello and rotate replies, but {outcome.status}: {outcome.reason}")
+        if outcome.status == "rotated":
+            if exchange is None:
+                problems.append(f"{name}: rotated without a rotate request")
+                continue
+            try:
+                verified = proof.verify_attestation(outcome.attestation, exchange["request"]["args"]["nonce"])
+            except Exception as error:  # pylint: disable=broad-exception-caught
+                problems.append(f"{name}: rotated, but its attestation does not verify: {error}")
+                continue
+            if verified != outcome.fingerprints:
+                problems.append(f"{name}: reported fingerprints differ from the verified ones")
+            if valid and outcome.fingerprints != exchange["fingerprints"]:
+                problems.append(f"{name}: fingerprints differ from those its agent signed")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+
+
+def run(side: str = "host", count: int = 10000, seed: int = 1, clones: int = 8, target: str | None = None,
+        mutation_rate: float = 0.8, timeout: float = 10.0, crash_dir: str | None = None,
+        progress: bool = False) -> dict[str, t.Any]:
+    """Run the targets of ``side`` (or one ``target``) with ``count`` inputs in all; returns the summary."""
+    options = argparse.Namespace(clones=clones, mutation_rate=mutation_rate, timeout=timeout, crash_dir=crash_dir)
+    if target:
+        if target not in TARGETS:
+            raise SystemExit(f"unknown target {target!r}: use one of {', '.join(sorted(TARGETS))}")
+        chosen = [TARGETS[target]]
+    else:
+        sides = SIDES if side == "both" else (side,)
+        chosen = [candidate for candidate in TARGETS.values() if candidate.side in sides]
+    missing = [name for name in (SIDES if side == "both" else (side,)) if not any(c.side == name for c in chosen)]
+    total_share = sum(candidate.share for candidate in chosen) or 1.0
+    rng = random.Random(seed)
+    results = []
+    started = time.monotonic()
+    for index, candidate in enumerate(chosen):
+        share = count - sum(result["inputs"] for result in results) if index == len(chosen) - 1 \
+            else round(count * candidate.share / total_share)
+        stats = Stats(candidate.name)
+        candidate.run(random.Random(rng.getrandbits(64)), share, stats, options)
+        results.append(stats.as_dict() | {"failures": stats.failures})
+        if progress:
+            print(json.dumps(stats.as_dict()), file=sys.stderr, flush=True)
+    return {
+        "side": side,
+        "seed": seed,
+        "count": count,
+        "inputs": sum(result["inputs"] for result in results),
+        "escaped": sum(result["escaped"] for result in results),
+        "seconds": round(time.monotonic() - started, 2),
+        "peak_rss_kib": peak_rss_kib(),
+        "sides_without_targets": missing,
+        "targets": results,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: run, print the summary as one JSON line, exit 1 when anything escaped."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--side", choices=("host", "agent", "both"), default="host")
+    parser.add_argument("--count", type=int, default=100000, help="inputs in all, shared among the targets run")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--target", help=f"run one target only: {', '.join(sorted(TARGETS))}")
+    parser.add_argument("--clones", type=int, default=8, help="fake clones per multicast (host.multicast)")
+    parser.add_argument("--mutation-rate", type=float, default=0.8, help="share of rotate replies mutated")
+    parser.add_argument("--timeout", type=float, default=10.0, help="multicast timeouts (s)")
+    parser.add_argument("--crash-dir", help="write the inputs of every escaped exception here")
+    parser.add_argument("--list", action="store_true", help="list the registered targets and exit")
+    args = parser.parse_args(argv)
+    if args.list:
+        for candidate in TARGETS.values():
+            print(f"{candidate.name:16} {candidate.side:6} share {candidate.share:<4} {candidate.description}")
+        return 0
+    summary = run(args.side, args.count, args.seed, args.clones, args.target, args.mutation_rate, args.timeout,
+                  args.crash_dir, progress=True)
+    if summary["sides_without_targets"] and not summary["targets"]:
+        print(f"no fuzz targets registered for side(s): {', '.join(summary['sides_without_targets'])}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    for result in summary["targets"]:
+        for failure in result["failures"][:3]:
+            print(f"--- {failure['target']}: {failure['problem'][-1500:]}", file=sys.stderr)
+    return 1 if summary["escaped"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
