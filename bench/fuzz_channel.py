@@ -458,14 +458,16 @@ def render(rng: random.Random, plan: Plan, message: dict[str, t.Any]) -> list[by
 
 
 class FakeFleet:
-    """Listening unix sockets, one per clone, served by one thread; ``respond(clone, request)`` answers.
+    """Listening unix sockets, one per clone (in ``directory``, or at ``paths[name]``), served by one thread.
 
-    ``respond`` returns (data, close): the bytes to write (None: nothing) and whether to close the
-    connection after them (a real channel stays open; the host closes it when done).
+    ``respond(clone, request)`` returns (data, chunked, close): the bytes to write (None: nothing),
+    whether to write them in small pieces, and whether to close the connection after them (a real
+    channel stays open; the host closes it when done).
     """
 
     def __init__(self, directory: str, clones: list[FakeClone],
-                 respond: t.Callable[[FakeClone, dict[str, t.Any]], tuple[bytes | None, bool, bool]]) -> None:
+                 respond: t.Callable[[FakeClone, dict[str, t.Any]], tuple[bytes | None, bool, bool]],
+                 paths: dict[str, str] | None = None) -> None:
         self.clones = {clone.name: clone for clone in clones}
         self.respond = respond
         self.paths: dict[str, str] = {}
@@ -473,7 +475,7 @@ class FakeFleet:
         self.stopping = False
         self.listeners = []
         for clone in clones:
-            path = os.path.join(directory, f"{clone.name}.sock")
+            path = (paths or {}).get(clone.name) or os.path.join(directory, f"{clone.name}.sock")
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             listener.bind(path)
             listener.listen(64)
