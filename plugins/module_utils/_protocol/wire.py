@@ -126,10 +126,32 @@ class LineBuffer:
         return self._discarding or len(self._buffer)
 
 
+def _without_surrogates(value: t.Any) -> t.Any:
+    """A copy of a JSON value whose strings (keys too) have every lone surrogate escaped as text."""
+    if isinstance(value, str):
+        return _SURROGATE.sub(_escape, value)
+    if isinstance(value, dict):
+        return {_without_surrogates(key): _without_surrogates(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_without_surrogates(item) for item in value]
+    return value
+
+
 def encode_message(message: dict[str, t.Any]) -> bytes:
-    """One message as a compact JSON line; ProtocolError if it exceeds the limit."""
+    """One message as a compact JSON line; ProtocolError if it exceeds the limit.
+
+    Whatever text the message holds, the line is UTF-8: a string that is not valid Unicode (a lone
+    surrogate, such as an undecodable file name or a value the other end sent as ``"\\udcff"``) is
+    sent with the surrogate written out as the six characters ``\\udcff``, never as itself (which
+    cannot be encoded) nor as a JSON escape (which the other end would decode back into it).
+    """
     line = json.dumps(message, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    data = line.encode("utf-8") + b"\n"
+    try:
+        data = line.encode("utf-8") + b"\n"
+    except UnicodeEncodeError:
+        line = json.dumps(_without_surrogates(message), sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                          allow_nan=False)
+        data = line.encode("utf-8") + b"\n"
     if len(data) > MAX_MESSAGE_BYTES:
         raise ProtocolError("too_large", f"message of {len(data)} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
     return data
@@ -370,14 +392,17 @@ def make_result(request_id: str, result: dict[str, t.Any]) -> dict[str, t.Any]:
 
 
 def make_error(request_id: str | None, code: str, message: str) -> dict[str, t.Any]:
-    """An error reply; ``request_id`` is None when the request's id could not be read."""
-    if not _ERROR_CODE_PATTERN.fullmatch(code):
+    """An error reply; ``request_id`` is None when the request's id could not be read.
+
+    Any message fits: lone surrogates are escaped before it is cut to the length the other end accepts.
+    """
+    if not isinstance(code, str) or not _ERROR_CODE_PATTERN.fullmatch(code):
         code = "internal"
     return {
         "v": PROTOCOL_VERSION,
         "id": request_id,
         "ok": False,
-        "error": {"code": code, "message": message[:_MAX_ERROR_MESSAGE]},
+        "error": {"code": code, "message": _SURROGATE.sub(_escape, str(message))[:_MAX_ERROR_MESSAGE]},
     }
 
 

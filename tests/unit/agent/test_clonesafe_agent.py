@@ -509,7 +509,7 @@ def test_kmsg_and_uevent_markers(agent_module):
     read, write = os.pipe()
     os.set_blocking(read, False)
     os.write(write, b"6,1234,5678,-;random: crng reseeded due to virtual machine fork\n")
-    assert agent_module.read_kmsg(read) is True
+    assert agent_module.read_kmsg(read).forked is True
     os.close(write)
     os.close(read)
     assert agent_module.UEVENT_MARKER in b"change@/devices/vmgenid\0ACTION=change\0NEW_VMGENID=1\0".split(b"\0")

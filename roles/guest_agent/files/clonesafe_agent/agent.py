@@ -297,22 +297,32 @@ class Agent:
         return result
 
     def handle_line(self, line: bytes | wire.OversizedLine) -> bytes:
-        """One request line in, one response line out; never raises for bad input."""
+        """One request line in, one response line out; never raises, whatever the line holds."""
+        try:
+            return self._respond(line)
+        except Exception as error:  # pylint: disable=broad-exception-caught
+            # A failure outside any request (the parser itself, encoding the reply): the line gets
+            # an answer all the same, and the loop serves the next one.
+            log(f"request line not handled: {type(error).__name__}: {wire.printable(str(error), 200)}")
+            return wire.encode_message(wire.make_error(None, "internal", "the agent could not handle this request"))
+
+    def _respond(self, line: bytes | wire.OversizedLine) -> bytes:
         received = time.monotonic()
-        received_interrupts = self.irq.channel_interrupts()
         try:
             request = wire.parse_request(line)
         except wire.ProtocolError as error:
             return wire.encode_message(wire.make_error(error.request_id, error.code, error.message))
         parsed = time.monotonic()
         try:
+            # Read once the line is a request: a flood of garbage costs no /proc/interrupts read per line.
+            received_interrupts = self.irq.channel_interrupts()
             result = self.handle_request(request, received_interrupts)
             if "phases_ms" in result:
                 result["phases_ms"]["request"] = int((parsed - received) * 1000)
                 result["phases_ms"]["total"] = int((time.monotonic() - received) * 1000)
             return wire.encode_message(wire.make_result(request["id"], result))
         except Exception as error:  # pylint: disable=broad-exception-caught
-            log(f"request {request['id']} ({request['op']}) failed: {type(error).__name__}: {error}")
+            log(f"request {request['id']} ({request['op']}) failed: {type(error).__name__}: {wire.printable(str(error), 500)}")
             return wire.encode_message(wire.make_error(request["id"], "failed", f"{request['op']} failed: {type(error).__name__}: {error}"))
 
     def on_trigger(self, trigger: str) -> None:

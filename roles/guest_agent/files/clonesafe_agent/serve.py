@@ -1,11 +1,19 @@
 # Copyright (c) clonesafe developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 
-"""The service loop: the virtio-serial channel to the host, SIGIO, and the guest-side triggers."""
+"""The service loop: the virtio-serial channel to the host, SIGIO, and the guest-side triggers.
+
+The host is not trusted to behave: it may send anything, leave with requests pending, or stop
+reading. Nothing it does may end the loop, make it spin, or hold it: the loop never waits on the
+port alone (one poll() covers the port, the triggers and the signals), writes only what the port
+takes at once, and forgets a host that left or stopped reading.
+"""
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import errno
 import fcntl
 import os
 import select
@@ -16,9 +24,8 @@ import typing as t
 from . import AGENT_VERSION
 from ._protocol import wire
 from .agent import Agent
-from .errors import AgentError
 from .log import log
-from .triggers import open_kmsg, open_uevent, read_kmsg, read_uevents
+from .triggers import GenerationWatch
 
 # With no host connected the port reports POLLHUP at once, so the loop must sleep: 50 ms after the
 # host left (a multicast reconnects right away for its next request), doubling up to 400 ms while
@@ -26,25 +33,168 @@ from .triggers import open_kmsg, open_uevent, read_kmsg, read_uevents
 HUP_BACKOFF_SECONDS = 0.05
 HUP_BACKOFF_MAX_SECONDS = 0.4
 HUP_SIGNALLED_RECHECK_SECONDS = 2.0
+# A connected host that takes nothing of a reply for this long is not reading: the reply and the
+# rest of its requests are dropped.
 WRITE_TIMEOUT_SECONDS = 5.0
+# After a failure the loop did not foresee, or a port that cannot be read, the port is left alone
+# this long: a failure that repeats must not spin.
+FAILURE_BACKOFF_SECONDS = 1.0
+# The virtio console reports POLLHUP while no host is connected (and POLLIN: reads return what the
+# host left, then 0); on a hot-unplug, POLLHUP alone.
+HOST_GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL
+# A write whose reader is gone for good (a socket pair in tests; the virtio port refuses with EAGAIN).
+GONE_ERRNOS = (errno.EPIPE, errno.ECONNRESET)
+# Reads of what a departed host left in the port, per hang-up (the port holds a few hundred KiB).
+MAX_DISCARD_READS = 64
+INTERNAL_ERROR = "the agent could not handle this request"
 
 
-def write_all(fd: int, data: bytes) -> None:
-    """Write a whole response to the non-blocking port, waiting for room at most WRITE_TIMEOUT_SECONDS."""
-    deadline = time.monotonic() + WRITE_TIMEOUT_SECONDS
-    view = memoryview(data)
-    poller = select.poll()
-    poller.register(fd, select.POLLOUT)
-    while view:
+class Channel:
+    """The connected host's side of the port: its requests not served yet and the reply being written.
+
+    One request at a time, in order: a line is served only once the reply before it is written out,
+    and the port is read only when every line read so far was served, so memory holds at most one
+    read and one reply, and a host that does not read stops being read. What a host that left (or
+    stopped reading) sent or is owed is dropped: never served after it left, never answered to
+    whoever connects next.
+    """
+
+    def __init__(self, agent: Agent, fd: int) -> None:
+        self.agent = agent
+        self.fd = fd
+        self.buffer = wire.LineBuffer()
+        self.lines: collections.deque[bytes | wire.OversizedLine] = collections.deque()
+        self.reply = memoryview(b"")
+        self.written = 0
+        self.stalled_since: float | None = None
+        # A reply was cut off mid-line on this connection: the next one starts on a new line, so the
+        # host's line reader sees one bad line and then whole replies again.
+        self.torn = False
+
+    @property
+    def busy(self) -> bool:
+        """Lines to serve or a reply to write."""
+        return bool(self.lines or self.reply)
+
+    def interest(self) -> int:
+        """What to poll the port for (a hang-up is reported whatever is asked)."""
+        if self.reply:
+            return select.POLLOUT
+        return 0 if self.lines else select.POLLIN
+
+    def deadline(self) -> float | None:
+        """When a reply that cannot be written is given up."""
+        return None if self.stalled_since is None else self.stalled_since + WRITE_TIMEOUT_SECONDS
+
+    def process(self, revents: int) -> bool:
+        """Act on what a poll() that included the port reported for it; False when no host is connected.
+
+        A line is served only here, so only when the host was there a moment ago.
+        """
+        if revents & HOST_GONE:
+            self.hangup()
+            return False
+        if self.reply:
+            if revents & select.POLLOUT and not self.flush():
+                return False
+        elif not self.lines and revents & select.POLLIN and not self.read():
+            self.hangup()
+            return False
+        if self.lines and not self.reply:
+            return self.serve_next()
+        deadline = self.deadline()
+        if self.reply and deadline is not None and time.monotonic() >= deadline:
+            self.drop(f"the host took none of a reply for {WRITE_TIMEOUT_SECONDS:g} s")
+        return True
+
+    def read(self) -> bool:
+        """Take what the host sent; False when the port says no host is connected and nothing is left."""
         try:
-            view = view[os.write(fd, view):]
-            continue
+            data = os.read(self.fd, wire.MAX_MESSAGE_BYTES)
         except BlockingIOError:
-            pass
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AgentError("the host stopped reading: response dropped")
-        poller.poll(remaining * 1000)
+            return True
+        if not data:
+            return False
+        self.lines.extend(self.buffer.feed(data))
+        return True
+
+    def serve_next(self) -> bool:
+        """Answer the next line; False when the host turned out to be gone."""
+        line = self.lines.popleft()
+        try:
+            response = self.agent.handle_line(line)
+        except Exception as error:  # pylint: disable=broad-exception-caught
+            # handle_line answers every line itself: this is the last line of defence.
+            log(f"request not handled: {type(error).__name__}: {wire.printable(str(error), 200)}")
+            response = wire.encode_message(wire.make_error(None, "internal", INTERNAL_ERROR))
+        self.reply = memoryview(b"\n" + response if self.torn else response)
+        self.torn = False
+        self.written = 0
+        self.stalled_since = None
+        return self.flush()
+
+    def flush(self) -> bool:
+        """Write what the port takes of the reply, without waiting; False when the host is gone."""
+        while self.reply:
+            try:
+                count = os.write(self.fd, self.reply)
+            except BlockingIOError:
+                if self.stalled_since is None:
+                    self.stalled_since = time.monotonic()
+                return True
+            except OSError as error:
+                if error.errno not in GONE_ERRNOS:
+                    raise
+                self.hangup()
+                return False
+            self.reply = self.reply[count:]
+            self.written += count
+            self.stalled_since = None
+        # What a rotation left to do after its answer (telling sshd) runs once the answer is out.
+        self.agent.run_notifications()
+        return True
+
+    def drop(self, why: str, discarded: int = 0) -> None:
+        """Forget the unserved lines, the reply being written and an incomplete line."""
+        lines, reply, partial = len(self.lines), bool(self.reply), self.buffer.pending
+        self.torn = reply and self.written > 0
+        self.lines.clear()
+        self.buffer = wire.LineBuffer()
+        self.reply = memoryview(b"")
+        self.written = 0
+        self.stalled_since = None
+        if reply:
+            self.agent.run_notifications()
+        if lines or reply or partial or discarded:
+            log(f"{why}: dropped {lines} request(s) not served yet"
+                + (", the reply being written" if reply else "")
+                + (f", {partial + discarded} byte(s) of input" if partial or discarded else ""))
+
+    def hangup(self) -> None:
+        """The host left: drop what it sent and is owed, and what it wrote that is still in the port."""
+        self.drop("the host left", self.discard_input())
+        self.torn = False
+
+    def discard_input(self) -> int:
+        """Read and throw away what a departed host wrote (virtio_console keeps it readable until read).
+
+        Only while the port still reports no host: what a new host sends is its own.
+        """
+        discarded = 0
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        for _read in range(MAX_DISCARD_READS):
+            ready = poller.poll(0)
+            if not ready or not ready[0][1] & select.POLLHUP:
+                break
+            try:
+                data = os.read(self.fd, wire.MAX_MESSAGE_BYTES)
+            except BlockingIOError:
+                break
+            if not data:
+                break
+            discarded += len(data)
+        return discarded
 
 
 def watch_host_connection(port: int) -> bool:
@@ -76,12 +226,10 @@ def serve(agent: Agent) -> None:
     registration_error = agent.register_vcpus()
     if registration_error:
         log(f"vCPU registration: {registration_error}")
-    kmsg = open_kmsg() if agent.config["triggers"].get("kmsg", True) else None
-    uevents = open_uevent() if agent.config["triggers"].get("uevent", True) else None
+    watch = GenerationWatch(agent.config, agent.irq.gpe_count)
     port_path = agent.path(agent.config["port"])
-    port: int | None = None
+    channel: Channel | None = None
     port_signals = False
-    buffer = wire.LineBuffer()
     hup_until = 0.0
     hup_backoff = HUP_BACKOFF_SECONDS
     running = True
@@ -98,70 +246,82 @@ def serve(agent: Agent) -> None:
     signal.set_wakeup_fd(wakeup_write, warn_on_full_buffer=False)
     log(f"serving {port_path} (agent {AGENT_VERSION}, protocol {wire.PROTOCOL_VERSION})")
     while running:
-        if port is None:
+        now = time.monotonic()
+        if channel is None and now >= hup_until:
             try:
                 port = os.open(port_path, os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY)
+            except OSError:
+                hup_until = now + FAILURE_BACKOFF_SECONDS
+            else:
                 port_signals = watch_host_connection(port)
                 agent.register_vcpus()
-            except OSError:
-                port = None
+                channel = Channel(agent, port)
         poller = select.poll()
         poller.register(wakeup_read, select.POLLIN)
-        if port is not None and time.monotonic() >= hup_until:
-            poller.register(port, select.POLLIN)
-        if kmsg is not None:
-            poller.register(kmsg, select.POLLIN)
-        if uevents is not None:
-            poller.register(uevents.fileno(), select.POLLIN)
-        timeout_ms = 1000 if port is None else int(hup_backoff * 1000)
+        watching_port = channel is not None and (channel.busy or now >= hup_until)
+        if channel is not None and watching_port:
+            poller.register(channel.fd, channel.interest())
+        for fd in watch.fds():
+            poller.register(fd, select.POLLIN)
         try:
-            events = poller.poll(timeout_ms)
+            events = dict(poller.poll(_timeout_ms(channel, watching_port, hup_until, now)))
         except InterruptedError:
             continue
-        for fd, event in events:
-            if fd == wakeup_read:
-                drain(wakeup_read)
-                # The host connected (or data arrived): look at the port now, not at the next tick.
-                hup_until, hup_backoff = 0.0, HUP_BACKOFF_SECONDS
-            elif kmsg is not None and fd == kmsg and read_kmsg(kmsg):
-                agent.on_trigger("generation")
-            elif uevents is not None and fd == uevents.fileno() and read_uevents(uevents):
-                agent.on_trigger("generation")
-            elif fd == port:
-                port, buffer, wait = _serve_port(agent, port, event, buffer)
-                if wait is None:
-                    hup_backoff = HUP_BACKOFF_SECONDS
-                elif port is not None and port_signals:
-                    # No host: SIGIO says when one connects; the timer is only a safety net.
-                    hup_backoff = HUP_SIGNALLED_RECHECK_SECONDS
-                    hup_until = time.monotonic() + hup_backoff
-                else:
-                    hup_until = time.monotonic() + (wait if port is None else hup_backoff)
-                    hup_backoff = min(HUP_BACKOFF_MAX_SECONDS, hup_backoff * 2)
-    if port is not None:
-        os.close(port)
-
-
-def _serve_port(agent: Agent, port: int, event: int, buffer: wire.LineBuffer) -> tuple[int | None, wire.LineBuffer, float | None]:
-    """Serve what arrived on the port; the third value is None, or how long to leave the port alone."""
-    if event & select.POLLIN:
+        if wakeup_read in events:
+            drain(wakeup_read)
+            # The host connected (or data arrived): look at the port now, not at the next tick.
+            hup_until, hup_backoff = 0.0, HUP_BACKOFF_SECONDS
+        _check_triggers(agent, watch, events)
+        if channel is None or not watching_port:
+            continue
         try:
-            data = os.read(port, wire.MAX_MESSAGE_BYTES)
-        except BlockingIOError:
-            return port, buffer, None
+            connected = channel.process(events.get(channel.fd, 0))
         except OSError as error:
-            log(f"reading the port failed ({error.strerror}); reopening it")
-            os.close(port)
-            return None, wire.LineBuffer(), 1.0
-        if data:
-            for line in buffer.feed(data):
-                response = agent.handle_line(line)
-                try:
-                    write_all(port, response)
-                except (AgentError, OSError) as error:
-                    log(f"response not delivered: {error}")
-                agent.run_notifications()
-            return port, buffer, None
-    # No host connected (the port reports POLLHUP continuously): a partial line is void, and the
-    # port is left alone for a while so the loop does not spin.
-    return port, wire.LineBuffer(), HUP_BACKOFF_SECONDS
+            log(f"the port failed ({error.strerror}); reopening it")
+            os.close(channel.fd)
+            channel, hup_until = None, time.monotonic() + FAILURE_BACKOFF_SECONDS
+            continue
+        except Exception as error:  # pylint: disable=broad-exception-caught
+            log(f"serving the port failed: {type(error).__name__}: {wire.printable(str(error), 200)}")
+            channel.drop("after that failure")
+            hup_until = time.monotonic() + FAILURE_BACKOFF_SECONDS
+            continue
+        if connected:
+            hup_backoff = HUP_BACKOFF_SECONDS
+        elif port_signals:
+            # No host: SIGIO says when one connects; the timer is only a safety net.
+            hup_backoff = HUP_SIGNALLED_RECHECK_SECONDS
+            hup_until = time.monotonic() + hup_backoff
+        else:
+            hup_until = time.monotonic() + hup_backoff
+            hup_backoff = min(HUP_BACKOFF_MAX_SECONDS, hup_backoff * 2)
+    if channel is not None:
+        os.close(channel.fd)
+
+
+def _timeout_ms(channel: Channel | None, watching_port: bool, hup_until: float, now: float) -> int:
+    """How long the next poll() may wait."""
+    if channel is not None and watching_port:
+        if channel.lines and not channel.reply:
+            return 0
+        deadline = channel.deadline()
+        if channel.reply and deadline is not None:
+            return max(0, int((deadline - now) * 1000) + 1)
+        # A host is (or may be) connected: poll() wakes on its data or its hang-up.
+        return int(HUP_SIGNALLED_RECHECK_SECONDS * 1000)
+    return max(0, min(1000, int((hup_until - now) * 1000) + 1))
+
+
+def _check_triggers(agent: Agent, watch: GenerationWatch, events: dict[int, int]) -> None:
+    """Rotate when a watcher saw a VM Generation ID change (or lost messages that may have held one)."""
+    for fd in watch.fds():
+        if fd not in events:
+            continue
+        try:
+            changed = watch.changed(fd)
+        except Exception as error:  # pylint: disable=broad-exception-caught
+            log(f"reading a VM generation watcher failed: {type(error).__name__}: {error}")
+            continue
+        if changed:
+            agent.on_trigger("generation")
+            watch.rotated()
