@@ -14,7 +14,11 @@ description:
     parsed before this one (give them first, for example C(-i hosts.yml -i fleet.clones.yml)).
   - Host variables tell each clone's hypervisor, libvirt URI, template, state, VM Generation ID, network and, where
     a multicast recorded it in the domain metadata, the agent's secret generation and the last attestation time.
-  - Supports Ansible's inventory cache and the constructed options (compose, groups, keyed_groups).
+  - Supports Ansible's inventory cache and the constructed options (compose, groups, keyed_groups). A run in which
+    a hypervisor host could not be read is not cached, so that host is asked again next time.
+  - Every value read from a hypervisor host is marked unsafe (never templated on the controller), and a clone whose
+    domain name M(clonesafe.fleet.clone) would never give is skipped with a warning, since whoever can define a domain
+    chooses those strings.
   - The configuration file name must end in C(clones.yml) or C(clones.yaml).
 author:
   - clonesafe developers (@clonesafe)
@@ -105,10 +109,12 @@ import typing as t
 from ansible.errors import AnsibleError, AnsibleParserError
 from ansible.plugins.inventory import BaseInventoryPlugin, Cacheable, Constructable
 from ansible.utils.display import Display
+from ansible.utils.unsafe_proxy import wrap_var
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.attestation_record import read_record
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt._libvirt_dep import HAS_LIBVIRT
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.clone_xml import validate_name
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.clones import describe_clone, find_clones
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.connection import LibvirtConnection
 
@@ -205,20 +211,29 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
         return sorted(results, key=lambda result: result["hypervisor"])
 
     def populate(self, results: list[dict[str, t.Any]]) -> None:
-        """Add hosts, groups and host variables, then the constructed options."""
+        """Add hosts, groups and host variables, then the constructed options.
+
+        Whatever came from a hypervisor host is marked unsafe before anything templates it (ansible-core
+        before 2.19 templates plugin strings unless told not to), whether it came from libvirt or from the cache.
+        """
         strict = self.get_option("strict")
         self.inventory.add_group(ALL_GROUP)
         for result in results:
             hypervisor = result["hypervisor"]
             host_group = self.inventory.add_group(group_name("clonesafe_hypervisor", hypervisor))
             for clone in result["clones"]:
+                try:
+                    validate_name(clone.get("name"))
+                except ClonesafeError as error:
+                    display.warning(f"clonesafe.fleet.clones: skipping a clone on {hypervisor}: {error.msg}")
+                    continue
                 host = self.get_option("hostname_format").format(name=clone["name"], hypervisor=hypervisor)
                 self.inventory.add_host(host, group=ALL_GROUP)
                 self.inventory.add_child(host_group, host)
                 if clone.get("template"):
                     template_group = self.inventory.add_group(group_name("clonesafe_template", clone["template"]))
                     self.inventory.add_child(template_group, host)
-                variables = host_vars(clone, hypervisor, result["uri"])
+                variables = wrap_var(host_vars(clone, hypervisor, result["uri"]))
                 for key, value in variables.items():
                     self.inventory.set_variable(host, key, value)
                 self._set_composite_vars(self.get_option("compose"), variables, host, strict=strict)
@@ -240,8 +255,12 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
                 results = self._cache[cache_key]
             except KeyError:
                 update_cache = True
+            # Written by an older version that cached unreachable hosts as hosts without clones.
+            if results is not None and any(result.get("error") for result in results):
+                results, update_cache = None, True
         if results is None:
             results = self.fetch(self.hypervisor_uris())
-        if update_cache:
+        # A host that could not be read has an unknown set of clones, not none: ask it again next time.
+        if update_cache and not any(result.get("error") for result in results):
             self._cache[cache_key] = results
         self.populate(results)

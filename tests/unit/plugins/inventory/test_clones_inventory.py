@@ -10,7 +10,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from clonesafe_testlib import ansible_env
+from clonesafe_testlib import ansible_env, run_playbook
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet import attestation_record
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.clone_xml import CloneIdentity, clone_paths, rewrite_for_clone
@@ -149,3 +149,59 @@ def test_the_plugin_ignores_files_not_meant_for_it(tmp_path):
     mine.write_text("{}")
     assert InventoryModule().verify_file(str(mine))
     assert group_name("clonesafe_hypervisor", "hv1.example.com") == "clonesafe_hypervisor_hv1_example_com"
+
+
+CANARY = "canary-" + uuid.uuid4().hex
+HOSTILE_TEMPLATE = "{{ lookup('env','CLONESAFE_CANARY') }}"
+
+
+def test_values_from_a_host_are_never_templated_on_the_controller(tmp_path):
+    """Whoever can define a domain chooses its template name: templating it must not run a lookup.
+
+    ansible-core 2.16 to 2.18 template plugin strings unless they are marked unsafe; 2.19 trusts no
+    plugin string. A real play templates the variable, a composed variable and keyed groups.
+    """
+    hosts = {"hv1": node_file(tmp_path, "hv1", [clone_xml("web-001", HOSTILE_TEMPLATE, 1), clone_xml("web-002", "web", 2)])}
+    config = tmp_path / "fleet.clones.yml"
+    config.write_text(json.dumps({
+        "plugin": "clonesafe.fleet.clones", "hypervisors": hosts, "hypervisor_group": "",
+        "compose": {"composed_template": "clonesafe_template"},
+        "keyed_groups": [{"key": "clonesafe_template", "prefix": "keyed"}],
+    }))
+    playbook = tmp_path / "show.yml"
+    playbook.write_text(json.dumps([{
+        "hosts": "clonesafe_clones", "gather_facts": False, "connection": "local",
+        "tasks": [{"ansible.builtin.debug": {
+            "msg": "T=[{{ clonesafe_template }}] C=[{{ composed_template | default('') }}] G=[{{ group_names | join(',') }}]"}}],
+    }]))
+    run = run_playbook(playbook, "-i", str(config), CLONESAFE_CANARY=CANARY)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    output = run.stdout + run.stderr
+    assert CANARY not in output, "a lookup named by a domain ran on the controller"
+    assert "T=[{{ lookup('env','CLONESAFE_CANARY') }}]" in output
+    assert "T=[web]" in output and "keyed_web" in output
+
+
+def test_a_host_that_could_not_be_read_is_not_cached_as_having_no_clones(tmp_path, fleet):
+    cache_dir = tmp_path / "cache"
+    late = f"test://{tmp_path}/hv9.xml"
+    config = {"hypervisors": {"hv1": fleet["hv1"], "hv9": late}, "hypervisor_group": "", "cache": True,
+              "cache_plugin": "ansible.builtin.jsonfile", "cache_connection": str(cache_dir), "cache_timeout": 3600}
+    first = inventory(tmp_path, config)
+    assert sorted(first["clonesafe_clones"]["hosts"]) == ["web-001.hv1", "web-002.hv1"]
+    assert "skipping hypervisor host hv9" in first["_stderr"]
+    # hv9 answers now: its clones must show, not an empty list remembered from when it could not be read.
+    node_file(tmp_path, "hv9", [clone_xml("db-001", "db", 1)])
+    second = inventory(tmp_path, config)
+    assert sorted(second["clonesafe_clones"]["hosts"]) == ["db-001.hv9", "web-001.hv1", "web-002.hv1"]
+    # Once every host answered, the cache serves until it expires.
+    node_file(tmp_path, "hv9", [clone_xml("db-002", "db", 2)])
+    assert "db-001.hv9" in inventory(tmp_path, config)["clonesafe_clones"]["hosts"]
+
+
+def test_a_clone_whose_name_clonesafe_would_never_give_is_skipped_with_a_warning(tmp_path):
+    odd = clone_xml("web-001", "web", 1).replace("<name>web-001</name>", "<name>{{ lookup('env','HOME') }}</name>")
+    hosts = {"hv1": node_file(tmp_path, "hv1", [odd, clone_xml("web-002", "web", 2)])}
+    result = inventory(tmp_path, {"hypervisors": hosts, "hypervisor_group": ""})
+    assert result["clonesafe_clones"]["hosts"] == ["web-002.hv1"]
+    assert "invalid clone name" in result["_stderr"]
