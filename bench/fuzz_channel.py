@@ -7,8 +7,8 @@ Run from the repository root (no lab, no root needed):
     .venv/bin/python bench/fuzz_channel.py --side host --count 1000000 --seed 1
 
 Targets are registered per side (``--side host|agent|both``; ``--target NAME`` runs one). The host
-side is implemented here; the agent side (what a guest does with what a host sends) registers its
-targets in the same registry with ``@register(..., side="agent")``.
+side is implemented here; the agent side (what a guest does with what a host sends: ``agent.request``
+and ``agent.channel``) is in bench/fuzz_channel_agent.py, registered below under side ``agent``.
 
 Host targets:
 
@@ -747,6 +747,16 @@ def round_problems(report: mc.Report, plans: dict[tuple[str, str], Plan], seen: 
 
 
 # ---------------------------------------------------------------------------------------------
+# Agent targets (bench/fuzz_channel_agent.py)
+
+sys.path.insert(0, str(REPO / "bench"))
+import fuzz_channel_agent  # noqa: E402  pylint: disable=wrong-import-position,wrong-import-order
+
+for _agent_target in fuzz_channel_agent.TARGETS:
+    register(_agent_target.name, "agent", _agent_target.share, _agent_target.description)(_agent_target.run)
+
+
+# ---------------------------------------------------------------------------------------------
 # Main
 
 
@@ -796,7 +806,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--target", help=f"run one target only: {', '.join(sorted(TARGETS))}")
     parser.add_argument("--clones", type=int, default=8, help="fake clones per multicast (host.multicast)")
-    parser.add_argument("--mutation-rate", type=float, default=0.8, help="share of rotate replies mutated")
+    parser.add_argument("--mutation-rate", type=float, default=0.8, help="share of rotate replies (host) or of requests (agent) mutated")
     parser.add_argument("--timeout", type=float, default=10.0, help="multicast timeouts (s)")
     parser.add_argument("--crash-dir", help="write the inputs of every escaped exception here")
     parser.add_argument("--list", action="store_true", help="list the registered targets and exit")

@@ -11,11 +11,13 @@ from __future__ import annotations
 import configparser
 import errno
 import importlib
+import importlib.util
 import json
 import os
 import pathlib
 import signal
 import stat
+import sys
 import threading
 import time
 
@@ -403,3 +405,24 @@ def test_systemd_never_gives_up_restarting_the_agent():
     unit.read_string((ROLE / "templates" / "clonesafe-agent.service.j2").read_text())
     assert unit["Unit"].get("StartLimitIntervalSec") == "0", "five quick exits would leave the agent down for good"
     assert unit["Service"]["Restart"] == "always" and unit["Service"]["RestartSec"] == "1"
+
+
+# -- fuzzing, seeded and short ----------------------------------------------------------------------
+
+def test_a_seeded_short_fuzz_run_of_the_agent_side_lets_nothing_escape():
+    """`make test`'s share of bench/fuzz_channel.py --side agent: a few seconds, both agent targets, fixed seed."""
+    spec = importlib.util.spec_from_file_location("fuzz_channel", ROLE.parents[1] / "bench" / "fuzz_channel.py")
+    fuzz = importlib.util.module_from_spec(spec)
+    sys.modules["fuzz_channel"] = fuzz  # dataclasses look their module up there
+    spec.loader.exec_module(fuzz)
+    summary = fuzz.run(side="agent", count=4000, seed=12)
+    assert summary["inputs"] >= 4000
+    failures = [failure for target in summary["targets"] for failure in target["failures"]]
+    assert summary["escaped"] == 0, json.dumps(failures, indent=1)[:6000]
+    by_target = {target["target"]: target for target in summary["targets"]}
+    assert set(by_target) == {"agent.request", "agent.channel"}
+    for name, result in by_target.items():
+        outcomes = result["outcomes"]
+        assert outcomes.get("accepted", 0) > 0, f"{name}: valid requests must be served"
+        assert sum(count for kind, count in outcomes.items() if kind.startswith("rejected:")) > result["inputs"] // 2, name
+    assert by_target["agent.channel"]["outcomes"].get("rounds:abandoned", 0) > 0
