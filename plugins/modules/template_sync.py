@@ -20,7 +20,12 @@ description:
   - A host that already has the same template (same name, creation time and checksums) is left alone.
   - The memory state is only copied to a host whose QEMU can load it (same domain type and machine type, a QEMU at
     least as new as the source's); otherwise the task fails before copying anything and suggests O(mode=disk).
-  - Missing backing files of the base disk (the golden image it overlays) are fetched to the same paths.
+  - The backing chain of the base disk (the golden image it overlays) travels as part of the template, as the files
+    M(clonesafe.fleet.golden_snapshot) linked into the template's C(backing/) directory, each named with its size and
+    sha256 in the manifest. Nothing else is fetched and nothing is written outside O(templates_dir); every image is
+    opened as qcow2 (never probed), its header must name the backing file the manifest names, and is then pointed at
+    the copy on this host. Templates made before this (no checksummed backing files) are refused; re-create them.
+  - The manifest on this host is readable by root only, like the original, since it holds the fleet's comparison key.
 author:
   - clonesafe developers (@clonesafe)
 extends_documentation_fragment:

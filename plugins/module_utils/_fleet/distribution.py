@@ -16,11 +16,16 @@ Transfer, resumable and verified:
 - The source manifest is kept in the incoming directory; when the source's template changed in
   between, the incoming directory is started over.
 - The finished directory is renamed to ``<templates_dir>/<name>``, with the source manifest plus a
-  ``distribution`` record (from where, when, mode). A destination that already holds the same
-  template (same name, creation time, base and memory checksums) is left alone.
-- The base disk is usually a qcow2 overlay of the golden's image: its backing chain must exist on
-  the destination at the same paths. Missing backing files are fetched too (their integrity is
-  checked against the bytes received: the manifest has no checksum for them).
+  ``distribution`` record (from where, when, mode), readable by root only (it holds the fleet's
+  comparison key). A destination that already holds the same template (same name, creation time,
+  base and memory checksums) is left alone.
+- The base disk is usually a qcow2 overlay of the golden's image. golden_snapshot links that
+  backing chain into the template (``backing/``) and names each file with its sha256 in the
+  manifest; exactly those files are fetched, into the template directory, and checked. Every image
+  is opened as qcow2 (never probed); each header must name the backing file the manifest names
+  (and keep its data in itself), and is then pointed at the local copy (``qemu-img rebase -u``), so
+  the chain resolves inside the templates directory. Nothing is ever written outside it: a source
+  host cannot choose where this host writes.
 
 The memory state is QEMU's migration stream: only a QEMU at least as new, with the same machine
 type and domain type, can load it. The destination's capabilities are checked before anything is
@@ -33,6 +38,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import time
 import typing as t
 import xml.etree.ElementTree as ET
@@ -40,10 +46,14 @@ import xml.etree.ElementTree as ET
 from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt import storage
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.template import (
+    BACKING_DIR,
+    BACKING_NAME,
     BASE_FILE,
     MANIFEST_FILE,
     MANIFEST_FORMAT,
+    MAX_BACKING_CHAIN,
     MEMORY_FILE,
+    is_manifest_format,
     template_dir,
     utc_now,
 )
@@ -51,6 +61,9 @@ from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.template 
 MODES = ("memory", "disk")
 CHUNK = 1 << 20
 PART_SUFFIX = ".part"
+# A manifest is the golden's XML and a few fields: anything near this size is not one.
+MAX_MANIFEST_BYTES = 16 << 20
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def incoming_dir(templates_dir: str, name: str) -> str:
@@ -71,20 +84,76 @@ def template_identity(manifest: t.Mapping[str, t.Any]) -> dict[str, t.Any]:
 
 
 def parse_manifest(data: bytes, where: str) -> dict[str, t.Any]:
-    """A template manifest this collection understands, or a ClonesafeError naming ``where``."""
+    """A template manifest this collection understands, or a ClonesafeError naming ``where``.
+
+    A manifest from another host is that host's word: its format must be the integer this collection
+    reads, and every file it names needs a size and a sha256 before anything is fetched.
+    """
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ClonesafeError(f"the manifest at {where} has more than {MAX_MANIFEST_BYTES} bytes: it is not a template manifest")
     try:
         manifest = json.loads(data)
-    except ValueError as error:
-        raise ClonesafeError(f"the manifest at {where} is not JSON: {error}") from error
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+    except (ValueError, RecursionError) as error:
+        raise ClonesafeError(f"the manifest at {where} is not JSON: {str(error)[:200]}") from None
+    if not isinstance(manifest, dict) or not is_manifest_format(manifest.get("format")):
+        found = manifest.get("format") if isinstance(manifest, dict) else None
         raise ClonesafeError(
-            f"the manifest at {where} has format {manifest.get('format') if isinstance(manifest, dict) else None!r}; "
-            f"this collection reads format {MANIFEST_FORMAT}"
+            f"the manifest at {where} has format {str(found)[:32]!r}; this collection reads format {MANIFEST_FORMAT}"
         )
     for key in ("name", "base", "source"):
         if not manifest.get(key):
             raise ClonesafeError(f"the manifest at {where} has no '{key}'")
+    if not isinstance(manifest["source"], dict):
+        raise ClonesafeError(f"the manifest at {where} has a malformed 'source'")
+    _file_spec(manifest["base"], "the base disk", where)
+    if manifest.get("memory") is not None:
+        _file_spec(manifest["memory"], "the memory state", where)
+    backing_specs(manifest, where)
     return manifest
+
+
+def _file_spec(spec: t.Any, what: str, where: str) -> dict[str, t.Any]:
+    """A file entry of a manifest: an object with an integer size and a sha256."""
+    if not isinstance(spec, dict):
+        raise ClonesafeError(f"the manifest at {where} describes {what} with a {type(spec).__name__}, not an object")
+    size = spec.get("size")
+    if type(size) is not int or size < 0:  # pylint: disable=unidiomatic-typecheck
+        raise ClonesafeError(f"the manifest at {where} gives {what} no size in bytes")
+    if not isinstance(spec.get("sha256"), str) or not _SHA256.fullmatch(spec["sha256"]):
+        raise ClonesafeError(f"the manifest at {where} gives {what} no sha256: every file of a template is checksummed")
+    return spec
+
+
+def backing_specs(manifest: t.Mapping[str, t.Any], where: str) -> list[dict[str, t.Any]]:
+    """The base's backing chain as the manifest names it (nearest first), each entry checked."""
+    base = manifest["base"]
+    chain = base.get("backing_chain")
+    if chain is None:
+        if base.get("backing"):
+            raise ClonesafeError(
+                f"the base disk of template '{manifest.get('name')}' at {where} is backed by {str(base['backing'])[:256]!r}, "
+                "but its manifest names no checksummed backing files (it was made by an older golden_snapshot): "
+                "re-create the template there with clonesafe.fleet.golden_snapshot"
+            )
+        return []
+    if not isinstance(chain, list) or len(chain) > MAX_BACKING_CHAIN:
+        raise ClonesafeError(f"the manifest at {where} has a malformed backing chain (a list of at most {MAX_BACKING_CHAIN})")
+    names: set[str] = set()
+    for level, entry in enumerate(chain, start=1):
+        _file_spec(entry, f"backing file {level}", where)
+        file = entry.get("file")
+        if not isinstance(file, str) or not BACKING_NAME.fullmatch(file) or file in names:
+            raise ClonesafeError(
+                f"the manifest at {where} names backing file {level} {str(file)[:64]!r}: each must be a distinct plain "
+                "file name (letters, digits, '.', '_', '+', '-') inside the template"
+            )
+        if entry.get("format") != "qcow2":
+            raise ClonesafeError(f"the manifest at {where} gives backing file {file} the format {str(entry.get('format'))[:16]!r}, not qcow2")
+        for key in ("source_path", "named_as"):
+            if not isinstance(entry.get(key), str) or not entry[key]:
+                raise ClonesafeError(f"the manifest at {where} gives backing file {file} no {key}")
+        names.add(file)
+    return chain
 
 
 # --- can this host load the memory state? -------------------------------------------------------
@@ -196,11 +265,8 @@ class Source(t.Protocol):
     def read_manifest(self, name: str) -> bytes | None:
         """The manifest bytes of template ``name``, or None if the source has no such template."""
 
-    def file_size(self, path: str) -> int:
-        """Size of the file at absolute ``path`` on the source."""
-
     def read(self, path: str, offset: int) -> t.Iterator[bytes]:
-        """The bytes of the file at absolute ``path`` on the source, from ``offset`` to its end."""
+        """The bytes of the file at ``path`` (inside the source's template directory), from ``offset`` to its end."""
 
     def qemu_version(self) -> int | None:
         """The source host's QEMU version (libvirt encoding), when known."""
@@ -217,17 +283,11 @@ class DirectorySource:
         path = os.path.join(template_dir(self.templates_dir, name), MANIFEST_FILE)
         try:
             with open(path, "rb") as handle:
-                return handle.read()
+                return handle.read(MAX_MANIFEST_BYTES + 1)
         except FileNotFoundError:
             return None
         except OSError as error:
             raise ClonesafeError(f"cannot read {path}: {error.strerror}") from error
-
-    def file_size(self, path: str) -> int:
-        try:
-            return os.path.getsize(path)
-        except OSError as error:
-            raise ClonesafeError(f"cannot read {path} on {self.description}: {error.strerror}") from error
 
     def read(self, path: str, offset: int) -> t.Iterator[bytes]:
         try:
@@ -304,15 +364,12 @@ class LibvirtSource:
             return None  # no such template directory on the source
         if volume is None:
             return None
-        return b"".join(self._download(volume, os.path.join(directory, MANIFEST_FILE), 0))
-
-    def file_size(self, path: str) -> int:
-        volume = self._volume(path)
-        if volume is None:
-            raise ClonesafeError(f"{path} not found on {self.conn.uri}")
-        flags = getattr(self.libvirt, "VIR_STORAGE_VOL_GET_PHYSICAL", 1)
-        _type, _capacity, physical = self.conn.call(f"reading the size of {path}", volume.infoFlags, flags)
-        return int(physical)
+        data = bytearray()
+        for block in self._download(volume, os.path.join(directory, MANIFEST_FILE), 0):
+            data += block
+            if len(data) > MAX_MANIFEST_BYTES:
+                break
+        return bytes(data)
 
     def read(self, path: str, offset: int) -> t.Iterator[bytes]:
         volume = self._volume(path)
@@ -422,7 +479,7 @@ def _read_local_manifest(path: str) -> dict[str, t.Any] | None:
         raise ClonesafeError(f"cannot read {path}: {error.strerror}") from error
 
 
-def _fetch(source: Source, source_path: str, target: str, size: int, sha256: str | None, transfer: Transfer) -> None:
+def _fetch(source: Source, source_path: str, target: str, size: int, sha256: str, transfer: Transfer) -> None:
     """Bring ``source_path`` to ``target`` (via ``target.part``), resuming a partial file; verify it."""
     part = target + PART_SUFFIX
     started = time.monotonic()
@@ -430,15 +487,15 @@ def _fetch(source: Source, source_path: str, target: str, size: int, sha256: str
     if os.path.exists(part):
         offset = min(os.path.getsize(part), size) // CHUNK * CHUNK
     transfer.resumed_from = offset
-    received = hashlib.sha256()
     try:
         with open(part, "r+b" if os.path.exists(part) else "wb") as handle:
             handle.truncate(offset)
             handle.seek(offset)
             for block in source.read(source_path, offset):
                 handle.write(block)
-                received.update(block)
                 transfer.transferred += len(block)
+                if offset + transfer.transferred > size:
+                    break
             handle.flush()
             os.fsync(handle.fileno())
     except OSError as error:
@@ -446,15 +503,11 @@ def _fetch(source: Source, source_path: str, target: str, size: int, sha256: str
     # Verified on arrival: the file as it is on this host's disk, read back in full.
     actual = storage.sha256_file(part)
     actual_size = os.path.getsize(part)
-    expected = sha256
-    if expected is None and offset == 0:
-        # No checksum in the manifest (backing files): the bytes on disk must be the bytes received.
-        expected = received.hexdigest()
-    if actual_size != size or (expected is not None and actual != expected):
+    if actual_size != size or actual != sha256:
         os.unlink(part)
         raise ClonesafeError(
             f"{os.path.basename(target)} from {source.description} arrived damaged "
-            f"({actual_size} bytes, sha256 {actual}; expected {size} bytes, sha256 {expected}): it was deleted, "
+            f"({actual_size} bytes, sha256 {actual}; expected {size} bytes, sha256 {sha256}): it was deleted, "
             "run again to fetch it anew"
         )
     os.rename(part, target)
@@ -463,18 +516,36 @@ def _fetch(source: Source, source_path: str, target: str, size: int, sha256: str
     transfer.status = "resumed" if offset else "transferred"
 
 
-def backing_files(runner: storage.Runner, image: str) -> list[str]:
-    """Absolute paths of the backing files ``image`` names, nearest first, as far as they exist here."""
-    chain = []
-    current = image
-    while True:
-        backing = storage.image_info(runner, current).get("full-backing-filename")
-        if not backing:
-            return chain
-        chain.append(backing)
-        if not os.path.exists(backing):
-            return chain
-        current = backing
+def point_chain_inside(runner: storage.Runner, work: str, chain: list[dict[str, t.Any]], where: str) -> None:
+    """Check every fetched image's header against the manifest, then point it at the local copy of its backing file.
+
+    Each image is opened as qcow2 (never probed) and must keep its data in itself. The base names
+    ``backing/<file 1>``, each backing file the next one beside it, the last one nothing: the chain
+    resolves inside the template directory whatever the source's paths were.
+    """
+    images = [BASE_FILE] + [os.path.join(BACKING_DIR, entry["file"]) for entry in chain]
+    for level, image in enumerate(images):
+        path = os.path.join(work, image)
+        info = storage.image_info(runner, path)
+        storage.require_self_contained(info, f"{image} from {where}")
+        named = info.get("backing-filename")
+        if level == len(chain):
+            if named:
+                raise ClonesafeError(
+                    f"{image} from {where} names a backing file ({str(named)[:256]!r}) that the manifest does not: refused"
+                )
+            continue
+        entry = chain[level]
+        local = os.path.join(BACKING_DIR, entry["file"]) if level == 0 else entry["file"]
+        if named not in (entry["named_as"], local):
+            raise ClonesafeError(
+                f"{image} from {where} names the backing file {str(named)[:256]!r}, but the manifest says "
+                f"{entry['named_as'][:256]!r}: refused"
+            )
+        if info.get("backing-filename-format") != "qcow2":
+            raise ClonesafeError(f"{image} from {where} does not name its backing file's format as qcow2: refused")
+        if named != local:
+            storage.rebase_unsafe(runner, path, local)
 
 
 def plan_mode(request: Request, manifest: t.Mapping[str, t.Any]) -> bool:
@@ -503,7 +574,10 @@ def sync_template(
             f"template '{name}' not found on {source.description}: create it there with clonesafe.fleet.golden_snapshot",
             template=name,
         )
-    manifest = parse_manifest(raw, f"{source.description}:{name}")
+    where = f"{source.description}:{name}"
+    manifest = parse_manifest(raw, where)
+    if manifest["name"] != name:
+        raise ClonesafeError(f"the manifest at {where} is for template {str(manifest['name'])[:64]!r}, not '{name}'", template=name)
     memory = plan_mode(request, manifest)
     if memory:
         caps_xml, host_version = capabilities()
@@ -526,11 +600,13 @@ def sync_template(
             )
         return Outcome(False, "present", final, manifest=local, memory=bool(local.get("memory")))
 
+    chain = backing_specs(manifest, where)
     files = [(BASE_FILE, manifest["base"])]
     if memory:
         files.append((MEMORY_FILE, manifest["memory"]))
+    files += [(os.path.join(BACKING_DIR, entry["file"]), entry) for entry in chain]
     source_dir = template_dir(source.templates_dir, name)
-    transfers = [Transfer(file, os.path.join(final, file), int(spec["size"])) for file, spec in files]
+    transfers = [Transfer(file, os.path.join(final, file), spec["size"]) for file, spec in files]
     if check_mode:
         for transfer in transfers:
             transfer.status = "would transfer"
@@ -538,6 +614,8 @@ def sync_template(
 
     work = incoming_dir(request.templates_dir, name)
     _prepare_incoming(work, raw, request.templates_dir)
+    if chain:
+        os.makedirs(os.path.join(work, BACKING_DIR), mode=0o750, exist_ok=True)
     needed = sum(transfer.size for transfer in transfers if not os.path.exists(os.path.join(work, transfer.file)))
     storage.require_free_space(request.templates_dir, needed, f"template '{name}'")
     for transfer, (file, spec) in zip(transfers, files):
@@ -546,16 +624,10 @@ def sync_template(
             transfer.status = "already verified"
             transfer.sha256 = spec.get("sha256")
             continue
-        _fetch(source, os.path.join(source_dir, file), target, transfer.size, spec.get("sha256"), transfer)
+        _fetch(source, os.path.join(source_dir, file), target, transfer.size, spec["sha256"], transfer)
 
-    # The base's backing chain must resolve here as it did on the source.
-    for backing in backing_files(runner, os.path.join(work, BASE_FILE)):
-        if os.path.exists(backing):
-            continue
-        os.makedirs(os.path.dirname(backing), exist_ok=True)
-        transfer = Transfer(os.path.basename(backing), backing, source.file_size(backing))
-        _fetch(source, backing, backing, transfer.size, None, transfer)
-        transfers.append(transfer)
+    # The base's backing chain resolves inside this template, whatever the source's paths were.
+    point_chain_inside(runner, work, chain, where)
 
     distributed = dict(manifest)
     if not memory:
@@ -566,12 +638,18 @@ def sync_template(
         "mode": "memory" if memory else "disk",
         "source_qemu_version": version_text(source.qemu_version()),
     }
-    with open(os.path.join(work, MANIFEST_FILE), "w", encoding="utf-8") as handle:
-        json.dump(distributed, handle, indent=2, sort_keys=True)
-        handle.write("\n")
+    with _private_file(os.path.join(work, MANIFEST_FILE)) as handle:
+        handle.write(json.dumps(distributed, indent=2, sort_keys=True).encode("utf-8") + b"\n")
     os.remove(os.path.join(work, "source-" + MANIFEST_FILE))
     os.rename(work, final)
     return Outcome(True, "transferred", final, transfers, distributed, memory)
+
+
+def _private_file(path: str) -> t.BinaryIO:
+    """``path`` opened for writing, readable by its owner only (manifests hold the fleet's comparison key)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "wb")
 
 
 def _prepare_incoming(work: str, raw: bytes, templates_dir: str) -> None:
@@ -586,9 +664,12 @@ def _prepare_incoming(work: str, raw: bytes, templates_dir: str) -> None:
             same = False
         if same:
             return
-        for entry in os.listdir(work):
-            os.remove(os.path.join(work, entry))
+        backing = os.path.join(work, BACKING_DIR)
+        if os.path.isdir(backing):
+            storage.remove_files(os.path.join(backing, entry) for entry in os.listdir(backing))
+            storage.remove_dir_if_empty(backing)
+        storage.remove_files(os.path.join(work, entry) for entry in os.listdir(work))
     else:
         os.makedirs(work, mode=0o750)
-    with open(marker, "wb") as handle:
+    with _private_file(marker) as handle:
         handle.write(raw)

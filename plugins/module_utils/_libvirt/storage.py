@@ -29,12 +29,36 @@ def create_overlay(runner: Runner, base: str, overlay: str) -> None:
         raise ClonesafeError(f"creating the overlay {overlay} on {base} failed: {err.strip() or f'qemu-img exited {code}'}")
 
 
-def image_info(runner: Runner, path: str) -> dict[str, t.Any]:
-    """``qemu-img info`` of one image (without following its backing chain)."""
-    code, out, err = runner(["qemu-img", "info", "-U", "--output", "json", path])
+def image_info(runner: Runner, path: str, image_format: str = "qcow2") -> dict[str, t.Any]:
+    """``qemu-img info`` of one image opened as ``image_format`` (never probed), without its backing chain."""
+    code, out, err = runner(["qemu-img", "info", "-U", "-f", image_format, "--output", "json", path])
     if code != 0:
-        raise ClonesafeError(f"reading image {path} failed: {err.strip() or f'qemu-img exited {code}'}")
-    return json.loads(out)
+        raise ClonesafeError(f"reading image {path} as {image_format} failed: {err.strip() or f'qemu-img exited {code}'}")
+    try:
+        info = json.loads(out)
+    except ValueError as error:
+        raise ClonesafeError(f"qemu-img info of {path} did not print JSON: {error}") from error
+    if not isinstance(info, dict):
+        raise ClonesafeError(f"qemu-img info of {path} did not print an object")
+    return info
+
+
+def require_self_contained(info: t.Mapping[str, t.Any], path: str) -> None:
+    """Refuse a qcow2 image whose guest data lives in another file (an external data file names any host path)."""
+    data = ((info.get("format-specific") or {}).get("data") or {})
+    if data.get("data-file") or data.get("data-file-raw"):
+        raise ClonesafeError(
+            f"{path} keeps its data in an external file ({data.get('data-file')!r}): clonesafe templates use "
+            "self-contained qcow2 images (convert it with qemu-img convert -O qcow2)"
+        )
+
+
+def rebase_unsafe(runner: Runner, image: str, backing: str) -> None:
+    """Point qcow2 ``image`` at the qcow2 ``backing`` (a name relative to the image's directory), header only."""
+    argv = ["qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", backing, image]
+    code, _out, err = runner(argv)
+    if code != 0:
+        raise ClonesafeError(f"pointing {image} at {backing} failed: {err.strip() or f'qemu-img exited {code}'}")
 
 
 def sha256_file(path: str) -> str:

@@ -8,7 +8,10 @@ Layout of ``<templates_dir>/<name>/``::
     base.qcow2      the golden's disk as it was at snapshot time (read-only from then on)
     memory.save     libvirt save image of the golden's RAM, consistent with base.qcow2 (memory: true)
     manifest.json   source domain and XML, genid at snapshot time, paths, sizes, sha256, time, and
-                    the golden's proof (comparison key, fingerprints, fingerprint_names, sealed)
+                    the golden's proof (comparison key, fingerprints, fingerprint_names, sealed);
+                    readable by root only (0600): it holds the fleet's comparison key
+    backing/        the base's backing chain (the golden image it overlays), linked or copied in,
+                    each file named with its size and sha256 in the manifest (base.backing_chain)
 
 A template is built in ``.<name>.partial`` and renamed into place at the end, so a template
 directory with a manifest is always complete.
@@ -28,6 +31,7 @@ import dataclasses
 import datetime
 import json
 import os
+import re
 import typing as t
 import xml.etree.ElementTree as ET
 
@@ -44,8 +48,18 @@ BASE_FILE = "base.qcow2"
 MEMORY_FILE = "memory.save"
 MANIFEST_FILE = "manifest.json"
 TEMPLATE_FILES = (BASE_FILE, MEMORY_FILE, MANIFEST_FILE)
+# The base's backing chain, linked (or copied) into the template so that the template is everything a
+# host needs: template_sync fetches nothing else, and nothing from outside the templates directory.
+BACKING_DIR = "backing"
+BACKING_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
+MAX_BACKING_CHAIN = 16
 # Room for libvirt's header and QEMU's device state on top of the guest RAM.
 MEMORY_STATE_MARGIN = 64 << 20
+
+
+def is_manifest_format(value: t.Any) -> bool:
+    """Whether ``value`` is the manifest format this collection reads: the integer itself (1.0 and true are not 1)."""
+    return type(value) is int and value == MANIFEST_FORMAT  # pylint: disable=unidiomatic-typecheck
 
 
 def utc_now() -> str:
@@ -129,9 +143,10 @@ def load_template(templates_dir: str, name: str) -> Template | None:
         return None
     except (OSError, ValueError) as error:
         raise ClonesafeError(f"cannot read the manifest of template '{name}' ({path}): {error}") from error
-    if manifest.get("format") != MANIFEST_FORMAT:
+    if not isinstance(manifest, dict) or not is_manifest_format(manifest.get("format")):
+        found = manifest.get("format") if isinstance(manifest, dict) else None
         raise ClonesafeError(
-            f"template '{name}' has manifest format {manifest.get('format')!r}; this collection reads format {MANIFEST_FORMAT}"
+            f"template '{name}' has manifest format {found!r}; this collection reads format {MANIFEST_FORMAT}"
         )
     return Template(name, directory, manifest)
 
@@ -169,6 +184,78 @@ def require_genid(xml: str, golden: str, uri: str) -> str:
             domain=golden,
         )
     return root.findtext("genid") or ""
+
+
+def backing_chain(runner: storage.Runner, image: str) -> list[tuple[str, str]]:
+    """The backing files of qcow2 ``image``, nearest first: (absolute path, name as its parent's header writes it).
+
+    Every image is opened as qcow2 (never probed), must name its backing file's format as qcow2 and
+    keep its data in itself.
+    """
+    chain: list[tuple[str, str]] = []
+    current = image
+    while True:
+        info = storage.image_info(runner, current)
+        storage.require_self_contained(info, current)
+        backing = info.get("full-backing-filename")
+        if not backing:
+            return chain
+        if info.get("backing-filename-format") != "qcow2":
+            raise ClonesafeError(
+                f"{current} names its backing file {backing} without the format qcow2: clonesafe never lets QEMU guess "
+                f"an image format; state it with qemu-img rebase -u -F qcow2 -b {backing} {current}"
+            )
+        if any(backing == path for path, _named in chain) or len(chain) >= MAX_BACKING_CHAIN:
+            raise ClonesafeError(f"the backing chain of {image} loops or is longer than {MAX_BACKING_CHAIN} images")
+        chain.append((backing, info.get("backing-filename") or backing))
+        current = backing
+
+
+def link_backing_chain(runner: storage.Runner, base: str, directory: str) -> list[dict[str, t.Any]]:
+    """Link (or copy) the backing chain of ``base`` into ``directory``/backing; the manifest's record of it.
+
+    Each entry names the file in the template (``file``), where the source host had it
+    (``source_path``) and how the image above it names it (``named_as``), its format, size and
+    sha256: template_sync fetches exactly these files, into the template directory, checks each
+    against its sha256 and each header against the manifest.
+    """
+    chain = backing_chain(runner, base)
+    if not chain:
+        return []
+    target_dir = os.path.join(directory, BACKING_DIR)
+    os.makedirs(target_dir, mode=0o750, exist_ok=True)
+    record = []
+    for level, (path, named_as) in enumerate(chain, start=1):
+        name = re.sub(r"[^A-Za-z0-9_.+-]", "_", os.path.basename(path))[:100]
+        file = f"{level}-{name}"
+        target = os.path.join(target_dir, file)
+        method = storage.link_or_copy(path, target)
+        record.append({
+            "file": file,
+            "source_path": path,
+            "named_as": named_as,
+            "format": "qcow2",
+            "method": method,
+            "size": os.path.getsize(target),
+            "sha256": storage.sha256_file(target),
+        })
+    return record
+
+
+def _remove_template_files(directory: str, manifest: t.Mapping[str, t.Any] | None) -> list[str]:
+    """Remove the files a template owns in ``directory`` (its backing chain too); foreign files stay."""
+    removed = storage.remove_files(os.path.join(directory, name) for name in TEMPLATE_FILES)
+    backing_dir = os.path.join(directory, BACKING_DIR)
+    if manifest is None:
+        names = os.listdir(backing_dir) if os.path.isdir(backing_dir) else []
+    else:
+        names = [entry.get("file", "") for entry in (manifest.get("base") or {}).get("backing_chain") or []
+                 if isinstance(entry, dict)]
+    removed += storage.remove_files(os.path.join(backing_dir, name) for name in names
+                                    if isinstance(name, str) and BACKING_NAME.fullmatch(name))
+    storage.remove_dir_if_empty(backing_dir)
+    storage.remove_dir_if_empty(directory)
+    return removed
 
 
 def golden_overlay_path(disk: str, golden: str, template: str, stamp: str) -> str:
@@ -302,8 +389,7 @@ def create_template(
     source_xml = conn.domain_xml(domain, inactive=True)
     live_identity = read_identity(conn.domain_xml(domain))
     work = partial_dir(templates_dir, plan.name)
-    storage.remove_files(os.path.join(work, name) for name in TEMPLATE_FILES)
-    storage.remove_dir_if_empty(work)
+    _remove_template_files(work, None)
     try:
         os.mkdir(work, 0o750)
     except OSError as error:
@@ -323,6 +409,7 @@ def create_template(
             "allocated": storage.allocated_bytes(base_path),
             "sha256": storage.sha256_file(base_path),
             "backing": storage.image_info(runner, base_path).get("full-backing-filename"),
+            "backing_chain": link_backing_chain(runner, base_path, work),
         }
         memory = None
         if frozen["memory"]:
@@ -358,13 +445,10 @@ def create_template(
         raise ClonesafeError(f"building template '{plan.name}' in {work} failed: {error}") from error
     finally:
         if not keep_work and os.path.isdir(work):
-            storage.remove_files(os.path.join(work, name) for name in TEMPLATE_FILES)
-            storage.remove_dir_if_empty(work)
+            _remove_template_files(work, None)
     return Template(plan.name, plan.directory, manifest)
 
 
 def remove_template(template: Template) -> list[str]:
-    """Remove the template's own files and its directory if nothing else is in it."""
-    removed = storage.remove_files(os.path.join(template.directory, name) for name in TEMPLATE_FILES)
-    storage.remove_dir_if_empty(template.directory)
-    return removed
+    """Remove the template's own files (its backing chain too) and its directory if nothing else is in it."""
+    return _remove_template_files(template.directory, template.manifest)

@@ -13,6 +13,7 @@ import pytest
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet import distribution
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt import template
 
 pytestmark = pytest.mark.skipif(not shutil.which("qemu-img"), reason="needs qemu-img")
 
@@ -63,6 +64,9 @@ def make_template(templates: pathlib.Path, name: str = "web", memory_bytes: int 
         "memory": {"path": str(memory), "size": memory.stat().st_size, "sha256": sha256(memory)},
         "proof": {"hash_key": "ab" * 32, "golden_fingerprints": {"identity": "ed25519:abc"}, "sealed": False},
     }
+    if backing is not None:
+        # What golden_snapshot records: the chain linked into the template, each file checksummed.
+        manifest["base"]["backing_chain"] = template.link_backing_chain(runner, str(base), str(directory))
     (directory / "manifest.json").write_text(json.dumps(manifest))
     return manifest
 
@@ -218,34 +222,206 @@ def test_a_missing_template_names_the_source(dest_dir, tmp_path):
         sync(distribution.DirectorySource(str(tmp_path)), dest_dir, name="nope")
 
 
+def qcow2(path: pathlib.Path, backing: pathlib.Path | None = None, backing_format: str = "qcow2") -> pathlib.Path:
+    """A qcow2 image; with a backing file (that need not exist: the header only names it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    if backing is not None:
+        argv += ["-F", backing_format, "-b", str(backing)] + ([] if backing.exists() else ["-u"])
+    completed = runner(argv + [str(path), "64M"])
+    assert completed[0] == 0, completed
+    return path
+
+
+def write_manifest(directory: pathlib.Path, manifest: dict) -> None:
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+def chain_of(image: pathlib.Path) -> list[str]:
+    info = json.loads(runner(["qemu-img", "info", "-f", "qcow2", "--output", "json", "--backing-chain", str(image)])[1])
+    return [entry["filename"] for entry in info]
+
+
+def test_the_backing_chain_arrives_inside_the_templates_directory(tmp_path, dest_dir):
+    """golden image <- golden disk <- template base: the chain comes along, checksummed, and resolves here."""
+    image = qcow2(tmp_path / "images" / "debian.qcow2")
+    golden = qcow2(tmp_path / "golden" / "golden.qcow2", backing=image)
+    manifest = make_template(tmp_path / "source", backing=golden)
+    assert [entry["file"] for entry in manifest["base"]["backing_chain"]] == ["1-golden.qcow2", "2-debian.qcow2"]
+    # The source host's own paths do not exist on this host.
+    (tmp_path / "images").rename(tmp_path / "images-moved")
+    (tmp_path / "golden").rename(tmp_path / "golden-moved")
+
+    outcome = sync(distribution.DirectorySource(str(tmp_path / "source")), dest_dir)
+    files = {transfer.file: transfer for transfer in outcome.transfers}
+    assert set(files) == {"base.qcow2", "memory.save", "backing/1-golden.qcow2", "backing/2-debian.qcow2"}
+    web = dest_dir / "web"
+    assert chain_of(web / "base.qcow2") == [str(web / "base.qcow2"), str(web / "backing" / "1-golden.qcow2"),
+                                            str(web / "backing" / "2-debian.qcow2")]
+    for entry in manifest["base"]["backing_chain"]:
+        assert files[f"backing/{entry['file']}"].sha256 == entry["sha256"]
+    assert not (tmp_path / "images").exists() and not (tmp_path / "golden").exists(), "nothing written outside"
+    # A clone's overlay on this host's base resolves its whole chain.
+    overlay = qcow2(tmp_path / "clone" / "disk.qcow2", backing=web / "base.qcow2")
+    assert len(chain_of(overlay)) == 4
+    assert not sync(distribution.DirectorySource(str(tmp_path / "source")), dest_dir).changed
+    removed = template.remove_template(template.require_template(str(dest_dir), "web"))
+    assert len(removed) == 5 and not web.exists()
+
+
 class MovedBackingSource(distribution.DirectorySource):
-    """The source host's backing file, which is not at the same path on this host."""
+    """A source that serves any path it is asked for (a compromised host answers what it likes)."""
 
     def __init__(self, templates_dir, backing_path, real_path):
         super().__init__(templates_dir)
         self.moved = {backing_path: real_path}
 
-    def file_size(self, path):
-        return super().file_size(self.moved.get(path, path))
-
     def read(self, path, offset):
         return super().read(self.moved.get(path, path), offset)
 
+    def file_size(self, path):
+        """Asked by the versions that fetched a backing file to the path the base's header names."""
+        return os.path.getsize(self.moved.get(path, path))
 
-def test_a_missing_backing_file_is_fetched_to_the_same_path(tmp_path, dest_dir):
-    backing = tmp_path / "images" / "golden.qcow2"
-    backing.parent.mkdir()
-    assert runner(["qemu-img", "create", "-q", "-f", "qcow2", str(backing), "64M"])[0] == 0
-    make_template(tmp_path / "source", backing=backing)
-    elsewhere = tmp_path / "source-host-only.qcow2"
-    backing.rename(elsewhere)
 
-    outcome = sync(MovedBackingSource(str(tmp_path / "source"), str(backing), str(elsewhere)), dest_dir)
-    fetched = [transfer for transfer in outcome.transfers if transfer.path == str(backing)]
-    assert len(fetched) == 1 and fetched[0].status == "transferred"
-    assert backing.read_bytes() == elsewhere.read_bytes()
-    info = json.loads(runner(["qemu-img", "info", "--output", "json", "--backing-chain", str(dest_dir / "web" / "base.qcow2")])[1])
-    assert [image["filename"] for image in info] == [str(dest_dir / "web" / "base.qcow2"), str(backing)]
+def test_a_compromised_source_cannot_make_this_host_write_outside_its_templates_directory(tmp_path, dest_dir):
+    """The base's header names a file outside: it used to be fetched to that very path, as root, unchecked."""
+    target = tmp_path / "outside" / "authorized_keys"
+    payload = qcow2(tmp_path / "payload.qcow2")
+    manifest = make_template(tmp_path / "source")
+    base = tmp_path / "source" / "web" / "base.qcow2"
+    qcow2(base, backing=target)  # the header names the target; the manifest says nothing of it
+    manifest["base"] |= {"backing": str(target), "size": base.stat().st_size, "sha256": sha256(base)}
+    write_manifest(tmp_path / "source" / "web", manifest)
+
+    with pytest.raises(ClonesafeError, match="names no checksummed backing files .* re-create the template"):
+        sync(MovedBackingSource(str(tmp_path / "source"), str(target), str(payload)), dest_dir)
+    assert not target.exists() and not target.parent.exists()
+
+
+@pytest.mark.parametrize("file", ["../../outside.qcow2", "/etc/cron.d/x", ".hidden", "a/b", ""])
+def test_a_backing_file_name_must_stay_inside_the_template(tmp_path, dest_dir, file):
+    golden = qcow2(tmp_path / "golden" / "golden.qcow2")
+    manifest = make_template(tmp_path / "source", backing=golden)
+    manifest["base"]["backing_chain"][0]["file"] = file
+    write_manifest(tmp_path / "source" / "web", manifest)
+    with pytest.raises(ClonesafeError, match="must be a distinct plain file name"):
+        sync(distribution.DirectorySource(str(tmp_path / "source")), dest_dir)
+    assert list(dest_dir.iterdir()) == []
+
+
+def test_a_header_naming_another_backing_file_than_the_manifest_is_refused(tmp_path, dest_dir):
+    golden = qcow2(tmp_path / "golden" / "golden.qcow2")
+    manifest = make_template(tmp_path / "source", backing=golden)
+    base = tmp_path / "source" / "web" / "base.qcow2"
+    # The source rewrites the header to read a file of this host, as raw, and fixes the base's checksum.
+    assert runner(["qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "raw", "-b", "/etc/passwd", str(base)])[0] == 0
+    manifest["base"] |= {"size": base.stat().st_size, "sha256": sha256(base)}
+    write_manifest(tmp_path / "source" / "web", manifest)
+    with pytest.raises(ClonesafeError, match="names the backing file '/etc/passwd', but the manifest says"):
+        sync(distribution.DirectorySource(str(tmp_path / "source")), dest_dir)
+    assert not (dest_dir / "web").exists()
+
+
+def test_a_backing_file_that_names_a_further_file_the_manifest_does_not_is_refused(tmp_path, dest_dir):
+    golden = qcow2(tmp_path / "golden" / "golden.qcow2")
+    manifest = make_template(tmp_path / "source", backing=golden)
+    linked = tmp_path / "source" / "web" / "backing" / "1-golden.qcow2"
+    assert runner(["qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", "/var/lib/x.qcow2", str(linked)])[0] == 0
+    manifest["base"]["backing_chain"][0] |= {"size": linked.stat().st_size, "sha256": sha256(linked)}
+    write_manifest(tmp_path / "source" / "web", manifest)
+    with pytest.raises(ClonesafeError, match="names a backing file .*/var/lib/x.qcow2.* that the manifest does not"):
+        sync(distribution.DirectorySource(str(tmp_path / "source")), dest_dir)
+
+
+def test_a_backing_file_that_does_not_match_its_checksum_is_deleted(tmp_path, dest_dir):
+    golden = qcow2(tmp_path / "golden" / "golden.qcow2")
+    manifest = make_template(tmp_path / "source", backing=golden)
+    manifest["base"]["backing_chain"][0]["sha256"] = "0" * 64
+    write_manifest(tmp_path / "source" / "web", manifest)
+    with pytest.raises(ClonesafeError, match="1-golden.qcow2 from .* arrived damaged"):
+        sync(distribution.DirectorySource(str(tmp_path / "source")), dest_dir)
+    assert not (dest_dir / ".web.incoming" / "backing" / "1-golden.qcow2").exists()
+
+
+def test_a_qcow2_keeping_its_data_in_another_file_is_refused(tmp_path, dest_dir):
+    manifest = make_template(tmp_path / "source")
+    base = tmp_path / "source" / "web" / "base.qcow2"
+    base.unlink()
+    assert runner(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={tmp_path / 'data.raw'}", str(base), "1M"])[0] == 0
+    manifest["base"] |= {"size": base.stat().st_size, "sha256": sha256(base)}
+    write_manifest(tmp_path / "source" / "web", manifest)
+    with pytest.raises(ClonesafeError, match="keeps its data in an external file"):
+        sync(distribution.DirectorySource(str(tmp_path / "source")), dest_dir)
+
+
+def test_every_image_is_opened_as_qcow2_never_probed(tmp_path, dest_dir):
+    golden = qcow2(tmp_path / "golden" / "golden.qcow2")
+    make_template(tmp_path / "source", backing=golden)
+    calls = []
+
+    def recording(argv):
+        calls.append(argv)
+        return runner(argv)
+
+    request = distribution.Request(name="web", templates_dir=str(dest_dir), mode="disk", host="hv2")
+    distribution.sync_template(distribution.DirectorySource(str(tmp_path / "source")), request, recording, lambda: None)
+    assert calls, "the chain is checked with qemu-img"
+    for argv in calls:
+        assert argv[0] == "qemu-img" and argv[argv.index("-f") + 1] == "qcow2", argv
+        if "-b" in argv:
+            assert argv[argv.index("-F") + 1] == "qcow2", argv
+
+
+def test_the_distributed_manifest_is_readable_by_root_only(source_dir, dest_dir):
+    """It holds the fleet's comparison key, like the manifest golden_snapshot writes (0600)."""
+    with pytest.raises(ClonesafeError):
+        sync(CorruptingSource(str(source_dir)), dest_dir)
+    assert (dest_dir / ".web.incoming" / "source-manifest.json").stat().st_mode & 0o777 == 0o600
+    sync(distribution.DirectorySource(str(source_dir)), dest_dir)
+    assert (dest_dir / "web" / "manifest.json").stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("version", [1.0, True, "1", None, 2])
+def test_the_manifest_format_is_the_integer_itself(source_dir, dest_dir, version):
+    """1.0 == 1 and True == 1 in Python: neither may pass as manifest format 1."""
+    path = source_dir / "web" / "manifest.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"format": version}))
+    with pytest.raises(ClonesafeError, match="this collection reads format 1"):
+        sync(distribution.DirectorySource(str(source_dir)), dest_dir)
+    with pytest.raises(ClonesafeError, match="this collection reads format 1"):
+        template.load_template(str(source_dir), "web")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m["base"].update(size="64M"), "gives the base disk no size"),
+        (lambda m: m["base"].update(size=1.5), "gives the base disk no size"),
+        (lambda m: m["base"].pop("sha256"), "gives the base disk no sha256"),
+        (lambda m: m["memory"].update(sha256="ab"), "gives the memory state no sha256"),
+        (lambda m: m.update(base=["x"]), "describes the base disk with a list"),
+        (lambda m: m.update(name="other"), "is for template 'other', not 'web'"),
+    ],
+)
+def test_every_file_a_manifest_names_has_a_size_and_a_checksum(source_dir, dest_dir, change, message):
+    path = source_dir / "web" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ClonesafeError, match=message):
+        sync(distribution.DirectorySource(str(source_dir)), dest_dir)
+    assert list(dest_dir.iterdir()) == []
+
+
+def test_a_deeply_nested_or_huge_manifest_is_an_error_not_a_crash(source_dir, dest_dir):
+    path = source_dir / "web" / "manifest.json"
+    path.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(ClonesafeError, match="is not JSON"):
+        sync(distribution.DirectorySource(str(source_dir)), dest_dir)
+    path.write_bytes(b" " * (distribution.MAX_MANIFEST_BYTES + 10))
+    with pytest.raises(ClonesafeError, match="is not a template manifest"):
+        sync(distribution.DirectorySource(str(source_dir)), dest_dir)
 
 
 def test_memory_problems_accept_the_canonical_machine_name():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -216,3 +217,41 @@ def test_restore_needs_a_memory_template(conn, made, tmp_path):
 def test_missing_template_says_how_to_make_it(conn, tmp_path):
     with pytest.raises(ClonesafeError, match="template 'web' not found .*golden_snapshot"):
         clones.ensure_clones(conn, runner, request(tmp_path), check_mode=False)
+
+
+def test_a_template_carries_its_backing_chain_checksummed(conn, tmp_path):
+    """The golden's disk overlays an image: the template links that chain in and names each file's sha256."""
+    image = tmp_path / "images" / "debian.qcow2"
+    image.parent.mkdir()
+    assert runner(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M"])[0] == 0
+    disk = tmp_path / "golden" / "golden.qcow2"
+    disk.parent.mkdir()
+    assert runner(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(image), str(disk)])[0] == 0
+    name = f"golden-{uuid.uuid4().hex[:8]}"
+    spec = DomainSpec(name=name, disk=str(disk), kernel="/k", initrd="/i", cmdline="c",
+                      console_log=str(tmp_path / "golden.log"), channel_socket=str(tmp_path / "golden.sock"))
+    conn.define_domain(build_domain_xml(spec), name)
+    templates = str(tmp_path / "templates")
+    try:
+        made = template.create_template(conn, runner, templates, template.plan_template(conn, templates, "web", name, False))
+    finally:
+        conn.undefine_domain(conn.get_domain(name))
+    chain = made.manifest["base"]["backing_chain"]
+    assert [(entry["file"], entry["source_path"], entry["named_as"], entry["format"]) for entry in chain] == [
+        ("1-debian.qcow2", str(image), str(image), "qcow2")]
+    linked = pathlib.Path(made.directory, "backing", "1-debian.qcow2")
+    assert os.path.samefile(linked, image) and chain[0]["sha256"] == hashlib.sha256(image.read_bytes()).hexdigest()
+    assert chain[0]["size"] == image.stat().st_size
+    assert pathlib.Path(made.directory, "manifest.json").stat().st_mode & 0o777 == 0o600
+    removed = template.remove_template(made)
+    assert sorted(os.path.basename(path) for path in removed) == ["1-debian.qcow2", "base.qcow2", "manifest.json"]
+    assert not os.path.exists(made.directory) and image.exists(), "the golden's own image stays"
+
+
+def test_a_backing_file_not_stated_as_qcow2_is_refused(tmp_path):
+    image = tmp_path / "image.raw"
+    image.write_bytes(b"\0" * 65536)
+    top = tmp_path / "top.qcow2"
+    assert runner(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(image), str(top)])[0] == 0
+    with pytest.raises(ClonesafeError, match="without the format qcow2: clonesafe never lets QEMU guess"):
+        template.backing_chain(runner, str(top))
