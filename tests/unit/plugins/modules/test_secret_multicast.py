@@ -14,13 +14,13 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from clonesafe_testlib import run_module
+from clonesafe_testlib import require_module, run_module
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.clone_xml import CloneIdentity, clone_paths, rewrite_for_clone
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.domain_xml import AGENT_CHANNEL_NAME, DomainSpec, build_domain_xml
 from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, wire
 
-pytest.importorskip("libvirt")
+require_module("libvirt", "libvirt-python")
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[4]
 
 
@@ -72,8 +72,8 @@ def hostile_host(tmp_path):
                 # Signed by the guest itself: the signature verifies whatever the fingerprints hold.
                 result["attestation"]["fingerprints"].update(lies[clone.name])
                 attestation = result["attestation"]
-                result["attestation"] = proof.sign_attestation(clone.key, attestation["nonce"], attestation["uuid"],
-                                                              attestation["generation"], attestation["fingerprints"])
+                result["attestation"] = proof.sign_attestation(
+                    clone.key, attestation["nonce"], attestation["uuid"], attestation["generation"], attestation["fingerprints"])
         return json.dumps(wire.make_result(request["id"], result)).encode() + b"\n", False, False
 
     fleet = fuzz.FakeFleet(str(tmp_path), clones, respond, paths=paths)

@@ -145,8 +145,8 @@ def test_a_seeded_short_fuzz_run_lets_nothing_escape():
     """`make test`'s share of bench/fuzz_channel.py: a few seconds, both host targets, fixed seed."""
     summary = fuzz.run(side="host", count=3000, seed=12, clones=6)
     assert summary["inputs"] >= 3000
-    assert summary["escaped"] == 0, json.dumps([failure for target in summary["targets"] for failure in target["failures"]],
-                                              indent=1)[:6000]
+    failures = [failure for target in summary["targets"] for failure in target["failures"]]
+    assert summary["escaped"] == 0, json.dumps(failures, indent=1)[:6000]
     by_target = {target["target"]: target for target in summary["targets"]}
     assert set(by_target) == {"host.wire", "host.multicast"}
     assert by_target["host.multicast"]["outcomes"].get("clone:rotated", 0) > 0, "valid exchanges must rotate"
