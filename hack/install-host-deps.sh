@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the controller's virtualenv needs to build libvirt-python, once.
+# Installs the Debian packages this checkout needs on the machine that runs make, once:
+# what the controller's virtualenv needs to build libvirt-python, and every tool the tests call
+# (a fresh machine must not skip tests until the lab role installs them later in the run).
 # Safe to run twice: nothing is fetched when everything is present.
 set -euo pipefail
 
-packages=(libvirt-dev pkg-config gcc python3-dev python3-venv shellcheck git rsync)
+packages=(
+  libvirt-dev pkg-config gcc python3-dev python3-venv shellcheck git rsync
+  qemu-utils       # qemu-img: template, clone and distribution tests, the lab tests' disk oracles
+  openssh-client   # ssh-keygen, ssh-keyscan: the agent tests' fingerprint oracle, the lab's sshd check
+  e2fsprogs        # debugfs: the lab tests read what the agent wrote from the guest's disk
+  libvirt-clients  # virsh: the hypervisor role's lab test
+)
 
 if [[ $(id -u) -ne 0 ]]; then
   echo "install-host-deps: run as root (apt-get installs ${packages[*]})" >&2

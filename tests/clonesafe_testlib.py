@@ -1,17 +1,55 @@
-"""Shared test helpers: run Ansible the way a user does, from this checkout."""
+"""Shared test helpers: run Ansible the way a user does, from this checkout; require what tests need."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import pathlib
 import shutil
 import subprocess
 import sys
+import types
 import typing as t
+
+import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 COLLECTIONS_PATH = REPO_ROOT / "build" / "collections"
+
+
+def in_ci() -> bool:
+    """Whether this is a CI run (CI=true), where a missing prerequisite is a failure, never a skip."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def missing_prerequisite(what: str, fix: str) -> t.NoReturn:
+    """Skip the test (or the module, at import time) for a missing prerequisite; fail instead under CI=true.
+
+    A skipped test proves nothing: on a fresh machine a tool that only the lab role installs later
+    would silently turn whole test files into skips. ``make deps`` installs every tool tests use.
+    """
+    message = f"{what} is missing: {fix}"
+    if in_ci():
+        pytest.fail(f"{message} (CI=true: a missing prerequisite fails the run)", pytrace=False)
+    pytest.skip(message, allow_module_level=True)
+
+
+def require_tool(name: str, package: str | None = None) -> str:
+    """The path of command ``name``; missing, the test is skipped (failed under CI=true) naming the fix."""
+    path = shutil.which(name)
+    if path is None:
+        missing_prerequisite(f"the command {name}", f"run `make deps` (hack/install-host-deps.sh installs {package or name})")
+    return path
+
+
+def require_module(name: str, requirement: str | None = None) -> types.ModuleType:
+    """Python module ``name``, imported; missing, the test is skipped (failed under CI=true) naming the fix."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        missing_prerequisite(f"the Python module {name} ({error})",
+                             f"run `make venv` (requirements.txt installs {requirement or name})")
 
 
 def _ansible_tool(name: str) -> str:

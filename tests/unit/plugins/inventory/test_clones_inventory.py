@@ -10,13 +10,13 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from clonesafe_testlib import ansible_env, run_playbook
+from clonesafe_testlib import ansible_env, require_module, run_playbook
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet import attestation_record
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.clone_xml import CloneIdentity, clone_paths, rewrite_for_clone
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.domain_xml import DomainSpec, build_domain_xml
 
-libvirt = pytest.importorskip("libvirt")
+require_module("libvirt", "libvirt-python")
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[4]
 
 

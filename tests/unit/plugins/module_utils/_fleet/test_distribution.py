@@ -6,16 +6,17 @@ import hashlib
 import json
 import os
 import pathlib
-import shutil
 import subprocess
 
 import pytest
+
+from clonesafe_testlib import require_module, require_tool
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet import distribution
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt import template
 
-pytestmark = pytest.mark.skipif(not shutil.which("qemu-img"), reason="needs qemu-img")
+require_tool("qemu-img", "qemu-utils")
 
 QEMU_7_2 = 7002000
 GOLDEN_XML = (
@@ -181,7 +182,7 @@ def test_a_memory_state_this_host_cannot_load_is_refused_before_copying(source_d
 
 
 def test_the_test_driver_cannot_load_a_qemu_memory_state(source_dir, dest_dir):
-    libvirt = pytest.importorskip("libvirt")
+    libvirt = require_module("libvirt", "libvirt-python")
     conn = libvirt.open("test:///default")
     try:
         capabilities = (conn.getCapabilities(), conn.getVersion())

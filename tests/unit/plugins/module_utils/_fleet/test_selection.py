@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from clonesafe_testlib import require_module
+
 from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet import attestation_record
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.multicast import CloneOutcome, Report
@@ -14,7 +16,7 @@ from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.selection i
 )
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.connection import LibvirtConnection, require_local_uri
 
-pytest.importorskip("libvirt")
+require_module("libvirt", "libvirt-python")
 
 
 @pytest.fixture

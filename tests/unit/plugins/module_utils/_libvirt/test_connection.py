@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import pytest
 
+from clonesafe_testlib import require_module
+
 from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.connection import LibvirtConnection
 
-pytest.importorskip("libvirt")
+require_module("libvirt", "libvirt-python")
 
 
 def test_missing_daemon_socket_is_explained():

@@ -7,12 +7,14 @@ import uuid
 
 import pytest
 
+from clonesafe_testlib import require_module
+
 from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.connection import LibvirtConnection
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.domain_xml import DomainSpec
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.managed_domain import ensure_domain
 
-libvirt = pytest.importorskip("libvirt")
+libvirt = require_module("libvirt", "libvirt-python")
 
 
 @pytest.fixture

@@ -11,13 +11,15 @@ import uuid
 
 import pytest
 
+from clonesafe_testlib import require_module, require_tool
+
 from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt import clones, template
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.connection import LibvirtConnection
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.domain_xml import DomainSpec, build_domain_xml
 
-libvirt = pytest.importorskip("libvirt")
-pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/qemu-img"), reason="needs qemu-img")
+libvirt = require_module("libvirt", "libvirt-python")
+require_tool("qemu-img", "qemu-utils")
 
 
 def runner(argv):
