@@ -151,3 +151,13 @@ def test_the_kernel_rng_is_reseeded_before_any_key_is_drawn_and_only_new_bytes_a
     assert events[0][2] == (8 * 48 if source != "guest" else 0), "only the hypervisor's bytes are credited"
     assert all(credit == 0 for kind, *rest in events[1:] if kind == "reseed" for credit in rest[1:]), events
     json.dumps(events)
+
+
+def test_the_curve_orders_are_the_curves_own(agent_module):
+    """A scalar of n-1 is a key on the curve and n is not: OpenSSL, not the agent, says so."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    keys = __import__("clonesafe_agent.keys", fromlist=["keys"])
+    for name, order in keys.CURVE_ORDERS.items():
+        ec.derive_private_key(order - 1, keys.CURVES[name])
+        with pytest.raises(ValueError):
+            ec.derive_private_key(order, keys.CURVES[name])
