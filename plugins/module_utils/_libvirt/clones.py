@@ -65,11 +65,19 @@ def domain_marker(conn: LibvirtConnection, domain: t.Any) -> dict[str, t.Any] | 
     return read_clonesafe_marker(conn.domain_xml(domain, inactive=inactive))
 
 
+def _spec_text(spec: t.Mapping[str, t.Any], key: str) -> str | None:
+    """A string field of a clone's metadata, or None: whoever can define a domain writes that metadata."""
+    value = spec.get(key)
+    return value if isinstance(value, str) else None
+
+
 def describe_clone(conn: LibvirtConnection, domain: t.Any, spec: dict[str, t.Any]) -> dict[str, t.Any]:
-    """Everything clone_info and clone report about one clone."""
+    """Everything clone_info and clone report about one clone (metadata fields of the wrong type read as None)."""
     xml = conn.domain_xml(domain)
     identity = read_identity(xml)
-    overlay = spec.get("overlay")
+    overlay = _spec_text(spec, "overlay")
+    directory = _spec_text(spec, "directory")
+    index = spec.get("index")
     nics = live_interfaces(xml)
     try:
         overlay_size = storage.allocated_bytes(overlay) if overlay else None
@@ -80,15 +88,15 @@ def describe_clone(conn: LibvirtConnection, domain: t.Any, spec: dict[str, t.Any
         "uuid": identity["uuid"],
         "genid": identity["genid"],
         "state": conn.domain_state(domain),
-        "template": spec.get("template"),
-        "index": spec.get("index"),
-        "created_at": spec.get("created_at"),
+        "template": _spec_text(spec, "template"),
+        "index": index if isinstance(index, int) and not isinstance(index, bool) else None,
+        "created_at": _spec_text(spec, "created_at"),
         "overlay": overlay,
         "overlay_size": overlay_size,
-        "directory": spec.get("directory"),
-        "console_log": spec.get("console_log"),
-        "channel_sockets": {name: ClonePaths(spec["directory"]).channel_socket(name) for name in channel_names(xml)}
-        if spec.get("directory")
+        "directory": directory,
+        "console_log": _spec_text(spec, "console_log"),
+        "channel_sockets": {name: ClonePaths(directory).channel_socket(name) for name in channel_names(xml)}
+        if directory
         else {},
         "macs": [nic["mac"] for nic in nics],
         "links": [nic["link"] for nic in nics],

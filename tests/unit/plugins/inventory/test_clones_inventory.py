@@ -205,3 +205,16 @@ def test_a_clone_whose_name_clonesafe_would_never_give_is_skipped_with_a_warning
     result = inventory(tmp_path, {"hypervisors": hosts, "hypervisor_group": ""})
     assert result["clonesafe_clones"]["hosts"] == ["web-002.hv1"]
     assert "invalid clone name" in result["_stderr"]
+
+
+def test_clone_metadata_of_the_wrong_types_reads_as_unknown_not_as_a_crash(tmp_path):
+    spec_element = "{https://clonesafe.invalid/xmlns/fleet/1}spec"
+    root = ET.fromstring(clone_xml("web-001", "web", 1))
+    spec = root.find(f"metadata/{{https://clonesafe.invalid/xmlns/fleet/1}}domain/{spec_element}")
+    spec.text = json.dumps({"template": ["web"], "index": "1", "directory": 5, "overlay": {"x": 1}, "created_at": 7})
+    hosts = {"hv1": node_file(tmp_path, "hv1", [ET.tostring(root, encoding="unicode"), clone_xml("web-002", "web", 2)])}
+    result = inventory(tmp_path, {"hypervisors": hosts, "hypervisor_group": ""})
+    assert sorted(result["clonesafe_clones"]["hosts"]) == ["web-001.hv1", "web-002.hv1"]
+    odd = result["_meta"]["hostvars"]["web-001.hv1"]
+    assert odd["clonesafe_template"] is None and odd["clonesafe_index"] is None and odd["clonesafe_channel_sockets"] == {}
+    assert result["clonesafe_template_web"]["hosts"] == ["web-002.hv1"]
