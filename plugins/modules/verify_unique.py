@@ -56,7 +56,8 @@ options:
   golden_fingerprints:
     description:
       - The golden's fingerprints recorded in the template manifest by C(clonesafe.fleet.golden_snapshot)
-        (RV(clonesafe.fleet.golden_snapshot#module:template.golden_fingerprints), also returned by
+        (RV(clonesafe.fleet.golden_snapshot#module:template.golden_fingerprints); for an existing template
+        RV(clonesafe.fleet.template_info#module:templates[].golden_fingerprints), also returned by
         M(clonesafe.fleet.secret_multicast) as RV(clonesafe.fleet.secret_multicast#module:golden_fingerprints)).
       - A clone that still has one of them fails the verification, and so does a clone whose proof lacks a secret the
         golden holds (every name with a value other than V(erased)).
@@ -79,14 +80,27 @@ options:
     version_added: 0.1.0
 seealso:
   - module: clonesafe.fleet.secret_multicast
+  - module: clonesafe.fleet.template_info
 """
 
 EXAMPLES = r"""
-- name: Prove the fleet unique
+# In the play that made the template: golden_snapshot returns the golden's fingerprints it recorded
+# (registered as clonesafe_snapshot on the first hypervisor host).
+- name: Prove the new fleet unique
   clonesafe.fleet.verify_unique:
     results: "{{ dict(groups['hypervisors'] | zip(groups['hypervisors'] | map('extract', hostvars, 'clonesafe_multicast'))) }}"
     run_secret: "{{ hostvars['localhost'].clonesafe_run_secret }}"
-    golden_fingerprints: "{{ hostvars[groups['hypervisors'][0]].clonesafe_multicast.golden_fingerprints }}"
+    golden_fingerprints: "{{ hostvars[groups['hypervisors'][0]].clonesafe_snapshot.template.golden_fingerprints }}"
+  run_once: true
+  delegate_to: localhost
+
+# For an existing fleet: read the fingerprints the template recorded (template_info, registered as
+# clonesafe_template_info on the first hypervisor host).
+- name: Prove the existing fleet unique against its golden
+  clonesafe.fleet.verify_unique:
+    results: "{{ dict(groups['hypervisors'] | zip(groups['hypervisors'] | map('extract', hostvars, 'clonesafe_multicast'))) }}"
+    run_secret: "{{ hostvars['localhost'].clonesafe_run_secret }}"
+    golden_fingerprints: "{{ hostvars[groups['hypervisors'][0]].clonesafe_template_info.templates[0].golden_fingerprints }}"
   run_once: true
   delegate_to: localhost
 """

@@ -151,6 +151,39 @@ def load_template(templates_dir: str, name: str) -> Template | None:
     return Template(name, directory, manifest)
 
 
+def list_templates(templates_dir: str, name: str | None = None) -> list[Template]:
+    """The complete templates in ``templates_dir`` (only ``name`` when given), sorted by name.
+
+    A directory being assembled (``.<name>.partial``) or without a manifest is not a template; a
+    missing templates directory holds none. Read-only: nothing is created or changed.
+    """
+    if name is not None:
+        found = load_template(templates_dir, name)
+        return [found] if found is not None else []
+    try:
+        entries = sorted(os.listdir(templates_dir))
+    except FileNotFoundError:
+        return []
+    except OSError as error:
+        raise ClonesafeError(f"cannot list the templates directory {templates_dir}: {error}") from error
+    templates = []
+    for entry in entries:
+        if entry.startswith(".") or not os.path.isdir(os.path.join(templates_dir, entry)):
+            continue
+        found = load_template(templates_dir, entry)
+        if found is not None:
+            templates.append(found)
+    return templates
+
+
+def describe_templates(templates_dir: str, name: str | None = None) -> list[dict[str, t.Any]]:
+    """What template_info returns: each template's summary and its distribution record (never the comparison key)."""
+    return [
+        dict(found.summary(), distribution=found.manifest.get("distribution"))
+        for found in list_templates(templates_dir, name)
+    ]
+
+
 def require_template(templates_dir: str, name: str) -> Template:
     """Template ``name``; a missing one is an error that says how to make it."""
     template = load_template(templates_dir, name)
