@@ -30,7 +30,10 @@ HASH_KEY_BYTES = 32
 OPERATIONS = ("hello", "rotate", "attest")
 ROTATE_OPERATIONS = ("erase", "modify", "regenerate")
 ENTROPY_SOURCES = ("guest", "hypervisor", "combined")
-PROVIDERS = ("identity", "ssh_host_keys", "machine_id", "rng", "tls", "hooks")
+# In the order the agent rotates them: a provider whose secret is bound to the machine-id
+# (systemd_credential, hostname) comes after machine_id and uses the new one.
+PROVIDERS = ("identity", "ssh_host_keys", "machine_id", "rng", "tls", "hooks", "systemd_credential", "network_manager",
+             "dhcp_client", "wireguard", "enrolment", "cloud_init", "hostname", "files")
 PROVIDER_STATUSES = ("rotated", "erased", "unchanged", "failed")
 PROVIDER_METHODS = ("hkdf", "regenerated", "erased", "reseeded")
 # Optional field of a provider's outcome in a rotate result: the fingerprint names of secrets the

@@ -153,7 +153,9 @@ def test_modify_without_an_old_secret_regenerates_and_says_so(agent):
 def test_erase_removes_secrets_and_the_attestation_is_unsigned(agent, guest_root):
     result = request(agent, "rotate", rotate_args("erase"))
     assert {name: outcome["status"] for name, outcome in result["providers"].items()} == {
-        "identity": "erased", "ssh_host_keys": "erased", "machine_id": "erased", "rng": "erased", "hooks": "unchanged"}
+        "identity": "erased", "ssh_host_keys": "erased", "machine_id": "erased", "rng": "erased", "hooks": "unchanged",
+        # The miniature guest has none of the software whose secrets the later providers find.
+        **dict.fromkeys(wire.PROVIDERS[wire.PROVIDERS.index("systemd_credential"):], "unchanged")}
     attestation = result["attestation"]
     assert attestation["signature"] is None and set(attestation["fingerprints"].values()) == {proof.ERASED}
     assert proof.verify_attestation(attestation, NONCE, allow_unsigned=True)

@@ -29,6 +29,14 @@ DEFAULT_CONFIG: dict[str, t.Any] = {
         "rng": {"enabled": True, "seed_file": "/var/lib/systemd/random-seed"},
         "tls": {"enabled": False, "keys": []},
         "hooks": {"enabled": True, "dir": "/etc/clonesafe/hooks.d", "timeout": 30},
+        "systemd_credential": {"enabled": True, "path": "/var/lib/systemd/credential.secret"},
+        "network_manager": {"enabled": True, "restart": True},
+        "dhcp_client": {"enabled": True},
+        "wireguard": {"enabled": True, "restart": True},
+        "enrolment": {"enabled": True},
+        "cloud_init": {"enabled": True, "dir": "/var/lib/cloud"},
+        "hostname": {"enabled": True, "pattern": "{base}-{id}"},
+        "files": {"enabled": True, "sets": [], "timeout": 60},
     },
 }
 

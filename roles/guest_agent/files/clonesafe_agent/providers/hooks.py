@@ -7,10 +7,25 @@ from __future__ import annotations
 
 import os
 import subprocess
+import typing as t
 
 from ..entropy import Entropy
 from ..errors import AgentError
 from .base import Plan, Provider
+
+if t.TYPE_CHECKING:
+    from ..agent import Agent
+
+
+def hook_environment(agent: Agent, operation: str) -> dict[str, str]:
+    """The environment a hook (or a command of the files provider) runs with: the rotation, nothing inherited."""
+    return {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "CLONESAFE_OPERATION": operation,
+        "CLONESAFE_GENERATION": str(agent.pending_generation),
+        "CLONESAFE_TRIGGER": agent.pending_trigger,
+        "CLONESAFE_ROOT": agent.root,
+    }
 
 
 class HooksProvider(Provider):
@@ -41,13 +56,7 @@ class HooksProvider(Provider):
     def run(self, hooks: list[str], operation: str, plan: Plan) -> None:
         """Run each hook with the operation and generation in its environment; report failures."""
         timeout = float(self.config.get("timeout", 30))
-        env = {
-            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            "CLONESAFE_OPERATION": operation,
-            "CLONESAFE_GENERATION": str(self.agent.pending_generation),
-            "CLONESAFE_TRIGGER": self.agent.pending_trigger,
-            "CLONESAFE_ROOT": self.agent.root,
-        }
+        env = hook_environment(self.agent, operation)
         failures = []
         for hook in hooks:
             try:

@@ -5,8 +5,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import re
+import weakref
 
 from .._protocol import proof
 from ..entropy import Entropy, hkdf
@@ -14,11 +17,22 @@ from ..files import read_bytes
 from .base import Change, Plan, Provider
 
 
+def app_specific_id(machine_id: str, app_id: str) -> str:
+    """systemd's application-specific machine ID (sd_id128_get_machine_app_specific, ``systemd-id128
+    machine-id --app-specific=APP``): HMAC-SHA256 keyed by the machine ID over the application ID,
+    128 bits with the UUID v4 bits set. Stable per machine, and the machine ID cannot be read back from it."""
+    digest = hmac.new(bytes.fromhex(machine_id), bytes.fromhex(app_id), hashlib.sha256).digest()
+    return MachineIdProvider.format_id(digest[:16])
+
+
 class MachineIdProvider(Provider):
     """/etc/machine-id and the D-Bus copy when it is a file of its own."""
 
     name = "machine_id"
     ERASED_CONTENT = b"uninitialized\n"
+    # (rotation, machine-id) this provider planned for that rotation (None: erased); a rotation is
+    # known by its Entropy object, which lives for one rotation only.
+    _planned: tuple[weakref.ref[Entropy], str | None] | None = None
 
     @property
     def main_path(self) -> str:
@@ -38,6 +52,16 @@ class MachineIdProvider(Provider):
         data = (read_bytes(self.main_path) or b"").strip()
         return data.decode("ascii") if re.fullmatch(rb"[0-9a-f]{32}", data) else None
 
+    def effective_id(self, rotation: Entropy) -> str | None:
+        """The machine-id once ``rotation`` is on disk: the one planned for it, else the current one.
+
+        Providers whose secrets are bound to the machine-id (systemd's credential secret, the hostname
+        derived from it) plan after this one and must use the new value.
+        """
+        if self._planned is not None and self._planned[0]() is rotation:
+            return self._planned[1]
+        return self.current()
+
     @staticmethod
     def format_id(raw: bytes) -> str:
         """128 bits as a systemd machine-id (UUID v4 bits set, lowercase hex)."""
@@ -50,6 +74,7 @@ class MachineIdProvider(Provider):
         dbus_is_file = os.path.isfile(self.dbus_path) and not os.path.islink(self.dbus_path)
         if operation == "erase":
             plan = Plan("erased", "erased")
+            self._planned = (weakref.ref(entropy), None)
             plan.changes.append(Change(self.main_path, self.ERASED_CONTENT, 0o444))
             if dbus_is_file:
                 plan.changes.append(Change(self.dbus_path, None))
@@ -64,6 +89,7 @@ class MachineIdProvider(Provider):
             if operation == "modify":
                 plan.details.append("no machine-id to derive from: regenerated")
             new_id = self.format_id(fresh)
+        self._planned = (weakref.ref(entropy), new_id)
         content = new_id.encode("ascii") + b"\n"
         plan.changes.append(Change(self.main_path, content, 0o444))
         if dbus_is_file:
