@@ -11,6 +11,7 @@ packages=(
   openssh-client   # ssh-keygen, ssh-keyscan: the agent tests' fingerprint oracle, the lab's sshd check
   e2fsprogs        # debugfs: the lab tests read what the agent wrote from the guest's disk
   libvirt-clients  # virsh: the hypervisor role's lab test
+  wireguard-tools  # wg: the WireGuard provider's oracle (wg pubkey) in the agent and lab tests
 )
 
 if [[ $(id -u) -ne 0 ]]; then
