@@ -41,7 +41,11 @@ PROVIDER_METHODS = ("hkdf", "regenerated", "erased", "reseeded")
 # host key of a type it cannot make. Such a secret stays in the attestation under its current
 # fingerprint, so verify_unique still compares it with the golden's and the other clones'.
 NOT_ROTATED = "not_rotated"
-TRIGGERS = ("channel", "generation", "boot_uuid")
+TRIGGERS = ("channel", "generation", "boot_uuid", "network", "session")
+# What hello says of each guest-side trigger the agent knows (configured off, on, or on but not
+# workable on this guest).
+TRIGGER_STATES = ("on", "off", "unavailable")
+_MAX_TRIGGERS = 16
 
 _ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _HEX_PATTERN = re.compile(r"[0-9a-f]+")
@@ -467,9 +471,22 @@ def _check_hello_result(result: dict[str, t.Any]) -> None:
         "hello result",
         ("agent_version", "protocol", "generation", "uuid", "vcpus", "interrupts", "providers",
          "identity_public_key", "last_trigger"),
-        ("registration_error",),
+        ("registration_error", "triggers", "rotation_due", "uuid_restored"),
     )
     check_str(result["agent_version"], "agent_version", 64)
+    # Whether the guest's RAM was restored since it read its SMBIOS UUID at boot (null: it cannot tell).
+    if result.get("uuid_restored") is not None and not isinstance(result["uuid_restored"], bool):
+        raise ProtocolError("bad_message", "uuid_restored must be a boolean or null")
+    if "triggers" in result:
+        triggers = result["triggers"]
+        if not isinstance(triggers, dict) or len(triggers) > _MAX_TRIGGERS:
+            raise ProtocolError("bad_message", f"triggers must be an object of at most {_MAX_TRIGGERS} entries")
+        for name, value in triggers.items():
+            check_str(name, "trigger name", 32)
+            if value not in TRIGGER_STATES:
+                raise ProtocolError("bad_message", f"trigger {name} must be one of {', '.join(TRIGGER_STATES)}")
+    if "rotation_due" in result and not isinstance(result["rotation_due"], bool):
+        raise ProtocolError("bad_message", "rotation_due must be a boolean")
     if "registration_error" in result:
         check_str(result["registration_error"], "registration_error", _MAX_ERROR_MESSAGE, free_text=True)
     check_int(result["protocol"], "protocol")
@@ -497,7 +514,8 @@ def _check_hello_result(result: dict[str, t.Any]) -> None:
         check_str(result["identity_public_key"], "identity_public_key", 256)
     trigger = result["last_trigger"]
     if trigger is not None:
-        check_fields(trigger, "last_trigger", ("trigger", "time"), ("generation", "operation", "vmgenid_events"))
+        check_fields(trigger, "last_trigger", ("trigger", "time"),
+                     ("generation", "operation", "vmgenid_events", "boot_id", "uuid"))
         if trigger["trigger"] not in TRIGGERS:
             raise ProtocolError("bad_message", f"last_trigger must be one of {', '.join(TRIGGERS)}")
         check_str(trigger["time"], "last_trigger time", 64)
@@ -505,6 +523,9 @@ def _check_hello_result(result: dict[str, t.Any]) -> None:
             _check_int_or_null(trigger["generation"], "last_trigger generation")
         if "vmgenid_events" in trigger:
             _check_int_or_null(trigger["vmgenid_events"], "last_trigger vmgenid_events")
+        for name in ("boot_id", "uuid"):
+            if name in trigger:
+                check_str(trigger[name], f"last_trigger {name}", 64)
         if trigger.get("operation") is not None and trigger["operation"] not in ROTATE_OPERATIONS:
             raise ProtocolError("bad_message", f"last_trigger operation must be one of {', '.join(ROTATE_OPERATIONS)}")
 

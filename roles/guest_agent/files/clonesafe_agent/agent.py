@@ -13,7 +13,7 @@ import os
 import time
 import typing as t
 
-from . import AGENT_VERSION
+from . import AGENT_VERSION, forks
 from ._protocol import proof, wire
 from .config import DEFAULT_CONFIG_PATH, load_config
 from .entropy import Entropy
@@ -56,6 +56,9 @@ class Agent:
         self.pending_trigger = ""
         self.irq = InterruptSteering(self.path, self.config)
         self.notifications: list[t.Callable[[], None]] = []
+        # Triggers configured on that cannot work on this guest, and why (reported by hello).
+        self.unavailable_triggers: dict[str, str] = {}
+        self._lock_held = False
 
     # -- configuration and state -------------------------------------------------------------
 
@@ -83,12 +86,17 @@ class Agent:
 
     @contextlib.contextmanager
     def locked(self) -> t.Iterator[None]:
-        """One rotation at a time across the boot check and the service."""
+        """One rotation at a time across the boot check, the service and the gate (re-entrant in a process)."""
+        if self._lock_held:
+            yield
+            return
         fd = os.open(os.path.join(self.state_dir, "agent.lock"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            self._lock_held = True
             yield
         finally:
+            self._lock_held = False
             os.close(fd)
 
     def enabled_providers(self) -> list[str]:
@@ -97,8 +105,7 @@ class Agent:
 
     def product_uuid(self) -> str:
         """The SMBIOS product UUID as the guest sees it, lowercase ('' if unreadable)."""
-        data = read_bytes(self.path("/sys/class/dmi/id/product_uuid"))
-        return data.decode("ascii", "replace").strip().lower() if data else ""
+        return forks.product_uuid(self.path)
 
     # -- startup -----------------------------------------------------------------------------
 
@@ -181,8 +188,11 @@ class Agent:
                     state.setdefault("providers", {})[name] = plan.remember
             # The VM Generation ID event count binds a "generation" regeneration to the change that
             # caused it: a clone inherits its golden's record, with a count its own restore has passed.
+            # With the boot id and the SMBIOS UUID, the record says which boot and which machine the
+            # secrets were made in: forks.rotation_due() compares them with the guest's now.
             state["last_trigger"] = {"trigger": trigger, "time": now(), "generation": generation, "operation": operation,
-                                     "vmgenid_events": self.irq.gpe_count()}
+                                     "vmgenid_events": self.irq.gpe_count(), "boot_id": forks.boot_id(self.path),
+                                     "uuid": self.product_uuid()}
             changes = [change for plan in plans.values() for change in plan.changes]
             changes.append(Change(self.state_path, json.dumps(state, sort_keys=True).encode(), 0o600))
             self.journal.prepare(generation, operation, changes)
@@ -258,11 +268,15 @@ class Agent:
         sci = self.irq.acpi_irq(table)
         registered = self.irq.affinity(irqs[0]) if irqs else []
         identity = self.providers["identity"].load()
+        vmgenid_events = self.irq.gpe_count()
         result = {
             "agent_version": AGENT_VERSION,
             "protocol": wire.PROTOCOL_VERSION,
             "generation": int(state["generation"]),
             "uuid": self.product_uuid(),
+            # The SMBIOS tables are read at boot: once this RAM was restored (a VM Generation ID change
+            # since boot), `uuid` is the UUID of the domain that booted it, for a memory clone its golden's.
+            "uuid_restored": None if vmgenid_events is None else vmgenid_events > 0,
             "vcpus": {"online": self.irq.online_cpus(), "registered": registered},
             "interrupts": {
                 "channel": {"irq": irqs[0] if irqs else None, "irqs": irqs, "per_cpu": self.irq.per_cpu(cpus, table, irqs),
@@ -275,6 +289,9 @@ class Agent:
                           for name, provider in self.providers.items()},
             "identity_public_key": base64.b64encode(proof.raw_public_key(identity)).decode() if identity else None,
             "last_trigger": state.get("last_trigger"),
+            "triggers": {name: ("unavailable" if name in self.unavailable_triggers else "on") if on else "off"
+                         for name, on in sorted(self.config["triggers"].items())},
+            "rotation_due": self.rotation_due(state) is not None,
         }
         if self.irq.registration_error:
             result["registration_error"] = self.irq.registration_error
@@ -324,6 +341,28 @@ class Agent:
         except Exception as error:  # pylint: disable=broad-exception-caught
             log(f"request {request['id']} ({request['op']}) failed: {type(error).__name__}: {wire.printable(str(error), 500)}")
             return wire.encode_message(wire.make_error(request["id"], "failed", f"{request['op']} failed: {type(error).__name__}: {error}"))
+
+    def rotation_due(self, state: dict[str, t.Any] | None = None) -> forks.Due | None:
+        """Why this guest must rotate before its network or a session is used (forks.rotation_due), or None."""
+        return forks.due_now(self.path, self.config, state if state is not None else self.state())
+
+    def on_due_trigger(self, trigger: str, what: str) -> dict[str, t.Any] | None:
+        """A network or session trigger (``what`` happened): rotate if the guest has not rotated since it forked.
+
+        Decided again under the lock, so concurrent triggers rotate once. Errors are raised: the
+        gate refuses the session, the network watch logs them.
+        """
+        if self.rotation_due() is None:
+            return None
+        with self.locked():
+            due = self.rotation_due()
+            if due is None:
+                return None
+            log(f"{what}: {due.reason}: rotating ({trigger} trigger)")
+            if self.live and not forks.wait_for_fork_reseed(self.irq.gpe_count()):
+                log("the kernel log does not show a reseed for every VM fork counted (its ring may have wrapped); "
+                    f"waited {forks.RESEED_WAIT_SECONDS:g} s, going on")
+            return self.rotate(self.config["trigger_operation"], None, Entropy("guest"), trigger)
 
     def on_trigger(self, trigger: str) -> None:
         """A guest-side trigger (VM Generation ID change): rotate every enabled provider."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import typing as t
 
-from ._protocol import wire
 from .errors import AgentError
 from .files import read_bytes
 
@@ -20,7 +19,9 @@ DEFAULT_CONFIG: dict[str, t.Any] = {
     "vcpus": "all",
     "vmgenid_gpe": "gpe05",
     "trigger_operation": "regenerate",
-    "triggers": {"kmsg": True, "uevent": True, "boot_uuid": True},
+    # network: rotate at a link change of a clone that has not rotated since its fork (network.py);
+    # session: the gate (gate.py) rotates such a clone before a service's first session starts.
+    "triggers": {"kmsg": True, "uevent": True, "boot_uuid": True, "network": True, "session": False},
     "providers": {
         "identity": {"enabled": True},
         "ssh_host_keys": {"enabled": True, "dir": "/etc/ssh", "types": ["ed25519", "ecdsa", "rsa"], "rsa_bits": 3072,
@@ -42,7 +43,17 @@ DEFAULT_CONFIG: dict[str, t.Any] = {
 
 
 def load_config(path: str) -> dict[str, t.Any]:
-    """The defaults, overridden by the file at ``path`` when it exists; unknown settings are errors."""
+    """The defaults, overridden by the file at ``path`` when it exists; unknown or invalid settings are errors."""
+    from ._protocol import wire  # pylint: disable=import-outside-toplevel  # loads cryptography: not for the gate
+
+    config = read_config(path)
+    if config["trigger_operation"] not in wire.ROTATE_OPERATIONS:
+        raise AgentError(f"trigger_operation must be one of {', '.join(wire.ROTATE_OPERATIONS)}")
+    return config
+
+
+def read_config(path: str) -> dict[str, t.Any]:
+    """load_config() without the checks that need the protocol library (the session gate's fast path)."""
     config = json.loads(json.dumps(DEFAULT_CONFIG))
     data = read_bytes(path)
     if data is not None:
@@ -64,6 +75,7 @@ def load_config(path: str) -> dict[str, t.Any]:
                         config[key][name] = item
             else:
                 config[key] = value
-    if config["trigger_operation"] not in wire.ROTATE_OPERATIONS:
-        raise AgentError(f"trigger_operation must be one of {', '.join(wire.ROTATE_OPERATIONS)}")
+    bad = [name for name, value in config["triggers"].items() if not isinstance(value, bool)]
+    if bad:
+        raise AgentError(f"{path}: triggers must be true or false: {', '.join(sorted(bad))}")
     return config

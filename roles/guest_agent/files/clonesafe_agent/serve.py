@@ -25,6 +25,7 @@ from . import AGENT_VERSION
 from ._protocol import wire
 from .agent import Agent
 from .log import log
+from .network import NetworkWatch
 from .triggers import GenerationWatch
 
 # With no host connected the port reports POLLHUP at once, so the loop must sleep: 50 ms after the
@@ -227,6 +228,8 @@ def serve(agent: Agent) -> None:
     if registration_error:
         log(f"vCPU registration: {registration_error}")
     watch = GenerationWatch(agent.config, agent.irq.gpe_count)
+    network = NetworkWatch(agent, generation_watched=lambda: bool(watch.fds()))
+    network.start()
     port_path = agent.path(agent.config["port"])
     channel: Channel | None = None
     port_signals = False
@@ -261,7 +264,7 @@ def serve(agent: Agent) -> None:
         watching_port = channel is not None and (channel.busy or now >= hup_until)
         if channel is not None and watching_port:
             poller.register(channel.fd, channel.interest())
-        for fd in watch.fds():
+        for fd in watch.fds() + network.fds():
             poller.register(fd, select.POLLIN)
         try:
             events = dict(poller.poll(_timeout_ms(channel, watching_port, hup_until, now)))
@@ -272,6 +275,7 @@ def serve(agent: Agent) -> None:
             # The host connected (or data arrived): look at the port now, not at the next tick.
             hup_until, hup_backoff = 0.0, HUP_BACKOFF_SECONDS
         _check_triggers(agent, watch, events)
+        network.check(events)
         if channel is None or not watching_port:
             continue
         try:
