@@ -39,6 +39,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import time
 import typing as t
 import xml.etree.ElementTree as ET
@@ -516,34 +517,58 @@ def _fetch(source: Source, source_path: str, target: str, size: int, sha256: str
     transfer.status = "resumed" if offset else "transferred"
 
 
-def point_chain_inside(runner: storage.Runner, work: str, chain: list[dict[str, t.Any]], where: str) -> None:
-    """Check every fetched image's header against the manifest, then point it at the local copy of its backing file.
+def chain_in_place(chain: list[dict[str, t.Any]]) -> bool:
+    """Whether this host already has the whole backing chain where the base's header names it, byte for byte.
 
-    Each image is opened as qcow2 (never probed) and must keep its data in itself. The base names
-    ``backing/<file 1>``, each backing file the next one beside it, the last one nothing: the chain
-    resolves inside the template directory whatever the source's paths were.
+    Hosts that share the golden image's storage: nothing is fetched for the chain and no header
+    changes. Each file must be a regular file at the absolute path the manifest names, of the size
+    and sha256 it names; reading is all this does outside the templates directory.
     """
-    images = [BASE_FILE] + [os.path.join(BACKING_DIR, entry["file"]) for entry in chain]
-    for level, image in enumerate(images):
-        path = os.path.join(work, image)
+    if not chain:
+        return False
+    for entry in chain:
+        path = entry["named_as"]
+        if not os.path.isabs(path) or path != entry["source_path"]:
+            return False
+        try:
+            info = os.stat(path)
+        except OSError:
+            return False
+        if not stat.S_ISREG(info.st_mode) or info.st_size != entry["size"] or storage.sha256_file(path) != entry["sha256"]:
+            return False
+    return True
+
+
+def settle_chain(runner: storage.Runner, work: str, chain: list[dict[str, t.Any]], where: str, in_place: bool) -> None:
+    """Check every image's header against the manifest; point fetched ones at the local copy of their backing file.
+
+    Each image is opened as qcow2 (never probed) and must keep its data in itself. Fetched, the base
+    names ``backing/<file 1>``, each backing file the next one beside it, the last one nothing: the
+    chain resolves inside the template directory whatever the source's paths were. In place (see
+    :func:`chain_in_place`), the headers already name those files and stay as they are.
+    """
+    images = [os.path.join(work, BASE_FILE)]
+    images += [entry["source_path"] if in_place else os.path.join(work, BACKING_DIR, entry["file"]) for entry in chain]
+    for level, path in enumerate(images):
+        shown = BASE_FILE if level == 0 else (path if in_place else os.path.join(BACKING_DIR, chain[level - 1]["file"]))
         info = storage.image_info(runner, path)
-        storage.require_self_contained(info, f"{image} from {where}")
+        storage.require_self_contained(info, f"{shown} from {where}")
         named = info.get("backing-filename")
         if level == len(chain):
             if named:
                 raise ClonesafeError(
-                    f"{image} from {where} names a backing file ({str(named)[:256]!r}) that the manifest does not: refused"
+                    f"{shown} from {where} names a backing file ({str(named)[:256]!r}) that the manifest does not: refused"
                 )
             continue
         entry = chain[level]
-        local = os.path.join(BACKING_DIR, entry["file"]) if level == 0 else entry["file"]
+        local = entry["named_as"] if in_place else (os.path.join(BACKING_DIR, entry["file"]) if level == 0 else entry["file"])
         if named not in (entry["named_as"], local):
             raise ClonesafeError(
-                f"{image} from {where} names the backing file {str(named)[:256]!r}, but the manifest says "
+                f"{shown} from {where} names the backing file {str(named)[:256]!r}, but the manifest says "
                 f"{entry['named_as'][:256]!r}: refused"
             )
         if info.get("backing-filename-format") != "qcow2":
-            raise ClonesafeError(f"{image} from {where} does not name its backing file's format as qcow2: refused")
+            raise ClonesafeError(f"{shown} from {where} does not name its backing file's format as qcow2: refused")
         if named != local:
             storage.rebase_unsafe(runner, path, local)
 
@@ -601,10 +626,12 @@ def sync_template(
         return Outcome(False, "present", final, manifest=local, memory=bool(local.get("memory")))
 
     chain = backing_specs(manifest, where)
+    in_place = chain_in_place(chain)
     files = [(BASE_FILE, manifest["base"])]
     if memory:
         files.append((MEMORY_FILE, manifest["memory"]))
-    files += [(os.path.join(BACKING_DIR, entry["file"]), entry) for entry in chain]
+    if not in_place:
+        files += [(os.path.join(BACKING_DIR, entry["file"]), entry) for entry in chain]
     source_dir = template_dir(source.templates_dir, name)
     transfers = [Transfer(file, os.path.join(final, file), spec["size"]) for file, spec in files]
     if check_mode:
@@ -614,7 +641,7 @@ def sync_template(
 
     work = incoming_dir(request.templates_dir, name)
     _prepare_incoming(work, raw, request.templates_dir)
-    if chain:
+    if chain and not in_place:
         os.makedirs(os.path.join(work, BACKING_DIR), mode=0o750, exist_ok=True)
     needed = sum(transfer.size for transfer in transfers if not os.path.exists(os.path.join(work, transfer.file)))
     storage.require_free_space(request.templates_dir, needed, f"template '{name}'")
@@ -626,8 +653,8 @@ def sync_template(
             continue
         _fetch(source, os.path.join(source_dir, file), target, transfer.size, spec["sha256"], transfer)
 
-    # The base's backing chain resolves inside this template, whatever the source's paths were.
-    point_chain_inside(runner, work, chain, where)
+    # The base's backing chain resolves inside this template (or where this host already has it, checked).
+    settle_chain(runner, work, chain, where, in_place)
 
     distributed = dict(manifest)
     if not memory:
@@ -637,6 +664,7 @@ def sync_template(
         "at": utc_now(),
         "mode": "memory" if memory else "disk",
         "source_qemu_version": version_text(source.qemu_version()),
+        "backing_chain": ("already on this host" if in_place else "in the template") if chain else None,
     }
     with _private_file(os.path.join(work, MANIFEST_FILE)) as handle:
         handle.write(json.dumps(distributed, indent=2, sort_keys=True).encode("utf-8") + b"\n")

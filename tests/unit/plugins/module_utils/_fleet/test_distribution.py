@@ -270,6 +270,37 @@ def test_the_backing_chain_arrives_inside_the_templates_directory(tmp_path, dest
     assert len(removed) == 5 and not web.exists()
 
 
+def test_a_chain_this_host_already_has_byte_for_byte_is_used_where_it_is(tmp_path, dest_dir):
+    """Hosts sharing the golden image's storage: nothing fetched for the chain, the base's header untouched."""
+    image = qcow2(tmp_path / "images" / "debian.qcow2")
+    golden = qcow2(tmp_path / "golden" / "golden.qcow2", backing=image)
+    manifest = make_template(tmp_path / "source", backing=golden)
+    outcome = sync(distribution.DirectorySource(str(tmp_path / "source")), dest_dir)
+    assert [transfer.file for transfer in outcome.transfers] == ["base.qcow2", "memory.save"]
+    web = dest_dir / "web"
+    assert sha256(web / "base.qcow2") == manifest["base"]["sha256"] and not (web / "backing").exists()
+    assert chain_of(web / "base.qcow2") == [str(web / "base.qcow2"), str(golden), str(image)]
+    assert json.loads((web / "manifest.json").read_text())["distribution"]["backing_chain"] == "already on this host"
+
+
+def test_a_local_file_that_differs_from_the_manifest_is_left_alone_and_the_chain_fetched(tmp_path, dest_dir):
+    image = qcow2(tmp_path / "images" / "debian.qcow2")
+    golden = qcow2(tmp_path / "golden" / "golden.qcow2", backing=image)
+    make_template(tmp_path / "source", backing=golden)
+    # The golden's disk on this host is not the source's (another golden with the same path).
+    golden.unlink()
+    qcow2(golden, backing=image)
+    with golden.open("r+b") as handle:
+        handle.seek(0, 2)
+        handle.write(b"this host's own data")
+    before = sha256(golden)
+    outcome = sync(distribution.DirectorySource(str(tmp_path / "source")), dest_dir)
+    assert {"backing/1-golden.qcow2", "backing/2-debian.qcow2"} <= {transfer.file for transfer in outcome.transfers}
+    web = dest_dir / "web"
+    assert chain_of(web / "base.qcow2")[1:] == [str(web / "backing" / "1-golden.qcow2"), str(web / "backing" / "2-debian.qcow2")]
+    assert sha256(golden) == before, "a file outside the templates directory is never written"
+
+
 class MovedBackingSource(distribution.DirectorySource):
     """A source that serves any path it is asked for (a compromised host answers what it likes)."""
 
