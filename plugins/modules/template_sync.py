@@ -24,7 +24,9 @@ description:
     M(clonesafe.fleet.golden_snapshot) linked into the template's C(backing/) directory, each named with its size and
     sha256 in the manifest. Nothing else is fetched and nothing is written outside O(templates_dir); every image is
     opened as qcow2 (never probed), its header must name the backing file the manifest names, and is then pointed at
-    the copy on this host. Templates made before this (no checksummed backing files) are refused; re-create them.
+    the copy on this host. A host that already has the whole chain where the base's header names it, byte for byte
+    (shared storage), uses it in place and fetches nothing for it. Templates made before this (no checksummed backing
+    files) are refused; re-create them.
   - The manifest on this host is readable by root only, like the original, since it holds the fleet's comparison key.
 author:
   - clonesafe developers (@clonesafe)
