@@ -26,9 +26,14 @@ set -euo pipefail
 LAB_DIR=${FLEET_LAB_DIR:-/var/lib/clonesafe-fleet-lab}
 NET_PREFIX=${FLEET_LAB_NET:-10.231.88}
 BRIDGE=${FLEET_LAB_BRIDGE:-csfleet0}
-NS_PREFIX=csfleet-
-HOST_PREFIX=fleet-h
-VENV_PYTHON=${FLEET_LAB_PYTHON:-$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python}
+# Another lab beside this one (tests/lab/test_user_vm.py) sets its own directory, network, bridge and
+# these prefixes, so that its hosts never share a name, namespace or address with this lab's.
+NS_PREFIX=${FLEET_LAB_NS_PREFIX:-csfleet-}
+HOST_PREFIX=${FLEET_LAB_HOST_PREFIX:-fleet-h}
+VETH_PREFIX=${FLEET_LAB_VETH_PREFIX:-csf-h}
+# The hosts run the modules with their own system Python, as real hypervisor hosts do (the
+# clonesafe.fleet.hypervisor role installs python3-libvirt and python3-cryptography for it).
+HOST_PYTHON=${FLEET_LAB_PYTHON:-/usr/bin/python3}
 # Directories private to each host: "<directory> <name under the host's state directory>".
 PRIVATE_DIRS=(
   "/run run"
@@ -135,7 +140,7 @@ lab_ns_dir() {
 host_network() {
   local index=$1 ns veth addr
   ns=$(netns "$index")
-  veth=csf-h$index
+  veth=${VETH_PREFIX}$index
   addr=$(host_addr "$index")
   if [[ ! -e /run/netns/$ns ]]; then
     ip netns add "$ns"
@@ -163,9 +168,13 @@ host_state_dirs() {
   chmod 0755 "$dir/run"
   mkdir -p "$dir/run/sshd" "$dir/run/libvirt" "$dir/ssh"
   # libvirt's configuration files (not this machine's domain definitions), then the lab's one
-  # setting: no cgroups (see the header).
+  # setting: no cgroups (see the header). This machine's own lab may run QEMU as root
+  # (hypervisor_lab_qemu_run_as_root): those qemu.conf lines are not copied, the role decides per host.
   if [[ ! -e $dir/etc-libvirt/.fleet-lab-seeded ]]; then
     cp -a /etc/libvirt/*.conf "$dir/etc-libvirt/" 2>/dev/null || true
+    if [[ -e $dir/etc-libvirt/qemu.conf ]]; then
+      sed -i -E '/^[[:space:]]*(user|group|security_driver)[[:space:]]*=/d' "$dir/etc-libvirt/qemu.conf"
+    fi
     touch "$dir/etc-libvirt/.fleet-lab-seeded"
     changed=1
   fi
@@ -253,7 +262,7 @@ inventory() {
     done
     echo "      vars:"
     echo "        ansible_user: root"
-    echo "        ansible_python_interpreter: $VENV_PYTHON"
+    echo "        ansible_python_interpreter: $HOST_PYTHON"
     echo "        ansible_ssh_common_args: -F $LAB_DIR/ssh/config"
     echo "        ansible_ssh_private_key_file: $LAB_DIR/ssh/id_ed25519"
     echo "        # Packages are this machine's own; a namespace has no route to any package mirror."

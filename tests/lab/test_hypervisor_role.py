@@ -274,6 +274,11 @@ def test_role_converges_and_is_idempotent(tmp_path: Path) -> None:
     for key in ("storage_dir", "templates_dir", "clones_dir", "channels_dir", "consoles_dir"):
         assert Path(facts[key]).is_dir(), f"{key}: {facts[key]} missing"
 
+    # The modules run with the host's own Python: the role installed the distribution's bindings for it.
+    imported = subprocess.run(["/usr/bin/python3", "-c", "import libvirt, cryptography; print(libvirt.getVersion())"],
+                              capture_output=True, text=True, timeout=60, check=False)
+    assert imported.returncode == 0, imported.stderr
+
     version = virsh("version")
     assert version.returncode == 0, version.stderr
     assert "Running hypervisor: QEMU" in version.stdout, version.stdout
