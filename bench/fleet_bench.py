@@ -36,34 +36,44 @@ LAB_DIR = pathlib.Path(os.environ.get("FLEET_LAB_DIR", "/var/lib/clonesafe-fleet
 
 
 def synthetic_results(hosts: int, clones_per_host: int) -> tuple[dict, str]:
-    """Host results as secret_multicast returns them, each clone with a real signed attestation."""
+    """Host results as secret_multicast returns them, each clone's attestation signed over a nonce of this run.
+
+    Returns the results and the run secret the nonces derive from (verify_unique's run_secret).
+    """
+    import uuid as uuidlib  # pylint: disable=import-outside-toplevel
+
     from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof  # pylint: disable=import-outside-toplevel
 
     hash_key = secrets.token_hex(32)
+    run_secret = secrets.token_hex(32)
     results = {}
     for host in range(hosts):
         clones = []
         for index in range(clones_per_host):
             key = proof.generate_identity_key(os.urandom(32))
-            nonce = secrets.token_hex(32)
+            domain_uuid = str(uuidlib.uuid4())
+            salt = secrets.token_hex(proof.NONCE_SALT_BYTES)
+            nonce = proof.derive_nonce(run_secret, domain_uuid, salt)
             fingerprints = {
                 "identity": proof.identity_fingerprint(proof.raw_public_key(key)),
                 "machine_id": proof.keyed_hash(hash_key, os.urandom(16)),
                 "ssh_host_key.ed25519": proof.sha256_fingerprint(os.urandom(32)),
                 "tls.cert": proof.sha256_fingerprint(os.urandom(32)),
             }
-            attestation = proof.sign_attestation(key, nonce, f"uuid-{host}-{index}", 1, fingerprints)
-            clones.append({"name": f"clone-{index:03d}", "nonce": nonce, "status": "rotated", "attestation": attestation})
+            attestation = proof.sign_attestation(key, nonce, domain_uuid, 1, fingerprints)
+            clones.append({"name": f"clone-{index:03d}", "nonce": nonce, "nonce_salt": salt, "domain_uuid": domain_uuid,
+                           "status": "rotated", "attestation": attestation,
+                           "providers": {"identity": {"status": "rotated"}, "machine_id": {"status": "rotated"},
+                                         "ssh_host_keys": {"status": "rotated"}, "tls": {"status": "rotated"}}})
         results[f"hv{host:04d}"] = {"hypervisor": f"hv{host:04d}", "clones": clones}
-    return results, hash_key
+    return results, run_secret
 
 
 def bench_aggregate(hosts: int, clones_per_host: int, repeats: int) -> dict:
     """Time collect_proofs + judge (+ the table) on ``hosts`` synthetic host results."""
     from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet import uniqueness  # pylint: disable=import-outside-toplevel
-    from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof  # pylint: disable=import-outside-toplevel
 
-    results, _key = synthetic_results(hosts, clones_per_host)
+    results, run_secret = synthetic_results(hosts, clones_per_host)
     # A planted duplicate, so the run also exercises the failure path.
     first, second = sorted(results)[:2]
     results[second]["clones"][0] = results[first]["clones"][0]
@@ -71,11 +81,12 @@ def bench_aggregate(hosts: int, clones_per_host: int, repeats: int) -> dict:
     cpu = []
     for _repeat in range(repeats):
         started, started_cpu = time.perf_counter(), time.process_time()
-        verdict = uniqueness.judge(uniqueness.collect_proofs(results), {}, proof.verify_attestation)
+        verdict = uniqueness.judge(uniqueness.collect_proofs(results), {}, run_secret)
         uniqueness.format_table(verdict.rows)
         timings.append(time.perf_counter() - started)
         cpu.append(time.process_time() - started_cpu)
     assert not verdict.unique and verdict.duplicates, "the planted duplicate must be caught"
+    assert not verdict.bad_proofs, verdict.bad_proofs[:3]
     return {
         "hosts": hosts,
         "clones_per_host": clones_per_host,

@@ -1,0 +1,347 @@
+# Copyright (c) clonesafe developers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The benchmarks' own golden VM: the lab image with this checkout's agent and a network that sshd answers on.
+
+Both paths of bench/time_to_unique.py (ours, and virt-clone + virt-sysprep + cold boot) and
+bench/latency_bench.py start from this golden, so they compare like with like. It differs from the lab
+golden in two ways, both made once into a cached image (/var/cache/clonesafe/bench-images/<key>/):
+
+- the agent is baked from this checkout with the clonesafe.fleet.guest_agent role, the way
+  playbooks/lab.yml bakes it (same host key types and triggers, playbooks/vars/lab_image.yml), so the
+  figures are those of the agent in the work tree, not of whatever agent the lab image was built with;
+- systemd-networkd gives every Ethernet NIC the static address QEMU's user-mode network expects
+  (10.0.2.15/24, gateway 10.0.2.2): the lab image configures no network, and a real client
+  (`ssh-keyscan`) must reach the clone's sshd. Nothing leaves the machine: the only way in is a port
+  forward on 127.0.0.1 added to the running QEMU (``forward_ssh``), the only way out QEMU's user-mode NAT.
+
+The image is the lab image's root file system copied, changed, and sealed as golden_image seals
+(mkfs.ext4 -d, qemu-img convert); kernel and initrd are the lab image's. The golden VM itself is a thin
+overlay of it, defined and started by clonesafe.fleet.golden_domain (512 MiB, 1 vCPU, user-mode NIC: the
+lab golden's shape), and removed at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import typing as t
+import xml.etree.ElementTree as ET
+
+import benchlib
+
+# pylint: disable=wrong-import-position
+from clonesafe_testlib import run_module, run_playbook  # noqa: E402
+from helpers.agent_channel import AgentChannel, AgentError, fresh_hex  # noqa: E402
+
+from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, wire  # noqa: E402
+
+IMAGES = pathlib.Path("/var/cache/clonesafe/bench-images")
+WORK = pathlib.Path("/var/lib/clonesafe/bench")
+GUEST_MEMORY_MIB = 512
+GUEST_VCPUS = 1
+READY_MARKER = "clonesafe-lab: userspace reached"
+NETWORK_FILE = "etc/systemd/network/20-clonesafe-bench.network"
+NETWORK_CONFIG = """\
+# clonesafe bench image: QEMU user-mode network, static (no DHCP wait), every Ethernet NIC
+# (a memory clone's NIC is swapped for one with its own MAC, which gets a new name).
+[Match]
+Type=ether
+
+[Network]
+Address=10.0.2.15/24
+Gateway=10.0.2.2
+LinkLocalAddressing=no
+IPv6AcceptRA=no
+"""
+BAKE_PLAYBOOK = """\
+- name: Bake this checkout's agent into the bench image's root file system
+  hosts: localhost
+  gather_facts: true
+  vars_files:
+    - {vars_file}
+  tasks:
+    - name: Bake the agent as playbooks/lab.yml does
+      ansible.builtin.include_role:
+        name: clonesafe.fleet.guest_agent
+      vars:
+        guest_agent_root_dir: {rootfs}
+        guest_agent_ssh_host_key_types: "{{{{ lab_ssh_host_key_types }}}}"
+        guest_agent_triggers: "{{{{ lab_agent_triggers }}}}"
+"""
+# Inputs of the image: change any of them and the image is built again.
+AGENT_INPUTS = ("roles/guest_agent", "plugins/module_utils/_protocol", "playbooks/vars/lab_image.yml")
+
+
+def _inputs_digest(lab: dict[str, t.Any]) -> str:
+    digest = hashlib.sha256()
+    digest.update(lab["image"]["disk"].encode())
+    digest.update(NETWORK_CONFIG.encode())
+    digest.update(BAKE_PLAYBOOK.encode())
+    for root in AGENT_INPUTS:
+        path = benchlib.REPO / root
+        files = sorted(path.rglob("*")) if path.is_dir() else [path]
+        for file in files:
+            if file.is_file() and "__pycache__" not in file.parts:
+                digest.update(str(file.relative_to(benchlib.REPO)).encode())
+                digest.update(file.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _run(argv: list[str], **kwargs: t.Any) -> None:
+    completed = subprocess.run(argv, capture_output=True, text=True, check=False, **kwargs)
+    if completed.returncode != 0:
+        raise SystemExit(f"{argv[0]} failed ({completed.returncode}):\n{(completed.stderr or completed.stdout)[-3000:]}")
+
+
+def ensure_image(lab: dict[str, t.Any]) -> dict[str, t.Any]:
+    """The bench image for the lab image and this checkout's agent: built once, then taken from the cache."""
+    key = _inputs_digest(lab)
+    directory = IMAGES / key
+    manifest = directory / "image.json"
+    if manifest.exists():
+        return json.loads(manifest.read_text())
+    print(f"building the bench image {directory} (lab image + this checkout's agent + network) ...", flush=True)
+    started = time.monotonic()
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    work = pathlib.Path(tempfile.mkdtemp(prefix=f".{key}.", dir=IMAGES))
+    try:
+        rootfs = work / "rootfs"
+        # The lab image's rootfs, copied under its seal lock (golden_image must not change it meanwhile).
+        lab_dir = pathlib.Path(lab["image"]["dir"])
+        _run(["flock", str(lab_dir / ".seal.lock"), "cp", "-a", "--reflink=auto", lab["image"]["rootfs"], str(rootfs)])
+        playbook = work / "bake.yml"
+        playbook.write_text(BAKE_PLAYBOOK.format(vars_file=benchlib.REPO / "playbooks" / "vars" / "lab_image.yml",
+                                                 rootfs=rootfs))
+        baked = run_playbook(playbook, timeout=1800)
+        if baked.returncode != 0:
+            raise SystemExit(f"baking the agent failed:\n{baked.stdout[-4000:]}\n{baked.stderr[-2000:]}")
+        network = rootfs / NETWORK_FILE
+        network.parent.mkdir(parents=True, exist_ok=True)
+        network.write_text(NETWORK_CONFIG)
+        for unit, target in (("systemd-networkd.service", "multi-user.target.wants"),
+                             ("systemd-networkd.socket", "sockets.target.wants")):
+            wants = rootfs / "etc/systemd/system" / target
+            wants.mkdir(parents=True, exist_ok=True)
+            link = wants / unit
+            if not link.is_symlink():
+                link.symlink_to(f"/lib/systemd/system/{unit}")
+        # NetworkManager (if the lab image has it) would fight networkd over the NIC.
+        (rootfs / "etc/systemd/system/multi-user.target.wants/NetworkManager.service").unlink(missing_ok=True)
+        raw = work / "disk.raw"
+        image_size = json.loads((lab_dir / "image.json").read_text()).get("image_size", "2G")
+        _run(["mkfs.ext4", "-q", "-F", "-L", "clonesafe-root", "-d", str(rootfs), str(raw), image_size])
+        _run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(work / "disk.qcow2")])
+        raw.unlink()
+        shutil.rmtree(rootfs)
+        os.chmod(work / "disk.qcow2", 0o600)
+        agent_files = sorted(str(p.relative_to(benchlib.REPO)) for p in (benchlib.REPO / "roles/guest_agent/files").rglob("*.py"))
+        data = {
+            "key": key, "dir": str(directory), "disk": str(directory / "disk.qcow2"), "kernel": lab["image"]["kernel"],
+            "initrd": lab["image"]["initrd"], "cmdline": lab["image"]["cmdline"], "lab_image": lab["image"]["disk"],
+            "agent_files": len(agent_files), "commit": benchlib.machine_facts()["commit"],
+            "built_s": round(time.monotonic() - started, 1),
+        }
+        (work / "image.json").write_text(json.dumps(data, indent=2) + "\n")
+        os.rename(work, directory)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"bench image built in {time.monotonic() - started:.0f} s", flush=True)
+    return json.loads(manifest.read_text())
+
+
+# -- the agent channel and sshd, from the host --------------------------------------------------
+
+
+def _reply_to(line: t.Any, sent: set[str], op: str) -> dict[str, t.Any] | None:
+    try:
+        message_id = wire.decode_line(line).get("id")
+    except wire.ProtocolError:
+        return None
+    if message_id not in sent:
+        return None
+    reply = wire.parse_response(line, message_id, op)
+    if not reply["ok"]:
+        raise AgentError(reply["error"])
+    return reply["result"]
+
+
+def wait_for_hello(path: str, timeout: float, interval: float = 2.0) -> tuple[AgentChannel, dict[str, t.Any]]:
+    """The channel and the first ``hello`` reply of a booting guest's agent (one connection, hello resent)."""
+    deadline = time.monotonic() + timeout
+    sent: set[str] = set()
+    channel = None
+    while time.monotonic() < deadline:
+        if channel is None:
+            try:
+                channel = AgentChannel(path)
+            except OSError:
+                time.sleep(0.2)
+                continue
+        try:
+            request_id = fresh_hex(8)
+            channel.send_raw(wire.encode_request("hello", {}, request_id))
+            sent.add(request_id)
+            resend = time.monotonic() + interval
+            while time.monotonic() < resend:
+                result = _reply_to(channel.read_line(max(0.01, resend - time.monotonic())), sent, "hello")
+                if result is not None:
+                    return channel, result
+        except TimeoutError:
+            continue
+        except OSError:
+            channel.close()
+            channel = None
+            time.sleep(0.2)
+    raise TimeoutError(f"no agent answered hello on {path} within {timeout:g} s")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def user_netdev_ids(domain: t.Any) -> list[str]:
+    """QEMU netdev ids of the domain's live user-mode NICs (libvirt names them 'host' + the device alias)."""
+    root = ET.fromstring(domain.XMLDesc(0))
+    ids = []
+    for interface in root.findall("devices/interface"):
+        alias = interface.find("alias")
+        if interface.get("type") == "user" and alias is not None:
+            ids.append("host" + alias.get("name", ""))
+    return ids
+
+
+def forward_ssh(domain: t.Any, port: int) -> str:
+    """Forward 127.0.0.1:``port`` to the guest's port 22 on its user-mode NIC (QEMU's hostfwd_add, at run time)."""
+    import libvirt_qemu  # pylint: disable=import-outside-toplevel
+
+    netdevs = user_netdev_ids(domain)
+    if not netdevs:
+        raise SystemExit(f"domain {domain.name()} has no user-mode NIC to forward a port on")
+    command = f"hostfwd_add {netdevs[-1]} tcp:127.0.0.1:{port}-:22"
+    reply = libvirt_qemu.qemuMonitorCommand(domain, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+    if reply.strip():
+        raise SystemExit(f"{command} on {domain.name()}: {reply.strip()}")
+    return netdevs[-1]
+
+
+def keyscan(port: int, key_type: str = "ed25519", timeout: int = 3) -> str | None:
+    """The fingerprint (ssh-keygen -lf) of the host key sshd serves on 127.0.0.1:``port``, or None."""
+    scanned = subprocess.run(["ssh-keyscan", "-T", str(timeout), "-t", key_type, "-p", str(port), "127.0.0.1"],
+                             capture_output=True, text=True, check=False)
+    lines = [line for line in scanned.stdout.splitlines() if line and not line.startswith("#")]
+    if not lines:
+        return None
+    listed = subprocess.run(["ssh-keygen", "-lf", "-"], input=lines[0] + "\n", capture_output=True, text=True, check=False)
+    fields = listed.stdout.split()
+    return fields[1] if len(fields) > 1 else None
+
+
+def wait_for_new_key(port: int, old: set[str], timeout: float, interval: float = 0.25) -> tuple[str, float]:
+    """Poll ssh-keyscan until sshd serves a host key not in ``old``; (fingerprint, seconds waited)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        fingerprint = keyscan(port)
+        if fingerprint and fingerprint not in old:
+            return fingerprint, time.monotonic() - started
+        time.sleep(interval)
+    raise TimeoutError(f"no new host key on 127.0.0.1:{port} within {timeout:g} s")
+
+
+class ConsoleWatch:
+    """When a line first appears in a console log, polled in a thread (seconds from ``started``)."""
+
+    def __init__(self, path: str, pattern: str, started: float) -> None:
+        self.path, self.pattern, self.started = path, pattern, started
+        self.seen: float | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set() and self.seen is None:
+            try:
+                if self.pattern in pathlib.Path(self.path).read_text(errors="replace"):
+                    self.seen = time.monotonic() - self.started
+            except FileNotFoundError:
+                pass
+            self.stop.wait(0.2)
+
+    def finish(self) -> float | None:
+        self.stop.set()
+        self.thread.join()
+        return self.seen
+
+
+# -- the golden VM ---------------------------------------------------------------------------------
+
+
+class Golden:
+    """A golden VM on a thin overlay of the bench image (golden_domain), until ``remove``."""
+
+    def __init__(self, lab: dict[str, t.Any], image: dict[str, t.Any], conn: t.Any, tag: str) -> None:
+        self.lab, self.image, self.conn = lab, image, conn
+        self.name = f"bench{tag}-golden"
+        self.work = WORK / tag
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.disk = str(self.work / "golden.qcow2")
+        self.console_log = str(self.work / "golden.log")
+        self.channel_socket = str(self.work / "golden.agent.sock")
+        self.fingerprints: dict[str, str] = {}
+        self.ssh_fingerprint: str | None = None
+        self.boot_s: float | None = None
+
+    def module_args(self, state: str) -> dict[str, t.Any]:
+        return {"uri": self.lab["uri"], "name": self.name, "state": state, "disk": self.disk, "kernel": self.image["kernel"],
+                "initrd": self.image["initrd"], "cmdline": self.image["cmdline"], "console_log": self.console_log,
+                "channel_socket": self.channel_socket, "domain_type": self.lab["domain_type"],
+                "memory_mib": GUEST_MEMORY_MIB, "vcpus": GUEST_VCPUS, "nic": "user"}
+
+    def boot(self, timeout: float = 900.0) -> None:
+        """Start it, wait for its agent and its sshd, record its fingerprints (attest, and ssh-keyscan)."""
+        _run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", self.image["disk"], self.disk])
+        started = time.monotonic()
+        code, result = run_module("clonesafe.fleet.golden_domain", self.module_args("running"))
+        if code != 0:
+            raise SystemExit(f"golden_domain failed: {result.get('msg')}")
+        watch = ConsoleWatch(self.console_log, READY_MARKER, started)
+        channel, _hello = wait_for_hello(self.channel_socket, timeout)
+        with channel:
+            nonce = fresh_hex()
+            attestation = channel.call("attest", {"nonce": nonce, "hash_key": fresh_hex()}, timeout=60)
+        self.fingerprints = proof.verify_attestation(attestation, nonce)
+        domain = self.conn.lookupByName(self.name)
+        port = free_port()
+        forward_ssh(domain, port)
+        self.ssh_fingerprint, _waited = wait_for_new_key(port, set(), timeout)
+        while watch.seen is None and time.monotonic() - started < timeout:
+            time.sleep(0.2)
+        watch.finish()
+        self.boot_s = time.monotonic() - started
+        attested = self.fingerprints.get("ssh_host_key.ed25519")
+        if attested != self.ssh_fingerprint:
+            raise SystemExit(f"the golden's sshd serves {self.ssh_fingerprint}, its agent attests {attested}")
+        # Let the guest settle (boot-time jobs) before anything is frozen or copied.
+        time.sleep(5)
+        print(f"golden {self.name}: booted to agent and sshd in {self.boot_s:.1f} s; ed25519 host key "
+              f"{self.ssh_fingerprint} (ssh-keyscan = attested)", flush=True)
+
+    def power_off(self) -> None:
+        """Power it off (the image ignores ACPI power-button; the agent flushed what it wrote)."""
+        domain = self.conn.lookupByName(self.name)
+        if domain.isActive():
+            domain.destroy()
+
+    def remove(self) -> None:
+        run_module("clonesafe.fleet.golden_domain", {"uri": self.lab["uri"], "name": self.name, "state": "absent"})
+        shutil.rmtree(self.work, ignore_errors=True)

@@ -1,0 +1,171 @@
+# Copyright (c) clonesafe developers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Draw the benchmarks' results (bench/results/*.json) as PNGs beside them.
+
+    .venv/bin/python bench/plot.py [--results bench/results]
+
+- time_to_unique.png: time to N proven-unique running clones (the last clone's new host key seen by
+  ssh-keyscan): the usual path (virt-clone + virt-sysprep + cold boot, in parallel), ours through
+  ansible-playbook and through the library; log scale, ratios written on the bars.
+- latency.png: multicast latency per clone (hello written to signature verified), p50 and p90, first
+  and steady rotations, against N; with the floor that two host cores set: N x the guest's CPU cost of
+  a rotation / 2.
+- guest_cost.png: host CPU time of a clone's QEMU process per rotation against N, and where the agent's
+  time goes (its phases, p50) at N=1.
+- fanout.png: the host's own time and CPU per clone in a multicast to many fake agents.
+
+Needs matplotlib (bench/requirements.txt). A figure whose results file is missing is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=wrong-import-position
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def _load(directory: pathlib.Path, name: str) -> dict | None:
+    path = directory / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _footer(figure, data: dict) -> None:
+    machine = data["machine"]
+    load = data["load"]
+    figure.text(0.01, 0.005, f"{machine.get('cores')} cores, {machine.get('accel', '?')}, {machine.get('os', '')}, "
+                f"commit {machine.get('commit')}; load {load['before']['loadavg'][0]} -> {load.get('after', {}).get('loadavg', ['?'])[0]}",
+                fontsize=7, color="0.4")
+
+
+def plot_time_to_unique(data: dict, out: pathlib.Path) -> None:
+    rows = [row for row in data["rows"] if "error" not in row]
+    sizes = sorted({row["clones"] for row in rows})
+    paths = [("usual", "virt-clone + virt-sysprep + boot (parallel)", "tab:gray"),
+             ("ansible", "ansible-playbook clone_fleet.yml", "tab:blue"),
+             ("library", "same steps through the library", "tab:green")]
+    figure, axes = plt.subplots(figsize=(8, 4.8))
+    width = 0.27
+    for offset, (path, label, color) in enumerate(paths):
+        values = [next((row["to_ssh_s"] for row in rows if row["clones"] == size and row["path"] == path), 0) for size in sizes]
+        positions = [index + (offset - 1) * width for index in range(len(sizes))]
+        bars = axes.bar(positions, values, width, label=label, color=color)
+        for rect, size, value in zip(bars, sizes, values):
+            if not value:
+                continue
+            text = f"{value:.1f} s"
+            usual = next((row["to_ssh_s"] for row in rows if row["clones"] == size and row["path"] == "usual"), None)
+            if path != "usual" and usual:
+                text += f"\n{usual / value:.0f}x"
+            axes.annotate(text, (rect.get_x() + rect.get_width() / 2, value), ha="center", va="bottom", fontsize=7)
+    axes.set_yscale("log")
+    axes.set_xticks(range(len(sizes)), [f"N = {size}" for size in sizes])
+    axes.set_ylabel("seconds to N unique running clones (log)")
+    template = data.get("template", {}).get("create_s")
+    axes.set_title("Time to N proven-unique clones, until ssh-keyscan sees each new host key"
+                   + (f"\n(memory template made once beforehand: {template:.1f} s)" if template else ""), fontsize=10)
+    axes.legend(fontsize=8, loc="upper left")
+    axes.set_ylim(top=axes.get_ylim()[1] * 3)
+    _footer(figure, data)
+    figure.tight_layout(rect=(0, 0.03, 1, 1))
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+
+
+def plot_latency(data: dict, out: pathlib.Path) -> None:
+    entries = data["per_n"]
+    sizes = [entry["n"] for entry in entries]
+    figure, axes = plt.subplots(figsize=(8, 4.8))
+    for kind, style in (("first", "-"), ("steady", "--")):
+        for stat, marker in (("p50", "o"), ("p90", "^")):
+            axes.plot(sizes, [entry[kind]["latency_ms"][stat] for entry in entries], style, marker=marker,
+                      label=f"{kind} rotation, {stat}")
+    steady_cost = entries[0]["steady"]["qemu_cpu_idle_corrected_ms"]["p50"]
+    cores = data["machine"].get("cores") or 2
+    axes.plot(sizes, [size * steady_cost / cores for size in sizes], ":", color="black",
+              label=f"floor: N x {steady_cost:.0f} ms guest CPU / {cores} cores")
+    axes.set_xticks(sizes)
+    axes.set_xlabel("clones in one multicast (N)")
+    axes.set_ylabel("ms, hello written -> signature verified")
+    axes.set_title("Multicast latency per clone (regenerate, every lab provider)", fontsize=10)
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
+    _footer(figure, data)
+    figure.tight_layout(rect=(0, 0.03, 1, 1))
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+
+
+def plot_guest_cost(data: dict, out: pathlib.Path) -> None:
+    entries = data["per_n"]
+    sizes = [entry["n"] for entry in entries]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4.5))
+    for kind, style in (("first", "-"), ("steady", "--")):
+        left.plot(sizes, [entry[kind]["qemu_cpu_idle_corrected_ms"]["p50"] for entry in entries], style, marker="o",
+                  label=f"{kind} rotation, p50")
+        left.plot(sizes, [entry[kind]["qemu_cpu_idle_corrected_ms"]["p90"] for entry in entries], style, marker="^",
+                  label=f"{kind} rotation, p90")
+    left.axhline(25, color="tab:red", linewidth=0.8, label="goal: 25 ms")
+    left.set_xticks(sizes)
+    left.set_xlabel("clones in one multicast (N)")
+    left.set_ylabel("host CPU ms of the clone's QEMU per rotation")
+    left.set_title("Guest cost per rotation (idle-corrected)", fontsize=10)
+    left.legend(fontsize=7)
+    left.grid(alpha=0.3)
+    phases = entries[0]["steady"]["phases_ms_p50"]
+    names = [name for name in phases if name not in ("total",)]
+    right.barh(names, [phases[name] for name in names], color="tab:purple")
+    right.set_xlabel("ms (agent's clock, p50, steady, N=%d)" % sizes[0])
+    right.set_title(f"Where the agent's time goes (total p50 {phases.get('total', '?')} ms)", fontsize=10)
+    right.tick_params(axis="y", labelsize=7)
+    _footer(figure, data)
+    figure.tight_layout(rect=(0, 0.03, 1, 1))
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+
+
+def plot_fanout(data: dict, out: pathlib.Path) -> None:
+    rounds = [row for row in data["rounds"] if not row["warmup"]]
+    figure, axes = plt.subplots(figsize=(7, 4))
+    index = range(1, len(rounds) + 1)
+    axes.plot(index, [row["wall_per_clone_ms"] for row in rounds], "o-", label="wall per clone (first request -> last verified)")
+    axes.plot(index, [row["host_cpu_per_clone_ms"] for row in rounds], "s-", label="host CPU per clone")
+    axes.axhline(1.0, color="tab:red", linewidth=0.8, label="goal: 1 ms")
+    axes.set_xlabel("multicast")
+    axes.set_ylabel("ms per clone")
+    axes.set_ylim(bottom=0)
+    axes.set_title(f"Host fan-out to {data['clones']} fake agents on unix sockets (hello + rotate, every proof verified)",
+                   fontsize=9)
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
+    _footer(figure, data)
+    figure.tight_layout(rect=(0, 0.03, 1, 1))
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=pathlib.Path, default=HERE / "results")
+    args = parser.parse_args()
+    drawn = []
+    for name, source, draw in (("time_to_unique", "time_to_unique", plot_time_to_unique), ("latency", "latency", plot_latency),
+                               ("guest_cost", "latency", plot_guest_cost), ("fanout", "fanout-1000", plot_fanout)):
+        data = _load(args.results, source)
+        if data is None:
+            print(f"{name}: no {source}.json, skipped")
+            continue
+        out = args.results / f"{name}.png"
+        draw(data, out)
+        drawn.append(str(out))
+    print("\n".join(drawn))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,413 @@
+# Copyright (c) clonesafe developers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Time to N proven-unique running clones, like for like, in one run: ours through Ansible and through the
+library, and the usual path (virt-clone + virt-sysprep + cold boot), until a real SSH client sees new keys.
+
+Run from the repository root, as root, with the lab up (`make lab`) and the bench tools installed
+(bench/install-deps.sh), holding the lab lock:
+
+    flock /tmp/clonesafe-lab.lock .venv/bin/python bench/time_to_unique.py --clones 1 4 8
+
+Every path starts from the same golden VM (bench/bench_golden.py: the lab image with this checkout's
+agent and a static network, 512 MiB, 1 vCPU, TCG when the lab has no KVM), and every path ends the same
+way: ``ssh-keyscan`` over a port forward on 127.0.0.1 gets, from each clone's sshd, an ed25519 host key
+that is not the golden's (and, on our paths, is the one the clone's signed proof attested). For each N:
+
+(a) ours, the user's path: ``ansible-playbook playbooks/clone_fleet.yml -e clonesafe_clone_count=N``
+    (template present: restore N clones paused with the network held, one multicast that regenerates
+    every secret, verify_unique on the controller, network released for the verified clones), wall
+    clock of the whole command; then the port forwards and ssh-keyscan.
+(b) ours, through the library: the same steps as the play's modules, called in this process (no Ansible
+    start-up, no task round trips); then the same port forwards and ssh-keyscan.
+(c) the usual path, scripted in parallel as a user would: per clone ``virt-clone`` (full copy; the
+    copies one at a time, virt-clone's storage pool is shared), ``virt-sysprep --operations
+    ssh-hostkeys,machine-id``, cold boot, port forward, ``ssh-keyscan`` until the new key.
+
+The template's creation (clonesafe.fleet.golden_snapshot with memory, through Ansible) is timed and
+reported on its own line: it is made once for any number of clones. Ratios are printed for every N,
+without and with the template's creation counted. Writes bench/results/time_to_unique.json.
+Everything it makes (golden, template, clones, copies) is removed at the end, also on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import glob
+import json
+import os
+import pathlib
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+import xml.etree.ElementTree as ET
+
+import benchlib
+import bench_golden
+
+# pylint: disable=wrong-import-position
+import libvirt  # noqa: E402
+
+from clonesafe_testlib import run_module, run_playbook  # noqa: E402
+
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet import uniqueness  # noqa: E402
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.multicast import Settings, multicast  # noqa: E402
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.selection import (  # noqa: E402
+    record_attestations,
+    resume_paused,
+    select_targets,
+    template_hash_key,
+)
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt import clones, template  # noqa: E402
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.connection import LibvirtConnection  # noqa: E402
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.domain_xml import METADATA_NAMESPACE  # noqa: E402
+
+TOOLS = {"virt-clone": "virtinst", "virt-sysprep": "libguestfs-tools"}
+SYSPREP_OPERATIONS = "ssh-hostkeys,machine-id"
+SSH_TIMEOUT = 900.0
+
+
+def runner(argv):
+    completed = subprocess.run(argv, capture_output=True, text=True, check=False)
+    return completed.returncode, completed.stdout, completed.stderr
+
+
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
+    started = time.monotonic()
+    completed = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed ({completed.returncode}): {(completed.stderr or completed.stdout)[-1500:]}")
+    return time.monotonic() - started
+
+
+def require_tools() -> None:
+    missing = sorted(package for tool, package in TOOLS.items() if not shutil.which(tool))
+    if missing:
+        raise SystemExit(f"missing {', '.join(missing)}: run bench/install-deps.sh (Debian packages virtinst, libguestfs-tools)")
+
+
+def libguestfs_env(lab: dict) -> tuple[dict[str, str], bool]:
+    """virt-sysprep's environment here (direct backend, TCG without KVM, the lab image's kernel when /boot has none)."""
+    env = dict(os.environ)
+    env.setdefault("LIBGUESTFS_BACKEND", "direct")
+    if lab["domain_type"] != "kvm":
+        env.setdefault("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
+    created = False
+    if "SUPERMIN_KERNEL" not in env and not glob.glob("/boot/vmlinuz-*"):
+        modules_root = pathlib.Path(lab["image"]["rootfs"]) / "lib" / "modules"
+        versions = sorted(path.name for path in modules_root.iterdir() if path.is_dir())
+        if len(versions) != 1:
+            raise SystemExit(f"expected one kernel version under {modules_root}, found {versions}: set SUPERMIN_KERNEL* yourself")
+        env.update(SUPERMIN_KERNEL=lab["image"]["kernel"], SUPERMIN_KERNEL_VERSION=versions[0],
+                   SUPERMIN_MODULES=str(modules_root / versions[0]))
+        if not os.path.lexists("/lib/modules"):
+            os.makedirs("/lib/modules")
+            created = True
+    return env, created
+
+
+# -- our paths ----------------------------------------------------------------------------------------
+
+
+def scan_clones(conn: LibvirtConnection, names: list[str], golden_key: str, attested: dict[str, str]) -> dict[str, float]:
+    """Forward a port to each clone's sshd and wait for its new host key; seconds per clone from now."""
+    def one(name: str) -> float:
+        started = time.monotonic()
+        domain = conn.conn.lookupByName(name)
+        port = bench_golden.free_port()
+        bench_golden.forward_ssh(domain, port)
+        fingerprint, _waited = bench_golden.wait_for_new_key(port, {golden_key}, SSH_TIMEOUT)
+        expected = attested.get(name)
+        if expected and not fingerprint.startswith(expected):
+            raise RuntimeError(f"clone {name}: sshd serves {fingerprint}, its proof attested {expected}")
+        return time.monotonic() - started
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
+        return dict(zip(names, pool.map(one, names)))
+
+
+def remove_clones(conn: LibvirtConnection, name: str) -> None:
+    clones.ensure_clones(conn, runner, clones.Request(template=name, templates_dir=template.DEFAULT_TEMPLATES_DIR,
+                                                      clones_dir=clones.DEFAULT_CLONES_DIR, state="absent"), False)
+
+
+def ansible_path(conn: LibvirtConnection, golden: bench_golden.Golden, name: str, count: int, work: pathlib.Path) -> dict:
+    """(a): the whole clone_fleet.yml play, wall clock; then ssh-keyscan of every clone."""
+    report_file = work / f"report-{count}.json"
+    started = time.monotonic()
+    run = run_playbook("playbooks/clone_fleet.yml", "-i", "playbooks/inventory/lab.yml", "-e", f"clonesafe_golden={golden.name}",
+                       "-e", f"clonesafe_template={name}", "-e", f"clonesafe_clone_count={count}",
+                       "-e", f"clonesafe_report_file={report_file}", timeout=3600)
+    play_s = time.monotonic() - started
+    if run.returncode != 0:
+        raise RuntimeError(f"clone_fleet.yml failed:\n{run.stdout[-5000:]}\n{run.stderr[-2000:]}")
+    report = json.loads(report_file.read_text())["after"]
+    names = sorted(report["verified"].get("localhost", []))
+    if not report["unique"] or len(names) != count:
+        raise RuntimeError(f"clone_fleet.yml did not prove {count} clones unique: {report['msg']}")
+    # The table holds shortened fingerprints ("SHA256:" + 16 characters): ssh-keyscan's must start with them.
+    attested = {row["clone"]: row["fingerprint"] for row in report["table"] if row["provider"] == "ssh_host_key.ed25519"}
+    scan = scan_clones(conn, names, golden.ssh_fingerprint, attested)
+    total_s = time.monotonic() - started
+    tasks = sum(1 for line in run.stdout.splitlines() if line.startswith("TASK ["))
+    return {"path": "ansible", "clones": count, "play_s": round(play_s, 2), "ssh_after_play_s": round(max(scan.values()), 2),
+            "to_ssh_s": round(total_s, 2), "tasks": tasks, "verified": len(names), "unique": report["unique"]}
+
+
+def library_path(conn: LibvirtConnection, golden: bench_golden.Golden, name: str, count: int) -> dict:
+    """(b): what the play's modules do, called in this process; then ssh-keyscan of every clone."""
+    phases = {}
+    started = time.monotonic()
+    request = clones.Request(template=name, templates_dir=template.DEFAULT_TEMPLATES_DIR, clones_dir=clones.DEFAULT_CLONES_DIR,
+                             state="running", count=count, start="restore", paused=True, network="held")
+    made = clones.ensure_clones(conn, runner, request, False)
+    if made.failed:
+        raise RuntimeError(f"restore failed: {[result.line() for result in made.failed]}")
+    phases["restore_s"] = time.monotonic() - started
+    found = template.load_template(template.DEFAULT_TEMPLATES_DIR, name)
+    run_secret = secrets.token_hex(32)
+    settings = Settings(operation="regenerate", entropy_source="combined", hash_key=template_hash_key(template.DEFAULT_TEMPLATES_DIR, name),
+                        run_secret=run_secret, template_vmgenid_events=found.summary()["golden_vmgenid_events"])
+    targets, _resumed = resume_paused(conn, select_targets(conn, name, None, None))
+    targets = [dataclasses.replace(target, domain_uuid=conn.get_domain(target.name).UUIDString()) for target in targets]
+    mark = time.monotonic()
+    report = multicast(targets, settings)
+    record_attestations(conn, report, "regenerate")
+    phases["multicast_s"] = time.monotonic() - mark
+    mark = time.monotonic()
+    results = {"localhost": {"clones": [clone.as_dict() for clone in report.clones]}}
+    golden_fingerprints = found.summary()["golden_fingerprints"]
+    verdict = uniqueness.judge(uniqueness.collect_proofs(results), golden_fingerprints, run_secret)
+    names = sorted(verdict.verified.get("localhost", []))
+    if not verdict.unique or len(names) != count:
+        raise RuntimeError(f"not proven unique: {verdict.failure_message()}")
+    phases["verify_s"] = time.monotonic() - mark
+    mark = time.monotonic()
+    released = clones.ensure_clones(conn, runner, clones.Request(template=name, templates_dir=template.DEFAULT_TEMPLATES_DIR,
+                                                                 clones_dir=clones.DEFAULT_CLONES_DIR, state="running",
+                                                                 names=names, network="released"), False)
+    if released.failed:
+        raise RuntimeError(f"release failed: {[result.line() for result in released.failed]}")
+    phases["release_s"] = time.monotonic() - mark
+    proven_s = time.monotonic() - started
+    attested = {clone.name: clone.fingerprints.get("ssh_host_key.ed25519", "") for clone in report.clones}
+    scan = scan_clones(conn, names, golden.ssh_fingerprint, attested)
+    total_s = time.monotonic() - started
+    return {"path": "library", "clones": count, "proven_released_s": round(proven_s, 2),
+            "ssh_after_release_s": round(max(scan.values()), 2), "to_ssh_s": round(total_s, 2),
+            "phases_s": {key: round(value, 2) for key, value in phases.items()}, "verified": len(names), "unique": verdict.unique}
+
+
+# -- the usual path -------------------------------------------------------------------------------------
+
+
+class Usual:
+    """virt-clone + virt-sysprep + cold boot + ssh-keyscan, N pipelines at once; remembers what it made."""
+
+    def __init__(self, conn: LibvirtConnection, golden: bench_golden.Golden, env: dict[str, str], tag: str) -> None:
+        self.conn, self.golden, self.env, self.tag = conn, golden, env, tag
+        self.work = pathlib.Path(tempfile.mkdtemp(prefix="clonesafe-usual-", dir="/var/tmp"))
+        self.copy_lock = threading.Lock()
+        self.domains: list[str] = []
+
+    def original_xml(self, name: str) -> str:
+        """The golden's definition with this clone's own console log and channel socket, clonesafe's marker removed."""
+        root = ET.fromstring(self.conn.conn.lookupByName(self.golden.name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        metadata = root.find("metadata")
+        if metadata is not None:
+            for element in list(metadata):
+                if element.tag.startswith(f"{{{METADATA_NAMESPACE}}}"):
+                    metadata.remove(element)
+        for source in root.iter("source"):
+            if source.get("path", "").endswith(".sock"):
+                source.set("path", str(self.work / f"{name}.agent.sock"))
+        for log in root.iter("log"):
+            log.set("file", str(self.work / f"{name}.log"))
+        return ET.tostring(root, encoding="unicode")
+
+    def warm_up(self) -> float:
+        """Build libguestfs' appliance once (cached in /var/tmp/.guestfs-0): no clone pays for it."""
+        return timed(["guestfish", "--ro", "--format=qcow2", "-a", self.golden.disk, "run"], env=self.env)
+
+    def clone(self, index: int) -> dict:
+        name = f"bench{self.tag}-usual-{index:02d}"
+        disk = str(self.work / f"{name}.qcow2")
+        original = self.work / f"{name}.original.xml"
+        original.write_text(self.original_xml(name))
+        started = time.monotonic()
+        with self.copy_lock:
+            self.domains.append(name)
+            waited_s = time.monotonic() - started
+            copy_s = timed(["virt-clone", "--connect", self.golden.lab["uri"], "--original-xml", str(original), "--name", name,
+                            "--file", disk, "--check", "all=off"])
+        sysprep_s = timed(["virt-sysprep", "--format", "qcow2", "-a", disk, "--operations", SYSPREP_OPERATIONS], env=self.env)
+        booted = time.monotonic()
+        domain = self.conn.conn.lookupByName(name)
+        domain.create()
+        port = bench_golden.free_port()
+        bench_golden.forward_ssh(domain, port)
+        fingerprint, _waited = bench_golden.wait_for_new_key(port, {self.golden.ssh_fingerprint}, SSH_TIMEOUT)
+        boot_s = time.monotonic() - booted
+        return {"clone": name, "copy_wait_s": round(waited_s, 2), "copy_s": round(copy_s, 2), "sysprep_s": round(sysprep_s, 2),
+                "boot_to_ssh_s": round(boot_s, 2), "total_s": round(time.monotonic() - started, 2), "ssh_fingerprint": fingerprint,
+                "disk_bytes": os.stat(disk).st_blocks * 512}
+
+    def run(self, count: int) -> dict:
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(max_workers=count) as pool:
+            rows = list(pool.map(self.clone, range(1, count + 1)))
+        wall_s = time.monotonic() - started
+        keys = [row["ssh_fingerprint"] for row in rows]
+        unique = len(set(keys)) == len(keys) and self.golden.ssh_fingerprint not in keys
+        if not unique:
+            raise RuntimeError(f"usual path: host keys not unique: {keys}")
+        self.clean()
+        return {"path": "usual", "clones": count, "to_ssh_s": round(wall_s, 2), "per_clone": rows, "unique": unique}
+
+    def clean(self) -> None:
+        for name in list(self.domains):
+            try:
+                domain = self.conn.conn.lookupByName(name)
+                if domain.isActive():
+                    domain.destroy()
+                domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+            except libvirt.libvirtError:
+                pass
+            self.domains.remove(name)
+            for leftover in self.work.glob(f"{name}.*"):
+                leftover.unlink(missing_ok=True)
+
+    def remove(self) -> None:
+        self.clean()
+        # virt-clone (virtinst) defines a directory storage pool for the disks' directory: ours only.
+        for pool in self.conn.conn.listAllStoragePools(0):
+            try:
+                path = ET.fromstring(pool.XMLDesc(0)).findtext("target/path")
+                if path and os.path.realpath(path) == os.path.realpath(self.work):
+                    if pool.isActive():
+                        pool.destroy()
+                    pool.undefine()
+            except libvirt.libvirtError as error:
+                print(f"cleanup: storage pool {pool.name()}: {error}", file=sys.stderr)
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+# -- report -----------------------------------------------------------------------------------------------
+
+
+def ratios(rows: list[dict], template_s: float) -> list[dict]:
+    out = []
+    for count in sorted({row["clones"] for row in rows}):
+        by_path = {row["path"]: row for row in rows if row["clones"] == count}
+        if "usual" not in by_path:
+            continue
+        usual = by_path["usual"]["to_ssh_s"]
+        entry = {"clones": count, "usual_s": usual}
+        for path in ("ansible", "library"):
+            if path in by_path:
+                ours = by_path[path]["to_ssh_s"]
+                entry[f"{path}_s"] = ours
+                entry[f"{path}_ratio"] = round(usual / ours, 1)
+                entry[f"{path}_ratio_with_template"] = round(usual / (ours + template_s), 1)
+        out.append(entry)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clones", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--paths", nargs="+", default=["ansible", "library", "usual"], choices=["ansible", "library", "usual"])
+    parser.add_argument("--keep-going", action="store_true", help="record a failed path and go on with the next")
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    lab = benchlib.lab_summary()
+    if "usual" in args.paths:
+        require_tools()
+    result = benchlib.header("time_to_unique", lab)
+    guest = {"memory_mib": bench_golden.GUEST_MEMORY_MIB, "vcpus": bench_golden.GUEST_VCPUS}
+    result.update({"clones": args.clones, "paths": args.paths, "guest": guest})
+    image = bench_golden.ensure_image(lab)
+    result["image"] = image
+    tag = uuid.uuid4().hex[:6]
+    name = f"bench{tag}"
+    work = pathlib.Path(tempfile.mkdtemp(prefix="clonesafe-ttu-"))
+    env, created_modules = libguestfs_env(lab) if "usual" in args.paths else (dict(os.environ), False)
+    rows: list[dict] = []
+    with LibvirtConnection(lab["uri"]) as conn:
+        golden = bench_golden.Golden(lab, image, conn.conn, tag)
+        usual = None
+        try:
+            golden.boot()
+            result["golden"] = {"name": golden.name, "boot_to_ssh_s": round(golden.boot_s, 1), "ssh_fingerprint": golden.ssh_fingerprint}
+            started = time.monotonic()
+            code, made = run_module("clonesafe.fleet.golden_snapshot", {"uri": lab["uri"], "name": name, "golden": golden.name,
+                                                                        "memory": True})
+            template_s = time.monotonic() - started
+            if code != 0:
+                raise SystemExit(f"golden_snapshot failed: {made.get('msg')}")
+            memory_bytes = (template.load_template(template.DEFAULT_TEMPLATES_DIR, name).manifest.get("memory") or {}).get("size")
+            result["template"] = {"create_s": round(template_s, 2), "how": "clonesafe.fleet.golden_snapshot memory=true (ansible ad hoc)",
+                                  "memory_bytes": memory_bytes}
+            print(f"template {name}: created in {template_s:.2f} s (golden_snapshot, memory state {memory_bytes / 2**20:.0f} MiB); "
+                  "made once, used by every N below", flush=True)
+            golden.power_off()
+            if "usual" in args.paths:
+                usual = Usual(conn, golden, env, tag)
+                warm_s = usual.warm_up()
+                result["libguestfs_warmup_s"] = round(warm_s, 1)
+                print(f"libguestfs appliance warmed up in {warm_s:.1f} s (not timed)", flush=True)
+            for count in args.clones:
+                for path in args.paths:
+                    print(f"N={count}: {path} path ...", flush=True)
+                    try:
+                        if path == "ansible":
+                            row = ansible_path(conn, golden, name, count, work)
+                        elif path == "library":
+                            row = library_path(conn, golden, name, count)
+                        else:
+                            row = usual.run(count)
+                    except (RuntimeError, TimeoutError) as error:
+                        if not args.keep_going:
+                            raise
+                        row = {"path": path, "clones": count, "error": str(error)[-2000:]}
+                    finally:
+                        remove_clones(conn, name)
+                        if usual:
+                            usual.clean()
+                    row["loadavg_after"] = [round(value, 2) for value in os.getloadavg()]
+                    rows.append(row)
+                    print("  " + json.dumps({k: v for k, v in row.items() if k != "per_clone"}), flush=True)
+        finally:
+            remove_clones(conn, name)
+            run_module("clonesafe.fleet.golden_snapshot", {"uri": lab["uri"], "name": name, "state": "absent", "force": True})
+            if usual:
+                usual.remove()
+            golden.remove()
+            shutil.rmtree(work, ignore_errors=True)
+            if created_modules:
+                try:
+                    os.rmdir("/lib/modules")
+                except OSError:
+                    pass
+    result["rows"] = rows
+    result["ratios"] = ratios([row for row in rows if "error" not in row], result["template"]["create_s"])
+    print(f"\ntemplate creation (once): {result['template']['create_s']:.2f} s")
+    print(f"{'N':>3}  {'usual (parallel)':>17}  {'ansible-playbook':>17}  {'ratio':>6}  {'library':>8}  {'ratio':>6}   (s to the last clone's new "
+          "host key seen by ssh-keyscan; ratio with the template's creation in brackets)")
+    for entry in result["ratios"]:
+        print(f"{entry['clones']:>3}  {entry['usual_s']:>17.1f}  {entry.get('ansible_s', float('nan')):>17.1f}  "
+              f"{entry.get('ansible_ratio', float('nan')):>5.1f}x  {entry.get('library_s', float('nan')):>8.2f}  "
+              f"{entry.get('library_ratio', float('nan')):>5.1f}x   "
+              f"[{entry.get('ansible_ratio_with_template', float('nan'))}x, {entry.get('library_ratio_with_template', float('nan'))}x]")
+    benchlib.finish(result, "time_to_unique")
+
+
+if __name__ == "__main__":
+    main()
