@@ -56,4 +56,3 @@ class EnrolmentProvider(SecretFilesProvider):
         if software:
             plan.details.append("removed: this machine must enrol again: " + "; ".join(AGAIN[name] for name in software))
         return plan
-

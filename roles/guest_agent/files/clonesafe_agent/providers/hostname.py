@@ -62,7 +62,7 @@ class HostnameProvider(Provider):
         name = next((line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")), "")
         return name or None
 
-    def new_name(self, operation: str, entropy: Entropy, base: str) -> str:
+    def new_name(self, entropy: Entropy, base: str) -> str:
         """The hostname a regenerate or modify gives this clone."""
         machine: MachineIdProvider = t.cast("MachineIdProvider", self.agent.providers["machine_id"])
         machine_id = machine.effective_id(entropy)
@@ -88,7 +88,7 @@ class HostnameProvider(Provider):
             base = old if old and old != ERASED_NAME and valid_hostname(old) else "host"
         plan = Plan("erased", "erased") if operation == "erase" else Plan("rotated", "regenerated")
         plan.remember = {"base": base}
-        new = ERASED_NAME if operation == "erase" else self.new_name(operation, entropy, base.split(".")[0][:40])
+        new = ERASED_NAME if operation == "erase" else self.new_name(entropy, base.split(".")[0][:40])
         if operation == "modify":
             plan.details.append("a hostname is not derived from the old one: made from the pattern")
         plan.changes.append(Change(self.hostname_path, new.encode("ascii") + b"\n", 0o644))
