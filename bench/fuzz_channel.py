@@ -800,7 +800,7 @@ def run(side: str = "host", count: int = 10000, seed: int = 1, clones: int = 8, 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: run, print the summary as one JSON line, exit 1 when anything escaped."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--side", choices=("host", "agent", "both"), default="host")
     parser.add_argument("--count", type=int, default=100000, help="inputs in all, shared among the targets run")
     parser.add_argument("--seed", type=int, default=1)
