@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import typing as t
 
 from ansible.errors import AnsibleActionFail
@@ -12,6 +14,7 @@ from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
 from ansible.plugins.action import ActionBase
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet import uniqueness
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.known_hosts import host_key_alias, known_hosts_lines
 from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof
 
 ARGUMENT_SPEC = {
@@ -20,7 +23,34 @@ ARGUMENT_SPEC = {
     "golden_fingerprints": {"type": "dict", "default": {}},
     "allow_missing_golden": {"type": "bool", "default": False},
     "fail_on_duplicate": {"type": "bool", "default": True},
+    "known_hosts": {"type": "path"},
 }
+
+
+def write_known_hosts(path: str, lines: list[str], check_mode: bool = False) -> bool:
+    """Replace ``path`` with ``lines`` (atomically, mode 0644; not in check mode); whether its content changes."""
+    content = "".join(f"{line}\n" for line in lines)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            if handle.read() == content:
+                return False
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        raise AnsibleActionFail(f"verify_unique: cannot read {path}: {error.strerror}") from error
+    if check_mode:
+        return True
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        handle_fd, temporary = tempfile.mkstemp(prefix=".known_hosts.", dir=directory)
+        with os.fdopen(handle_fd, "w", encoding="utf-8") as handle:
+            handle.write(content)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except OSError as error:
+        raise AnsibleActionFail(f"verify_unique: cannot write the known_hosts file {path}: {error.strerror}") from error
+    return True
 
 
 def results_by_host(results: t.Any) -> dict[str, t.Mapping[str, t.Any]]:
@@ -82,6 +112,24 @@ class ActionModule(ActionBase):
             golden_compared=bool(golden),
             verified=verdict.verified,
         )
+        if args["known_hosts"]:
+            entries = verdict.verified_host_keys()
+            with_keys = {(host, clone) for _uuid, clone, host, _keys in entries}
+            without = [f"{clone} on {host}" for host, clones in sorted(verdict.verified.items()) for clone in clones
+                       if (host, clone) not in with_keys]
+            if without:
+                result.setdefault("warnings", []).append(
+                    f"verified clone(s) {', '.join(without)} attested no SSH host keys (an agent without host key "
+                    f"attestation?): {args['known_hosts']} has no entry for them, so SSH with StrictHostKeyChecking=yes "
+                    "refuses them"
+                )
+            lines = known_hosts_lines(entries)
+            result["known_hosts"] = args["known_hosts"]
+            result["known_hosts_clones"] = [
+                {"host": host, "clone": clone, "alias": host_key_alias(domain_uuid), "keys": sorted(keys)}
+                for domain_uuid, clone, host, keys in entries
+            ]
+            result["changed"] = write_known_hosts(args["known_hosts"], lines, bool(self._play_context.check_mode))
         if not verdict.clones_checked:
             result.update(failed=True, msg="verify_unique found no clone proofs in results: did secret_multicast run and select any clone?")
         elif not verdict.unique and args["fail_on_duplicate"]:

@@ -210,6 +210,14 @@ clones:
       description: V(held) when a NIC link is down, V(released) when all are up, V(none) without NICs.
       type: str
       sample: held
+    addresses:
+      description:
+        - IP addresses of the clone's NICs from the DHCP leases of the libvirt networks they are on (libvirt's lease
+          source; NAT or isolated networks with DHCP, such as libvirt's C(default)), IPv4 first.
+        - Empty while a clone has no lease (network held, not yet asked, a bridged NIC, shut off).
+      type: list
+      elements: dict
+      sample: [{mac: "52:54:00:3a:9f:01", address: 192.168.122.57, prefix: 24, family: ipv4, source: lease}]
     uri:
       description: The libvirt connection URI the clone was read through.
       type: str

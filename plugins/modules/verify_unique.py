@@ -78,6 +78,18 @@ options:
     type: bool
     default: true
     version_added: 0.1.0
+  known_hosts:
+    description:
+      - Write the public SSH host keys the verified clones attested to this known_hosts file on the controller (replaced
+        as a whole, mode 0644), and nothing of the clones that are not verified.
+      - A clone's attestation carries its host keys, each bound to the fingerprint its signature covers, so they are the
+        keys of the clone that answered this run's nonce, and none is the golden's or another clone's.
+      - Each clone's keys are filed under C(clonesafe-<domain UUID>); SSH checks them with C(HostKeyAlias) set to that
+        (the M(clonesafe.fleet.clones) inventory plugin does, with its C(known_hosts_file) option), so clones behind
+        different hosts' NAT with the same address never mix.
+      - A verified clone that attested no host keys gets no entry (and a warning), so strict host key checking refuses it.
+    type: path
+    version_added: 0.1.0
 seealso:
   - module: clonesafe.fleet.secret_multicast
   - module: clonesafe.fleet.template_info
@@ -172,4 +184,16 @@ verified:
   returned: always
   type: dict
   sample: {hv1: [web-1, web-2]}
+known_hosts:
+  description: The known_hosts file written (O(known_hosts)).
+  returned: when O(known_hosts) is given
+  type: str
+  sample: /home/me/.ssh/clonesafe_known_hosts
+known_hosts_clones:
+  description: The verified clones whose attested host keys are in O(known_hosts), with the alias and key names.
+  returned: when O(known_hosts) is given
+  type: list
+  elements: dict
+  sample:
+    - {host: hv1, clone: web-1, alias: clonesafe-0e0c8f6a-5c61-4bd4-9f0a-1f4c5a7e9d21, keys: [ssh_host_key.ecdsa, ssh_host_key.ed25519]}
 """

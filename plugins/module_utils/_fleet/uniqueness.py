@@ -23,6 +23,7 @@ import dataclasses
 import hmac
 import typing as t
 
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.known_hosts import HostKeyError, attested_host_keys
 from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, wire
 from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol.proof import ERASED
 
@@ -73,6 +74,17 @@ class Verdict:
     bad_proofs: list[dict[str, str]] = dataclasses.field(default_factory=list)
     incomplete: list[dict[str, t.Any]] = dataclasses.field(default_factory=list)
     clones_checked: int = 0
+    # (host, clone) -> (domain UUID, fingerprint name -> public key line) of every clone whose proof verified.
+    host_keys: dict[tuple[str, str], tuple[str, dict[str, str]]] = dataclasses.field(default_factory=dict)
+
+    def verified_host_keys(self) -> list[tuple[str, str, str, dict[str, str]]]:
+        """(domain UUID, clone, host, host keys) of the verified clones that attested host keys."""
+        return [
+            (self.host_keys[(host, clone)][0], clone, host, self.host_keys[(host, clone)][1])
+            for host, clones in sorted(self.verified.items())
+            for clone in sorted(clones)
+            if self.host_keys.get((host, clone), ("", {}))[1]
+        ]
 
     @property
     def unique(self) -> bool:
@@ -183,6 +195,14 @@ def check_proof(clone: CloneProof, run_secret: str) -> dict[str, str]:
         raise Rejected(str(error), "bad proof") from None
 
 
+def check_host_keys(clone: CloneProof, fingerprints: t.Mapping[str, str]) -> dict[str, str]:
+    """The public SSH host keys the clone attested, each bound to its signed fingerprint; Rejected otherwise."""
+    try:
+        return attested_host_keys(clone.attestation or {}, fingerprints)
+    except HostKeyError as error:
+        raise Rejected(str(error), "bad proof") from None
+
+
 def judge(
     proofs: t.Sequence[CloneProof],
     golden_fingerprints: t.Mapping[str, str],
@@ -204,6 +224,7 @@ def judge(
         try:
             check_outcome(clone)
             fingerprints = check_proof(clone, run_secret)
+            verdict.host_keys[(clone.host, clone.name)] = (clone.domain_uuid, check_host_keys(clone, fingerprints))
         except Rejected as rejected:
             verdict.bad_proofs.append({"host": clone.host, "clone": clone.name, "reason": rejected.reason})
             verdict.rows.append(_row(clone, "-", "-", rejected.row))

@@ -71,6 +71,38 @@ def _spec_text(spec: t.Mapping[str, t.Any], key: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
+ADDRESS_SOURCES = ("lease", "agent")
+
+
+def interface_addresses(domain: t.Any, source: str = "lease") -> list[dict[str, t.Any]]:
+    """The IP addresses of a running domain's NICs, each with its NIC's MAC, as libvirt knows them.
+
+    ``lease``: the DHCP leases of the libvirt networks the NICs are on (NAT or isolated networks with DHCP,
+    such as libvirt's ``default``); ``agent``: the QEMU guest agent's answer (any network, needs a
+    read-write connection and qemu-guest-agent in the guest). Nothing known (no lease yet, a bridged NIC,
+    a shut-off domain, no guest agent) is an empty list, never an error.
+    """
+    flag = {
+        "lease": libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE,
+        "agent": libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT,
+    }[source]
+    try:
+        if not domain.isActive():
+            return []
+        interfaces = domain.interfaceAddresses(flag, 0) or {}
+    except libvirt.libvirtError:
+        return []
+    found = []
+    for interface in interfaces.values():
+        mac = str((interface or {}).get("hwaddr") or "").lower()
+        for address in (interface or {}).get("addrs") or []:
+            family = {libvirt.VIR_IP_ADDR_TYPE_IPV4: "ipv4", libvirt.VIR_IP_ADDR_TYPE_IPV6: "ipv6"}.get(address.get("type"))
+            if family and address.get("addr") and not str(address["addr"]).startswith(("127.", "::1", "fe80:")):
+                found.append({"mac": mac, "address": str(address["addr"]), "prefix": address.get("prefix"),
+                              "family": family, "source": source})
+    return sorted(found, key=lambda item: (item["family"] != "ipv4", item["mac"], item["address"]))
+
+
 def describe_clone(conn: LibvirtConnection, domain: t.Any, spec: dict[str, t.Any]) -> dict[str, t.Any]:
     """Everything clone_info and clone report about one clone (metadata fields of the wrong type read as None)."""
     xml = conn.domain_xml(domain)
@@ -101,6 +133,7 @@ def describe_clone(conn: LibvirtConnection, domain: t.Any, spec: dict[str, t.Any
         "macs": [nic["mac"] for nic in nics],
         "links": [nic["link"] for nic in nics],
         "network": "released" if nics and all(nic["link"] == "up" for nic in nics) else ("held" if nics else "none"),
+        "addresses": interface_addresses(domain) if nics else [],
         "uri": conn.uri,
     }
 

@@ -121,3 +121,13 @@ def test_a_clone_whose_multicast_failed_stays_held_and_is_named(tmp_path):
     assert verdict["failed"] is True and verdict["unique"] is False
     assert "clone b on hv1: not verified: its multicast did not succeed (failed: provider(s) failed in the guest: hooks" in verdict["msg"]
     assert verdict["verified"] == {"hv1": ["a"]}
+
+
+def test_known_hosts_has_no_entry_for_a_clone_that_attested_no_host_keys(tmp_path):
+    known = tmp_path / "ssh" / "known_hosts"
+    verdict = verify(tmp_path, {"hv1": {"clones": [clone_result("a")]}}, known_hosts=str(known))
+    assert verdict.get("failed") is not True, verdict
+    assert verdict["verified"] == {"hv1": ["a"]}
+    assert verdict["known_hosts"] == str(known) and verdict["known_hosts_clones"] == []
+    assert known.read_text() == "" and oct(known.stat().st_mode & 0o777) == "0o644"
+    assert any("a on hv1 attested no SSH host keys" in warning for warning in verdict.get("warnings", [])), verdict

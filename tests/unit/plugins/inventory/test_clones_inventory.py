@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shlex
 import subprocess
 import uuid
 import xml.etree.ElementTree as ET
@@ -218,3 +219,57 @@ def test_clone_metadata_of_the_wrong_types_reads_as_unknown_not_as_a_crash(tmp_p
     odd = result["_meta"]["hostvars"]["web-001.hv1"]
     assert odd["clonesafe_template"] is None and odd["clonesafe_index"] is None and odd["clonesafe_channel_sockets"] == {}
     assert result["clonesafe_template_web"]["hosts"] == ["web-002.hv1"]
+
+
+NAT_NETWORK = ("<network><name>default</name><forward mode='nat'/><bridge name='virbr0'/>"
+               "<ip address='192.168.122.1' netmask='255.255.255.0'><dhcp><range start='192.168.122.2' "
+               "end='192.168.122.254'/></dhcp></ip></network>")
+
+
+def nat_clone_xml(name: str, index: int) -> str:
+    """A clone whose NIC is on libvirt's NAT network "default", as clones of a user's VM are."""
+    root = ET.fromstring(clone_xml(name, "web", index))
+    interface = root.find("devices/interface")
+    interface.set("type", "network")
+    ET.SubElement(interface, "source", network="default")
+    return ET.tostring(root, encoding="unicode")
+
+
+def test_clones_behind_their_hosts_nat_are_reached_through_it_with_verified_host_keys(tmp_path):
+    node = tmp_path / "hv1.xml"
+    node.write_text(f"<node>{NAT_NETWORK}{nat_clone_xml('web-001', 1)}{clone_xml('web-002', 'web', 2)}</node>")
+    hosts = tmp_path / "hosts.yml"
+    hosts.write_text(json.dumps({"all": {"children": {"hypervisors": {"hosts": {"hv1": {
+        "clonesafe_libvirt_remote_uri": f"test://{node}", "ansible_host": "10.231.89.11", "ansible_user": "root",
+        "ansible_ssh_private_key_file": "/lab/id_ed25519", "ansible_ssh_common_args": "-F '/lab dir/config'",
+    }}}}}}))
+    result = inventory(tmp_path, {"known_hosts_file": "/run/fleet_known_hosts"}, str(hosts))
+    nat = result["_meta"]["hostvars"]["web-001.hv1"]
+    addresses = nat["clonesafe_addresses"]
+    assert addresses and addresses[0]["mac"] == "52:54:00:aa:bb:01" and addresses[0]["source"] == "lease"
+    assert nat["ansible_host"] == addresses[0]["address"]
+    assert nat["clonesafe_jump_host"] == "hv1"
+    assert nat["clonesafe_host_key_alias"] == f"clonesafe-{nat['clonesafe_uuid']}"
+    args = shlex.split(nat["ansible_ssh_common_args"])
+    proxy = [arg for arg in args if arg.startswith("ProxyCommand=")]
+    assert proxy and shlex.split(proxy[0].split("=", 1)[1]) == [
+        "ssh", "-F", "/lab dir/config", "-i", "/lab/id_ed25519", "-l", "root", "-W", "%h:%p", "10.231.89.11"]
+    for option in ("UserKnownHostsFile=/run/fleet_known_hosts", "StrictHostKeyChecking=yes",
+                   f"HostKeyAlias=clonesafe-{nat['clonesafe_uuid']}"):
+        assert option in args, args
+    # A NIC on no libvirt network (user-mode): not behind the host's NAT as far as libvirt says, no jump.
+    direct = result["_meta"]["hostvars"]["web-002.hv1"]
+    assert direct["clonesafe_jump_host"] is None and "ProxyCommand" not in direct.get("ansible_ssh_common_args", "")
+    # jump_host: never leaves the connection to the user; without known_hosts_file nothing is set at all.
+    plain_result = inventory(tmp_path, {"jump_host": "never"}, str(hosts))
+    assert "ansible_ssh_common_args" not in plain_result["_meta"]["hostvars"]["web-001.hv1"]
+    assert plain_result["_meta"]["hostvars"]["web-001.hv1"]["clonesafe_jump_host"] is None
+
+
+def test_a_jump_host_from_a_qemu_ssh_uri():
+    from ansible_collections.clonesafe.fleet.plugins.inventory.clones import jump_command, jump_from_uri
+
+    assert jump_from_uri("qemu:///system") is None
+    jump = jump_from_uri("qemu+ssh://admin@hv2.example.com:2222/system?keyfile=/k")
+    assert jump == {"address": "hv2.example.com", "user": "admin", "port": 2222}
+    assert jump_command(jump) == "ssh -p 2222 -l admin -W %h:%p hv2.example.com"
