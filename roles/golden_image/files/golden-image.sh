@@ -280,6 +280,100 @@ keep_ssh_host_key_types() {
     } >"$root/etc/ssh/sshd_config.d/clonesafe-host-keys.conf"
 }
 
+# Test fixture (GOLDEN_IMAGE_IDENTITIES=true): the identities a stock server holds beside its SSH
+# host keys and machine-id, made with the software that uses them, so that every clone of the image
+# shares them until the agent rotates them. Needs wireguard-tools, krb5-user, cloud-init,
+# network-manager and python3-cryptography in the image.
+make_identities() {
+    local root="$1" tool
+    for tool in wg ktutil systemd-creds cloud-init NetworkManager python3; do
+        in_chroot "$root" sh -c "command -v $tool" >/dev/null \
+            || die "golden_image_identities needs $tool in the image (golden_image_extra_packages: wireguard-tools krb5-user cloud-init network-manager)"
+    done
+    # systemd's host credential key, bound to the image's machine-id (systemd-creds warns: no encrypted media).
+    in_chroot "$root" systemd-creds setup >/dev/null 2>&1 || die "systemd-creds setup failed in the rootfs"
+    [[ -s "$root/var/lib/systemd/credential.secret" ]] || die "systemd-creds setup made no credential.secret"
+    in_chroot "$root" python3 - "$GOLDEN_IMAGE_HOSTNAME" <<'PYEOF' || die "could not make the lab identities in the rootfs"
+import base64, datetime, os, subprocess, sys
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+host = sys.argv[1]
+fqdn = f"{host}.lab.example"
+
+
+def write(path, data, mode=0o600):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as handle:
+        handle.write(data.encode() if isinstance(data, str) else data)
+    os.chmod(path, mode)
+
+
+def run(*args, stdin=""):
+    return subprocess.run(args, input=stdin, capture_output=True, text=True, check=True).stdout.strip()
+
+
+# WireGuard: a wg-quick interface with its own key (wg genkey) and one peer; not brought up.
+peer = run("wg", "pubkey", stdin=run("wg", "genkey"))
+write("/etc/wireguard/wg0.conf", f"[Interface]\nAddress = 10.77.0.2/24\nPrivateKey = {run('wg', 'genkey')}\nListenPort = 51820\n\n"
+      f"[Peer]\nPublicKey = {peer}\nAllowedIPs = 10.77.0.0/24\nEndpoint = 192.0.2.1:51820\n")
+# Kerberos: the host principal's keytab, made by ktutil from a random password.
+password = base64.b64encode(os.urandom(24)).decode()
+run("ktutil", stdin=f"addent -password -p host/{fqdn}@LAB.EXAMPLE -k 1 -e aes256-cts-hmac-sha1-96\n{password}\n"
+                    "wkt /etc/krb5.keytab\nquit\n")
+assert os.path.getsize("/etc/krb5.keytab") > 0
+# Puppet: an agent's ssl directory as `puppet ssl bootstrap` leaves it (key, CSR gone, signed cert, CA cert, CRL).
+ssl = "/var/lib/puppet/ssl"
+now = datetime.datetime.now(datetime.timezone.utc)
+ca_key = ec.generate_private_key(ec.SECP256R1())
+ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Puppet CA: lab.example")])
+ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+      .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=3650))
+      .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256()))
+key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, fqdn)])).issuer_name(ca_name)
+        .public_key(key.public_key()).serial_number(2).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1825))
+        .sign(ca_key, hashes.SHA256()))
+crl = (x509.CertificateRevocationListBuilder().issuer_name(ca_name).last_update(now).next_update(now + datetime.timedelta(days=30))
+       .sign(ca_key, hashes.SHA256()))
+pem = serialization.Encoding.PEM
+write(f"{ssl}/private_keys/{fqdn}.pem", key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), 0o640)
+write(f"{ssl}/public_keys/{fqdn}.pem", key.public_key().public_bytes(pem, serialization.PublicFormat.SubjectPublicKeyInfo), 0o644)
+write(f"{ssl}/certs/{fqdn}.pem", cert.public_bytes(pem), 0o644)
+write(f"{ssl}/certs/ca.pem", ca.public_bytes(pem), 0o644)
+write(f"{ssl}/crl.pem", crl.public_bytes(pem), 0o644)
+# NetworkManager's secret_key in its own format (nm-v2: and 32 random bytes in base64), as its first start makes it.
+write("/var/lib/NetworkManager/secret_key", "nm-v2:" + base64.b64encode(os.urandom(32)).decode())
+# dhclient's lease of the golden's last boot, with the DUID it made (DUID-LLT, in dhclient's octal escapes).
+duid = b"\x00\x01\x00\x01" + os.urandom(4) + b"\x52\x54\x00" + os.urandom(3)
+write("/var/lib/dhcp/dhclient.enp1s0.leases",
+      'default-duid "' + "".join(f"\\{byte:03o}" for byte in duid) + '";\nlease {\n  interface "enp1s0";\n'
+      "  fixed-address 10.0.2.15;\n  option subnet-mask 255.255.255.0;\n  option routers 10.0.2.2;\n"
+      "  option dhcp-lease-time 86400;\n  option dhcp-server-identifier 10.0.2.2;\n"
+      f"  renew 1 {now:%Y/%m/%d %H:%M:%S};\n  rebind 1 {now:%Y/%m/%d %H:%M:%S};\n  expire 1 {now:%Y/%m/%d %H:%M:%S};\n}}\n", 0o644)
+# cloud-init: the record of a NoCloud instance it configured, laid out as cloud-init 22.4 leaves it.
+iid = "iid-clonesafe-golden"
+cloud = "/var/lib/cloud"
+write(f"{cloud}/seed/nocloud/meta-data", f"instance-id: {iid}\nlocal-hostname: {host}\n", 0o644)
+write(f"{cloud}/seed/nocloud/user-data", "#cloud-config\n{}\n", 0o644)
+for name in ("instance-id", "previous-instance-id"):
+    write(f"{cloud}/data/{name}", iid + "\n", 0o644)
+write(f"{cloud}/data/previous-datasource", f"DataSourceNoCloud [seed={cloud}/seed/nocloud][dsmode=net]\n", 0o644)
+write(f"{cloud}/instances/{iid}/datasource", f"DataSourceNoCloud: DataSourceNoCloud [seed={cloud}/seed/nocloud][dsmode=net]\n", 0o644)
+write(f"{cloud}/instances/{iid}/user-data.txt", "#cloud-config\n{}\n")
+for module in ("config_ssh", "config_users_groups", "config_set_hostname", "consume_data"):
+    write(f"{cloud}/instances/{iid}/sem/{module}", f"1: {now.timestamp():.6f}\n", 0o644)
+os.symlink(f"{cloud}/instances/{iid}", f"{cloud}/instance")
+PYEOF
+    # Present but not run at boot: cloud-init and NetworkManager would cost every TCG boot many seconds
+    # and take over the lab's network; their state above is what clones share all the same.
+    : >"$root/etc/cloud/cloud-init.disabled"
+    in_chroot "$root" systemctl disable NetworkManager.service NetworkManager-wait-online.service \
+        NetworkManager-dispatcher.service >/dev/null 2>&1 || die "could not disable NetworkManager in the rootfs"
+}
+
 configure_rootfs() {
     local root="$1" module
     printf '%s\n' "$GOLDEN_IMAGE_HOSTNAME" >"$root/etc/hostname"
@@ -309,6 +403,9 @@ EOF
     grep -Eq '^[0-9a-f]{32}$' "$root/etc/machine-id" || die "the rootfs has no valid /etc/machine-id"
 
     keep_ssh_host_key_types "$root"
+    if [[ "$GOLDEN_IMAGE_IDENTITIES" == "true" ]]; then
+        make_identities "$root"
+    fi
     write_lab_ready_unit "$root"
     if [[ "$GOLDEN_IMAGE_CONSOLE_AUTOLOGIN" == "true" ]]; then
         write_autologin "$root"
@@ -346,6 +443,7 @@ do_build() {
         GOLDEN_IMAGE_HOSTNAME GOLDEN_IMAGE_CMDLINE GOLDEN_IMAGE_SIZE GOLDEN_IMAGE_INPUTS_JSON
     : "${GOLDEN_IMAGE_BOOT_MODULES:=}"
     : "${GOLDEN_IMAGE_CONSOLE_AUTOLOGIN:=false}"
+    : "${GOLDEN_IMAGE_IDENTITIES:=false}"
     : "${GOLDEN_IMAGE_SSH_HOST_KEY_TYPES:=ed25519 ecdsa rsa}"
     local debootstrap="${GOLDEN_IMAGE_DEBOOTSTRAP:-debootstrap}"
     local cache="$GOLDEN_IMAGE_CACHE_DIR" id="$GOLDEN_IMAGE_BUILD_ID"
