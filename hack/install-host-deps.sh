@@ -12,6 +12,7 @@ packages=(
   e2fsprogs        # debugfs: the lab tests read what the agent wrote from the guest's disk
   libvirt-clients  # virsh: the hypervisor role's lab test
   wireguard-tools  # wg: the WireGuard provider's oracle (wg pubkey) in the agent and lab tests
+  systemd          # systemd-creds, systemd-id128: oracles of the agent's credential and hostname provider tests
 )
 
 if [[ $(id -u) -ne 0 ]]; then

@@ -68,7 +68,7 @@ def test_a_test_file_needing_a_missing_tool_is_skipped_whole_or_fails_whole_in_c
 
 
 def test_the_tools_the_tests_use_are_installed_by_make_deps():
-    """qemu-img, ssh-keygen/ssh-keyscan, debugfs and virsh come from hack/install-host-deps.sh, not from the lab role later."""
+    """qemu-img, ssh-keygen/ssh-keyscan, debugfs, virsh, wg and systemd-creds come from make deps, not from the lab role later."""
     script = (REPO_ROOT / "hack" / "install-host-deps.sh").read_text()
     packages: list[str] = []
     for line in script.split("packages=(", 1)[1].splitlines():
@@ -76,5 +76,5 @@ def test_the_tools_the_tests_use_are_installed_by_make_deps():
         packages += code.split(")", 1)[0].split()
         if ")" in code:
             break
-    for package in ("qemu-utils", "openssh-client", "e2fsprogs", "libvirt-clients", "libvirt-dev"):
+    for package in ("qemu-utils", "openssh-client", "e2fsprogs", "libvirt-clients", "libvirt-dev", "wireguard-tools", "systemd"):
         assert package in packages, package
