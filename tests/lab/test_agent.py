@@ -12,13 +12,13 @@ import uuid
 
 import pytest
 
-from clonesafe_testlib import run_module, run_playbook
+from clonesafe_testlib import require_module, run_module, run_playbook
 from helpers.agent_channel import AgentChannel, fresh_hex, wait_for_agent
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, wire
 
 pytestmark = pytest.mark.lab
-pytest.importorskip("libvirt")
+require_module("libvirt", "libvirt-python")
 
 LAB_SUMMARY = pathlib.Path("/var/lib/clonesafe/lab.json")
 BOOT_TIMEOUT = int(os.environ.get("CLONESAFE_AGENT_BOOT_TIMEOUT", "900"))

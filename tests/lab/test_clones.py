@@ -14,10 +14,10 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from clonesafe_testlib import run_module
+from clonesafe_testlib import missing_prerequisite, require_module, run_module
 
 pytestmark = pytest.mark.lab
-libvirt = pytest.importorskip("libvirt")
+libvirt = require_module("libvirt", "libvirt-python")
 
 LAB_SUMMARY = pathlib.Path("/var/lib/clonesafe/lab.json")
 FORK_LINE = "crng reseeded due to virtual machine fork"
@@ -26,7 +26,7 @@ FORK_LINE = "crng reseeded due to virtual machine fork"
 @pytest.fixture(scope="module")
 def lab():
     if not LAB_SUMMARY.exists():
-        pytest.skip("the lab is not up: run `make lab` first")
+        missing_prerequisite("the lab", "run `make lab` first")
     summary = json.loads(LAB_SUMMARY.read_text())
     conn = libvirt.open(summary["uri"])
     try:

@@ -14,10 +14,10 @@ import subprocess
 
 import pytest
 
-from clonesafe_testlib import REPO_ROOT, run_playbook
+from clonesafe_testlib import REPO_ROOT, require_module, run_playbook
 
 pytestmark = pytest.mark.lab
-libvirt = pytest.importorskip("libvirt")
+libvirt = require_module("libvirt", "libvirt-python")
 
 LAB_DIR = pathlib.Path("/var/lib/clonesafe-fleet-lab")
 INVENTORY = LAB_DIR / "inventory.yml"

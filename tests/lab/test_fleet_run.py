@@ -10,13 +10,13 @@ import uuid
 
 import pytest
 
-from clonesafe_testlib import run_module, run_playbook
+from clonesafe_testlib import require_module, run_module, run_playbook
 from helpers.agent_channel import AgentChannel, fresh_hex
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof
 
 pytestmark = pytest.mark.lab
-libvirt = pytest.importorskip("libvirt")
+libvirt = require_module("libvirt", "libvirt-python")
 
 LAB_SUMMARY = pathlib.Path("/var/lib/clonesafe/lab.json")
 CLONES = 3

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from clonesafe_testlib import missing_prerequisite
+
 ROLES_DIR = Path(__file__).resolve().parents[2] / "roles"
 MISSING_DEBOOTSTRAP = "/nonexistent/debootstrap"
 
@@ -25,7 +27,7 @@ def _ansible_playbook() -> str:
     binary = os.environ.get("CLONESAFE_ANSIBLE_PLAYBOOK", "ansible-playbook")
     found = shutil.which(binary)
     if found is None:
-        pytest.skip(f"{binary} not found (set CLONESAFE_ANSIBLE_PLAYBOOK)")
+        missing_prerequisite(binary, "run `make venv`, or set CLONESAFE_ANSIBLE_PLAYBOOK")
     return found
 
 

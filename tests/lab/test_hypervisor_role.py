@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from clonesafe_testlib import missing_prerequisite
+
 pytestmark = pytest.mark.lab
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -101,13 +103,13 @@ class PlaybookRun:
 def _ansible_playbook() -> str:
     found = shutil.which(ANSIBLE_PLAYBOOK)
     if found is None:
-        pytest.skip(f"{ANSIBLE_PLAYBOOK} not found (set CLONESAFE_ANSIBLE_PLAYBOOK)")
+        missing_prerequisite(ANSIBLE_PLAYBOOK, "run `make venv`, or set CLONESAFE_ANSIBLE_PLAYBOOK")
     return found
 
 
 def _require_root() -> None:
     if os.geteuid() != 0:
-        pytest.skip("the hypervisor role installs packages and starts libvirtd: run as root")
+        missing_prerequisite("root", "the hypervisor role installs packages and starts libvirtd: run as root")
 
 
 def run_playbook(tmp_path: Path, playbook: str, *extra_vars: str) -> PlaybookRun:
@@ -206,7 +208,7 @@ def test_probe_kernel_boot_is_judged_and_cached(tmp_path: Path) -> None:
     _require_root()
     probe_kernel = PROBE_KERNEL or _lab_image_kernel()
     if not probe_kernel:
-        pytest.skip("set CLONESAFE_PROBE_KERNEL to a stock kernel (vmlinuz), or bring the lab up, to run the boot probe")
+        missing_prerequisite("a probe kernel", "set CLONESAFE_PROBE_KERNEL to a stock kernel (vmlinuz), or bring the lab up")
     extra = (
         f"hypervisor_accel_probe_kernel={probe_kernel}",
         "hypervisor_accel_probe_ignore_precheck=true",

@@ -8,11 +8,11 @@ import uuid
 
 import pytest
 
-from clonesafe_testlib import run_module, run_playbook
+from clonesafe_testlib import require_module, run_module, run_playbook
 from helpers.agent_channel import AgentChannel
 
 pytestmark = pytest.mark.lab
-libvirt = pytest.importorskip("libvirt")
+libvirt = require_module("libvirt", "libvirt-python")
 
 LAB_SUMMARY = pathlib.Path("/var/lib/clonesafe/lab.json")
 

@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
-from clonesafe_testlib import REPO_ROOT, ansible_env, run_playbook
+from clonesafe_testlib import REPO_ROOT, ansible_env, require_module, run_playbook
 
 pytestmark = pytest.mark.lab
-libvirt = pytest.importorskip("libvirt")
+libvirt = require_module("libvirt", "libvirt-python")
 
 LAB_SUMMARY = pathlib.Path("/var/lib/clonesafe/lab.json")
 SCENARIO_DOMAIN = "clonesafe-molecule-agent"
