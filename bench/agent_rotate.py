@@ -23,6 +23,7 @@ import pathlib
 import statistics
 import sys
 import time
+import uuid
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "build" / "collections"), str(REPO / "tests")]
@@ -43,6 +44,7 @@ def main() -> int:
     options = parser.parse_args()
     path = options.socket or json.loads(pathlib.Path("/var/lib/clonesafe/lab.json").read_text())["golden"]["channel_socket"]
     hash_key = fresh_hex()
+    domain_uuid = str(uuid.uuid4())
     rounds = []
     with AgentChannel(path) as channel:
         hello = channel.call("hello", timeout=30)
@@ -50,7 +52,8 @@ def main() -> int:
         print(f"agent {hello['agent_version']} on {path}: generation {hello['generation']}, providers {', '.join(enabled)}")
         for index in range(options.rounds):
             nonce = fresh_hex()
-            args = {"operation": options.operation, "nonce": nonce, "hash_key": hash_key, "entropy_source": options.source}
+            args = {"operation": options.operation, "nonce": nonce, "hash_key": hash_key, "domain_uuid": domain_uuid,
+                    "entropy_source": options.source}
             if options.providers:
                 args["providers"] = options.providers.split(",")
             if options.source != "guest":
@@ -58,7 +61,7 @@ def main() -> int:
             started = time.perf_counter()
             result = channel.call("rotate", args, timeout=600)
             elapsed_ms = (time.perf_counter() - started) * 1000
-            proof.verify_attestation(result["attestation"], nonce)
+            proof.verify_attestation(result["attestation"], nonce, expected_domain_uuid=domain_uuid)
             statuses = {name: outcome["status"] for name, outcome in result["providers"].items()}
             failed = [name for name, status in statuses.items() if status == "failed"]
             rounds.append({"round_trip_ms": round(elapsed_ms, 1), "agent_ms": result["duration_ms"], "failed": failed})

@@ -67,14 +67,14 @@ def serve(directory: str, clones: list[tuple[str, str, bytes]], ready, stop, cpu
 
     def respond(clone, request):
         if request["op"] == "hello":
-            line = '{"id":%s,"ok":true,"result":%s,"v":1}\n' % (json.dumps(request["id"]), hellos[clone.name])
+            line = '{"id":%s,"ok":true,"result":%s,"v":%d}\n' % (json.dumps(request["id"]), hellos[clone.name], wire.PROTOCOL_VERSION)
             return line.encode(), False, False
         args = request["args"]
         clone.generation += 1
         result = {"generation": clone.generation, "operation": args["operation"], "entropy_source": args["entropy_source"],
                   "providers": providers, "duration_ms": 40, "vcpu_interrupts": [1],
                   "attestation": proof.sign_attestation(clone.key, args["nonce"], clone.uuid, clone.generation,
-                                                        fingerprints[clone.name])}
+                                                        fingerprints[clone.name], domain_uuid=args["domain_uuid"])}
         return json.dumps(wire.make_result(request["id"], result),
                           separators=(",", ":")).encode() + b"\n", False, False
 

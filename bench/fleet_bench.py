@@ -60,7 +60,7 @@ def synthetic_results(hosts: int, clones_per_host: int) -> tuple[dict, str]:
                 "ssh_host_key.ed25519": proof.sha256_fingerprint(os.urandom(32)),
                 "tls.cert": proof.sha256_fingerprint(os.urandom(32)),
             }
-            attestation = proof.sign_attestation(key, nonce, domain_uuid, 1, fingerprints)
+            attestation = proof.sign_attestation(key, nonce, domain_uuid, 1, fingerprints, domain_uuid=domain_uuid)
             clones.append({"name": f"clone-{index:03d}", "nonce": nonce, "nonce_salt": salt, "domain_uuid": domain_uuid,
                            "status": "rotated", "attestation": attestation,
                            "providers": {"identity": {"status": "rotated"}, "machine_id": {"status": "rotated"},

@@ -233,7 +233,8 @@ def valid_rotate(rng: random.Random, clone: FakeClone, args: dict[str, t.Any]) -
         fingerprints["machine_id"] = proof.keyed_hash(args["hash_key"], os.urandom(16))
     if "ssh_host_keys" in names:
         fingerprints["ssh_host_key.ed25519"] = proof.sha256_fingerprint(os.urandom(32))
-    attestation = proof.sign_attestation(clone.key, args["nonce"], clone.uuid, clone.generation, fingerprints)
+    attestation = proof.sign_attestation(clone.key, args["nonce"], clone.uuid, clone.generation, fingerprints,
+                                         domain_uuid=args["domain_uuid"])
     result = {
         "generation": clone.generation,
         "operation": args["operation"],
@@ -251,7 +252,7 @@ def valid_rotate(rng: random.Random, clone: FakeClone, args: dict[str, t.Any]) -
 def valid_attestation(rng: random.Random, clone: FakeClone, nonce: str) -> dict[str, t.Any]:
     """An attest result signed over ``nonce``."""
     fingerprints = {"identity": clone.identity, "machine_id": "HMAC-SHA256:" + os.urandom(32).hex()}
-    return proof.sign_attestation(clone.key, nonce, clone.uuid, rng.randint(0, 100), fingerprints)
+    return proof.sign_attestation(clone.key, nonce, clone.uuid, rng.randint(0, 100), fingerprints, domain_uuid=clone.uuid)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -598,7 +599,7 @@ def output_problems(report: mc.Report) -> list[str]:
 def fuzz_wire(rng: random.Random, count: int, stats: Stats, options: argparse.Namespace) -> None:
     """parse_response either returns a reply whose strings are UTF-8-encodable, or raises ProtocolError."""
     clone = FakeClone("c", str(uuidlib.UUID(int=rng.getrandbits(128))), proof.generate_identity_key(rng.randbytes(32)))
-    args = {"operation": "regenerate", "nonce": "ab" * 32, "hash_key": "cd" * 32, "entropy_source": "guest"}
+    args = {"operation": "regenerate", "nonce": "ab" * 32, "hash_key": "cd" * 32, "domain_uuid": clone.uuid, "entropy_source": "guest"}
     started = time.monotonic()
     batch = max(1, count // 50)
     while stats.inputs < count:
@@ -735,7 +736,8 @@ def round_problems(report: mc.Report, plans: dict[tuple[str, str], Plan], seen: 
                 problems.append(f"{name}: rotated without a rotate request")
                 continue
             try:
-                verified = proof.verify_attestation(outcome.attestation, exchange["request"]["args"]["nonce"])
+                verified = proof.verify_attestation(outcome.attestation, exchange["request"]["args"]["nonce"],
+                                                    expected_domain_uuid=exchange["request"]["args"]["domain_uuid"])
             except Exception as error:  # pylint: disable=broad-exception-caught
                 problems.append(f"{name}: rotated, but its attestation does not verify: {error}")
                 continue

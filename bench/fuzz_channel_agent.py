@@ -51,6 +51,7 @@ import termios
 import time
 import traceback
 import typing as t
+import uuid as uuidlib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 for _path in (REPO / "build" / "collections", REPO / "roles" / "guest_agent" / "files"):
@@ -178,11 +179,13 @@ def valid_request(rng: random.Random) -> dict[str, t.Any]:
     if roll < 0.6:
         op, args = "hello", {}
     elif roll < 0.995:
-        op, args = "attest", {"nonce": rng.randbytes(32).hex(), "hash_key": rng.randbytes(32).hex()}
+        op, args = "attest", {"nonce": rng.randbytes(32).hex(), "hash_key": rng.randbytes(32).hex(),
+                              "domain_uuid": str(uuidlib.UUID(bytes=rng.randbytes(16)))}
     else:
         source = rng.choice(wire.ENTROPY_SOURCES)
         args = {"operation": rng.choice(wire.ROTATE_OPERATIONS), "nonce": rng.randbytes(32).hex(),
-                "hash_key": rng.randbytes(32).hex(), "entropy_source": source}
+                "hash_key": rng.randbytes(32).hex(), "domain_uuid": str(uuidlib.UUID(bytes=rng.randbytes(16))),
+                "entropy_source": source}
         if source != "guest":
             args["entropy"] = base64.b64encode(rng.randbytes(rng.choice([32, 64, 4096]))).decode()
         if rng.random() < 0.5:

@@ -17,6 +17,8 @@ description:
     Cross-host uniqueness is proven by M(clonesafe.fleet.verify_unique) on the controller.
   - Every nonce derives from O(run_secret), the clone's libvirt domain UUID and a fresh salt, so
     M(clonesafe.fleet.verify_unique), given the same O(run_secret), can tell that an answer belongs to this run.
+    The agent signs the domain UUID with its fingerprints (protocol version 2), binding each proof to its domain;
+    an agent that speaks an older protocol fails the clone, naming it.
   - A clone whose rotation failed anywhere (no answer, a provider that failed or did not report, a proof that
     does not verify) is reported as V(failed) and fails the task, after the others rotated.
   - Paused clones (restored with O(clonesafe.fleet.clone#module:paused=true)) are resumed first; their network
@@ -226,7 +228,10 @@ clones:
       type: dict
       sample: {identity: "SHA256:Zk3v...", machine_id: "HMAC-SHA256:5f1c..."}
     attestation:
-      description: The signed proof (nonce, uuid, generation, fingerprints, public key, signature).
+      description:
+        - The signed proof (nonce, SMBIOS uuid, domain_uuid, generation, fingerprints, public key, signature).
+        - Its C(domain_uuid) is the clone's libvirt domain UUID, sent with the request and signed by the agent; the module
+          and M(clonesafe.fleet.verify_unique) reject a proof bound to another domain.
       type: dict
     nonce:
       description: The nonce this host sent (hex).

@@ -13,7 +13,8 @@ description:
     every hypervisor host.
   - A clone is verified only when its multicast succeeded (status V(rotated) or V(attested), no provider failed),
     its Ed25519 attestation answers the nonce derived from O(run_secret) for the domain UUID and salt its host
-    reports (an answer from another run is rejected) and verifies, its proof names every secret the golden
+    reports (an answer from another run is rejected), is signed for that domain UUID (a proof moved from another
+    domain is rejected) and verifies, its proof names every secret the golden
     holds (rotated, or reported as not rotated), and none of its fingerprints is held by another clone of any
     host or by the golden.
   - Fails, naming the clones, hosts and secrets, when any clone is not verified. Clones that are not verified

@@ -101,14 +101,15 @@ def test_agent_answers_hello(agent_vm):
 def test_rotate_regenerate_changes_every_enabled_fingerprint_and_signatures_verify(agent_vm):
     channel: AgentChannel = agent_vm["channel"]
     hash_key = fresh_hex()
+    domain_uuid = str(uuid.uuid4())
     nonce = fresh_hex()
-    before = channel.call("attest", {"nonce": nonce, "hash_key": hash_key})
-    before_prints = proof.verify_attestation(before, nonce)
+    before = channel.call("attest", {"nonce": nonce, "hash_key": hash_key, "domain_uuid": domain_uuid})
+    before_prints = proof.verify_attestation(before, nonce, expected_domain_uuid=domain_uuid)
     nonce = fresh_hex()
     entropy = base64.b64encode(os.urandom(64)).decode()
-    result = channel.call("rotate", {"operation": "regenerate", "nonce": nonce, "hash_key": hash_key,
+    result = channel.call("rotate", {"operation": "regenerate", "nonce": nonce, "hash_key": hash_key, "domain_uuid": domain_uuid,
                                      "entropy_source": "combined", "entropy": entropy}, timeout=600)
-    after_prints = proof.verify_attestation(result["attestation"], nonce)
+    after_prints = proof.verify_attestation(result["attestation"], nonce, expected_domain_uuid=domain_uuid)
     assert result["generation"] == before["generation"] + 1
     enabled = [name for name, state in agent_vm["hello"]["providers"].items() if state["enabled"]]
     for name in enabled:
@@ -128,20 +129,20 @@ def test_rotate_regenerate_changes_every_enabled_fingerprint_and_signatures_veri
     assert len(result["vcpu_interrupts"]) == 2
     # attest again: same fingerprints, fresh nonce, and the old attestation is now a replay
     nonce2 = fresh_hex()
-    again = channel.call("attest", {"nonce": nonce2, "hash_key": hash_key})
-    assert proof.verify_attestation(again, nonce2) == after_prints
+    again = channel.call("attest", {"nonce": nonce2, "hash_key": hash_key, "domain_uuid": domain_uuid})
+    assert proof.verify_attestation(again, nonce2, expected_domain_uuid=domain_uuid) == after_prints
     with pytest.raises(proof.ProofError, match="replayed"):
-        proof.verify_attestation(result["attestation"], nonce2)
+        proof.verify_attestation(result["attestation"], nonce2, expected_domain_uuid=domain_uuid)
 
 
 def test_garbage_gets_an_error_reply_and_the_agent_keeps_serving(agent_vm):
     channel: AgentChannel = agent_vm["channel"]
-    for data, code in ((b"not json\n", "bad_json"), (b'{"v":1,"id":"g1","op":"exec","args":{}}\n', "unknown_op"),
+    for data, code in ((b"not json\n", "bad_json"), (b'{"v":2,"id":"g1","op":"exec","args":{}}\n', "unknown_op"),
                        (b"\xff\xfe\n", "bad_encoding"), (b"x" * 70000 + b"\n", "too_large")):
         channel.send_raw(data)
         reply = json.loads(channel.read_line(60))
         assert reply["ok"] is False and reply["error"]["code"] == code, reply
-    channel.send_raw(b'{"v":1,"id":"bad","op":"rotate","args":{"operation":"regenerate"}}\n')
+    channel.send_raw(b'{"v":2,"id":"bad","op":"rotate","args":{"operation":"regenerate"}}\n')
     reply = wire.parse_response(channel.read_line(60), "bad")
     assert reply["ok"] is False and reply["error"]["code"] == "bad_args", reply
     assert channel.call("hello")["protocol"] == wire.PROTOCOL_VERSION

@@ -84,12 +84,13 @@ def test_memory_clones_share_the_golden_secrets_until_one_multicast(lab, tmp_pat
         # A replayed proof is refused: an attestation answers one nonce only.
         socket_path = info["clones"][0]["channel_sockets"]["org.clonesafe.agent.0"]
         hash_key = fresh_hex()
+        domain_uuid = info["clones"][0]["uuid"]
         with AgentChannel(socket_path) as channel:
             old_nonce = fresh_hex()
-            old = channel.call("attest", {"nonce": old_nonce, "hash_key": hash_key})
-            assert proof.verify_attestation(old, old_nonce)
+            old = channel.call("attest", {"nonce": old_nonce, "hash_key": hash_key, "domain_uuid": domain_uuid})
+            assert proof.verify_attestation(old, old_nonce, expected_domain_uuid=domain_uuid)
             with pytest.raises(proof.ProofError, match="replayed"):
-                proof.verify_attestation(old, fresh_hex())
+                proof.verify_attestation(old, fresh_hex(), expected_domain_uuid=domain_uuid)
     finally:
         remove_template(lab, template)
 

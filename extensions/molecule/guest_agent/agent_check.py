@@ -10,6 +10,7 @@ import secrets
 import socket
 import sys
 import time
+import uuid
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, wire
 
@@ -47,12 +48,14 @@ def main(path: str) -> None:
                 raise
     print(f"hello: agent {hello['agent_version']}, generation {hello['generation']}, vcpus {hello['vcpus']}")
     hash_key = secrets.token_hex(32)
+    domain_uuid = str(uuid.uuid4())
     nonce = secrets.token_hex(32)
-    before = proof.verify_attestation(call("attest", {"nonce": nonce, "hash_key": hash_key}), nonce)
+    before = proof.verify_attestation(call("attest", {"nonce": nonce, "hash_key": hash_key, "domain_uuid": domain_uuid}), nonce,
+                                      expected_domain_uuid=domain_uuid)
     nonce = secrets.token_hex(32)
-    result = call("rotate", {"operation": "regenerate", "nonce": nonce, "hash_key": hash_key,
+    result = call("rotate", {"operation": "regenerate", "nonce": nonce, "hash_key": hash_key, "domain_uuid": domain_uuid,
                              "entropy_source": "hypervisor", "entropy": base64.b64encode(os.urandom(48)).decode()})
-    after = proof.verify_attestation(result["attestation"], nonce)
+    after = proof.verify_attestation(result["attestation"], nonce, expected_domain_uuid=domain_uuid)
     unchanged = [name for name in before if before[name] == after[name]]
     if unchanged:
         raise SystemExit(f"fingerprints did not change: {unchanged}")

@@ -201,11 +201,12 @@ def _nonce(settings: Settings, target: Target) -> tuple[str, str]:
     return salt, proof.derive_nonce(settings.run_secret, target.domain_uuid or "", salt)
 
 
-def _rotate_args(settings: Settings, nonce: str) -> dict[str, t.Any]:
+def _rotate_args(settings: Settings, nonce: str, domain_uuid: str) -> dict[str, t.Any]:
     args: dict[str, t.Any] = {
         "operation": settings.operation,
         "nonce": nonce,
         "hash_key": settings.hash_key,
+        "domain_uuid": domain_uuid,
         "entropy_source": settings.entropy_source,
     }
     if settings.providers:
@@ -249,9 +250,11 @@ def _hello_all(outcomes: dict[str, CloneOutcome], targets: t.Sequence[Target], s
 def _attach_attestation(
     outcome: CloneOutcome, attestation: dict[str, t.Any], nonce: str, salt: str, allow_unsigned: bool = False
 ) -> None:
-    """Check the proof right here, so a garbage or replayed answer is named by the host that got it."""
+    """Check the proof right here, so a garbage, replayed or foreign answer is named by the host that got it."""
     try:
-        outcome.fingerprints = proof.verify_attestation(attestation, nonce, allow_unsigned=allow_unsigned)
+        outcome.fingerprints = proof.verify_attestation(
+            attestation, nonce, expected_domain_uuid=outcome.domain_uuid or "", allow_unsigned=allow_unsigned
+        )
     except proof.ProofError as error:
         outcome.status = "failed"
         outcome.reason = f"its proof does not verify: {error}"
@@ -304,7 +307,8 @@ def _attest_all(outcomes: dict[str, CloneOutcome], targets: t.Sequence[Target], 
     calls = []
     for target in targets:
         salts[target.name], nonce = _nonce(settings, target)
-        calls.append(ChannelCall(target.name, target.socket_path or "", "attest", {"nonce": nonce, "hash_key": settings.hash_key}))
+        calls.append(ChannelCall(target.name, target.socket_path or "", "attest",
+                                 {"nonce": nonce, "hash_key": settings.hash_key, "domain_uuid": target.domain_uuid}))
     call_all(calls, settings.timeout)
     for call in calls:
         outcome = outcomes[call.clone]
@@ -374,7 +378,8 @@ def multicast(targets: t.Sequence[Target], settings: Settings, check_mode: bool 
     salts = {}
     for target in ready:
         salts[target.name], nonce = _nonce(settings, target)
-        rotate_calls.append(ChannelCall(target.name, target.socket_path or "", "rotate", _rotate_args(settings, nonce)))
+        rotate_calls.append(ChannelCall(target.name, target.socket_path or "", "rotate",
+                                        _rotate_args(settings, nonce, target.domain_uuid or "")))
     call_all(rotate_calls, settings.timeout)
     for call in rotate_calls:
         outcome = outcomes[call.clone]

@@ -9,7 +9,8 @@ only when all of these hold (docs/architecture.md, "What a proof must mean"):
 
 - its multicast succeeded: status ``rotated`` or ``attested``, and no provider failed;
 - its attestation answers the nonce derived from the run secret for the domain UUID and salt its
-  host reports (an answer from another run does not), and its signature verifies;
+  host reports (an answer from another run does not), is bound to that domain UUID (signed with
+  the rest), and its signature verifies;
 - its proof names every secret the golden holds (rotated, or reported as not rotated);
 - none of its fingerprints is shared with another clone or with the golden.
 
@@ -190,7 +191,7 @@ def check_proof(clone: CloneProof, run_secret: str) -> dict[str, str]:
             "bad proof",
         )
     try:
-        return proof.verify_attestation(attestation, expected)
+        return proof.verify_attestation(attestation, expected, expected_domain_uuid=clone.domain_uuid)
     except proof.ProofError as error:
         raise Rejected(str(error), "bad proof") from None
 

@@ -8,10 +8,13 @@ this file verbatim into every guest, where the agent signs with it, and the cont
 with the same code. Nothing here ever handles private key material beyond signing with a key
 object the caller holds.
 
-An attestation is ``{"nonce", "uuid", "generation", "fingerprints", "public_key", "signature"}``;
-the signature is Ed25519 by the guest's identity key over :func:`canonical_payload`. The host
-checks that the nonce is the one it sent (a replayed attestation carries an old one), that the
-public key is the one fingerprints["identity"] names, and that the signature verifies.
+An attestation is ``{"nonce", "uuid", "domain_uuid", "generation", "fingerprints", "public_key",
+"signature"}``; the signature is Ed25519 by the guest's identity key over :func:`canonical_payload`.
+``domain_uuid`` is the libvirt domain UUID the host sent with the request (the guest cannot know it:
+a memory clone's SMBIOS ``uuid`` is still the golden's), so the signature binds the proof to the
+domain the host asked. The host checks that the nonce is the one it sent (a replayed attestation
+carries an old one), that the domain UUID is the one it sent, that the public key is the one
+fingerprints["identity"] names, and that the signature verifies.
 
 Nonces come from a secret the controller holds for one run (:func:`derive_nonce`): the host draws
 a salt per request and sends HMAC(run secret, domain UUID, salt); verify_unique, which holds the run
@@ -46,11 +49,11 @@ else:
     HAS_CRYPTOGRAPHY = True
     CRYPTOGRAPHY_IMPORT_ERROR = None
 
-ATTESTATION_DOMAIN = "clonesafe-attestation-v1"
+ATTESTATION_DOMAIN = "clonesafe-attestation-v2"
 ERASED = "erased"
 FINGERPRINT_PREFIX = "SHA256:"
 KEYED_HASH_PREFIX = "HMAC-SHA256:"
-ATTESTATION_FIELDS = ("nonce", "uuid", "generation", "fingerprints", "public_key", "signature")
+ATTESTATION_FIELDS = ("nonce", "uuid", "domain_uuid", "generation", "fingerprints", "public_key", "signature")
 
 NONCE_DOMAIN = "clonesafe-nonce-v1"
 NONCE_SALT_BYTES = 16
@@ -127,10 +130,11 @@ def derive_nonce(run_secret: str, domain_uuid: str, salt: str) -> str:
     return hmac.new(run_secret.encode("utf-8"), message, hashlib.sha256).hexdigest()
 
 
-def canonical_payload(nonce: str, uuid: str, generation: int, fingerprints: dict[str, str]) -> bytes:
-    """The exact bytes the identity key signs."""
+def canonical_payload(nonce: str, uuid: str, generation: int, fingerprints: dict[str, str], *, domain_uuid: str) -> bytes:
+    """The exact bytes the identity key signs: sorted, compact JSON of the attestation's signed fields."""
     return json.dumps(
-        {"domain": ATTESTATION_DOMAIN, "nonce": nonce, "uuid": uuid, "generation": generation, "fingerprints": fingerprints},
+        {"domain": ATTESTATION_DOMAIN, "nonce": nonce, "uuid": uuid, "domain_uuid": domain_uuid, "generation": generation,
+         "fingerprints": fingerprints},
         sort_keys=True,
         separators=(",", ":"),
     ).encode("utf-8")
@@ -143,16 +147,19 @@ def raw_public_key(private_key: t.Any) -> bytes:
 
 
 def sign_attestation(
-    private_key: t.Any | None, nonce: str, uuid: str, generation: int, fingerprints: dict[str, str]
+    private_key: t.Any | None, nonce: str, uuid: str, generation: int, fingerprints: dict[str, str], *, domain_uuid: str
 ) -> dict[str, t.Any]:
-    """An attestation signed by ``private_key`` (an Ed25519PrivateKey).
+    """An attestation signed by ``private_key`` (an Ed25519PrivateKey), bound to ``domain_uuid`` (the request's).
 
     With no key (the identity was erased) the attestation is unsigned: ``public_key`` and
     ``signature`` are None and fingerprints["identity"] must say "erased".
     """
+    if not isinstance(domain_uuid, str) or not DOMAIN_UUID_PATTERN.fullmatch(domain_uuid):
+        raise ProofError("the domain UUID to attest must be a lowercase UUID as libvirt writes it")
     attestation: dict[str, t.Any] = {
         "nonce": nonce,
         "uuid": uuid,
+        "domain_uuid": domain_uuid,
         "generation": generation,
         "fingerprints": dict(fingerprints),
         "public_key": None,
@@ -165,7 +172,7 @@ def sign_attestation(
     public = raw_public_key(private_key)
     if fingerprints.get("identity") != identity_fingerprint(public):
         raise ProofError("fingerprints['identity'] does not match the signing key")
-    signature = private_key.sign(canonical_payload(nonce, uuid, generation, fingerprints))
+    signature = private_key.sign(canonical_payload(nonce, uuid, generation, fingerprints, domain_uuid=domain_uuid))
     attestation["public_key"] = base64.b64encode(public).decode("ascii")
     attestation["signature"] = base64.b64encode(signature).decode("ascii")
     return attestation
@@ -197,6 +204,8 @@ def check_attestation_fields(attestation: t.Any) -> None:
         raise ProofError("attestation nonce must be 64 lowercase hex characters")
     if not isinstance(attestation["uuid"], str) or len(attestation["uuid"]) > 64:
         raise ProofError("attestation uuid must be a string of at most 64 characters")
+    if not isinstance(attestation["domain_uuid"], str) or not DOMAIN_UUID_PATTERN.fullmatch(attestation["domain_uuid"]):
+        raise ProofError("attestation domain_uuid must be a lowercase UUID")
     generation = attestation["generation"]
     if isinstance(generation, bool) or not isinstance(generation, int) or generation < 0:
         raise ProofError("attestation generation must be a non-negative integer")
@@ -210,18 +219,28 @@ def check_attestation_fields(attestation: t.Any) -> None:
         raise ProofError("attestation fingerprints lack the identity")
 
 
-def verify_attestation(attestation: t.Any, expected_nonce: str, allow_unsigned: bool = False) -> dict[str, str]:
-    """Check an attestation against the nonce the host sent; return its fingerprints.
+def verify_attestation(
+    attestation: t.Any, expected_nonce: str, *, expected_domain_uuid: str, allow_unsigned: bool = False
+) -> dict[str, str]:
+    """Check an attestation against the nonce and the domain UUID the host sent; return its fingerprints.
 
-    Raises ProofError on a malformed attestation, a wrong nonce (a replay), a public key that is
-    not the one fingerprints["identity"] names, or a signature that does not verify. An unsigned
-    attestation (identity erased, e.g. a sealed golden) passes only with ``allow_unsigned``.
+    Raises ProofError on a malformed attestation, a wrong nonce (a replay), another domain's UUID (a
+    proof moved from the domain that gave it), a public key that is not the one fingerprints["identity"]
+    names, or a signature that does not verify. An unsigned attestation (identity erased, e.g. a sealed
+    golden) passes only with ``allow_unsigned``.
     """
     check_attestation_fields(attestation)
     if not isinstance(expected_nonce, str) or not hmac.compare_digest(
         attestation["nonce"].encode("ascii"), expected_nonce.encode("utf-8")
     ):
         raise ProofError("attestation nonce is not the nonce sent with this request: a stale or replayed attestation")
+    if not isinstance(expected_domain_uuid, str) or not hmac.compare_digest(
+        attestation["domain_uuid"].encode("ascii"), expected_domain_uuid.encode("utf-8")
+    ):
+        raise ProofError(
+            f"attestation is bound to domain {attestation['domain_uuid']}, not to {str(expected_domain_uuid)[:64]}, "
+            "the domain it was asked of"
+        )
     fingerprints = attestation["fingerprints"]
     if attestation["public_key"] is None and attestation["signature"] is None:
         if fingerprints["identity"] != ERASED:
@@ -234,11 +253,15 @@ def verify_attestation(attestation: t.Any, expected_nonce: str, allow_unsigned: 
     signature = _decode_b64(attestation["signature"], "signature", 64)
     if not hmac.compare_digest(identity_fingerprint(public).encode(), fingerprints["identity"].encode("utf-8")):
         raise ProofError("attestation public key does not match fingerprints['identity']")
-    payload = canonical_payload(attestation["nonce"], attestation["uuid"], attestation["generation"], fingerprints)
+    payload = canonical_payload(attestation["nonce"], attestation["uuid"], attestation["generation"], fingerprints,
+                                domain_uuid=attestation["domain_uuid"])
     try:
         Ed25519PublicKey.from_public_bytes(public).verify(signature, payload)
     except InvalidSignature:
-        raise ProofError("attestation signature does not verify: the fingerprints, uuid, generation or nonce were altered, or another key signed") from None
+        raise ProofError(
+            "attestation signature does not verify: the fingerprints, uuid, domain_uuid, generation or nonce were altered, "
+            "or another key signed"
+        ) from None
     return dict(fingerprints)
 
 

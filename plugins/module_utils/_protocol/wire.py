@@ -20,7 +20,8 @@ import json
 import re
 import typing as t
 
-PROTOCOL_VERSION = 1
+# 2: rotate and attest name the libvirt domain they ask (domain_uuid), and the attestation signs it.
+PROTOCOL_VERSION = 2
 MAX_MESSAGE_BYTES = 65536
 MAX_HYPERVISOR_ENTROPY_BYTES = 4096
 MIN_HYPERVISOR_ENTROPY_BYTES = 32
@@ -48,6 +49,8 @@ TRIGGER_STATES = ("on", "off", "unavailable")
 _MAX_TRIGGERS = 16
 
 _ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# libvirt's UUIDString(): the canonical lowercase form (proof.DOMAIN_UUID_PATTERN).
+_DOMAIN_UUID_PATTERN = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _HEX_PATTERN = re.compile(r"[0-9a-f]+")
 _ERROR_CODE_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _MAX_PHASES = 32
@@ -312,11 +315,12 @@ def check_request_id(value: t.Any) -> str:
 
 
 def _check_rotate_args(args: dict[str, t.Any]) -> None:
-    check_fields(args, "rotate args", ("operation", "nonce", "hash_key", "entropy_source"), ("providers", "entropy"))
+    check_fields(args, "rotate args", ("operation", "nonce", "hash_key", "domain_uuid", "entropy_source"), ("providers", "entropy"))
     if args["operation"] not in ROTATE_OPERATIONS:
         raise ProtocolError("bad_args", f"operation must be one of {', '.join(ROTATE_OPERATIONS)}")
     check_hex(args["nonce"], "nonce", NONCE_BYTES)
     check_hex(args["hash_key"], "hash_key", HASH_KEY_BYTES)
+    check_str(args["domain_uuid"], "domain_uuid", 36, _DOMAIN_UUID_PATTERN)
     if args["entropy_source"] not in ENTROPY_SOURCES:
         raise ProtocolError("bad_args", f"entropy_source must be one of {', '.join(ENTROPY_SOURCES)}")
     if "providers" in args:
@@ -338,9 +342,10 @@ def _check_rotate_args(args: dict[str, t.Any]) -> None:
 
 
 def _check_attest_args(args: dict[str, t.Any]) -> None:
-    check_fields(args, "attest args", ("nonce", "hash_key"))
+    check_fields(args, "attest args", ("nonce", "hash_key", "domain_uuid"))
     check_hex(args["nonce"], "nonce", NONCE_BYTES)
     check_hex(args["hash_key"], "hash_key", HASH_KEY_BYTES)
+    check_str(args["domain_uuid"], "domain_uuid", 36, _DOMAIN_UUID_PATTERN)
 
 
 _ARG_CHECKS: dict[str, t.Callable[[dict[str, t.Any]], None]] = {
@@ -442,9 +447,10 @@ def _check_str_dict(value: t.Any, what: str, max_items: int = 512) -> None:
 
 def check_attestation_shape(value: t.Any) -> dict[str, t.Any]:
     """The fields and types of an attestation (the signature is proof.verify_attestation's job)."""
-    check_fields(value, "attestation", ("nonce", "uuid", "generation", "fingerprints", "public_key", "signature"))
+    check_fields(value, "attestation", ("nonce", "uuid", "domain_uuid", "generation", "fingerprints", "public_key", "signature"))
     check_hex(value["nonce"], "attestation nonce", NONCE_BYTES)
     check_str(value["uuid"], "attestation uuid", 64)
+    check_str(value["domain_uuid"], "attestation domain_uuid", 36, _DOMAIN_UUID_PATTERN)
     check_int(value["generation"], "attestation generation")
     _check_str_dict(value["fingerprints"], "attestation fingerprints")
     for name in ("public_key", "signature"):

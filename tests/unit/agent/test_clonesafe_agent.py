@@ -14,6 +14,7 @@ import sys
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,6 +23,7 @@ from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import p
 from agent_testlib import AGENT_FILES, FAKE_UUID, agent, agent_module, guest_root, load_agent_module, make_guest_root  # noqa: F401  pylint: disable=unused-import
 
 NONCE = "5a" * 32
+DOMAIN_UUID = "3c1b2a4e-5d6f-4a7b-8c9d-0e1f2a3b4c5d"
 HASH_KEY = "c3" * 32
 ENTROPY = base64.b64encode(os.urandom(48)).decode()
 SECRET_FILES = (
@@ -37,8 +39,11 @@ def request(agent, op, args=None, request_id="r1"):
     return reply["result"]
 
 
+ATTEST_ARGS = {"nonce": NONCE, "hash_key": HASH_KEY, "domain_uuid": DOMAIN_UUID}
+
+
 def rotate_args(operation="regenerate", source="guest", **extra):
-    args = {"operation": operation, "nonce": NONCE, "hash_key": HASH_KEY, "entropy_source": source, **extra}
+    args = {**ATTEST_ARGS, "operation": operation, "entropy_source": source, **extra}
     if source != "guest":
         args["entropy"] = ENTROPY
     return args
@@ -71,7 +76,7 @@ def test_vcpu_registration_steers_the_channel_irq(agent, guest_root):
 
 @pytest.mark.parametrize("source", wire.ENTROPY_SOURCES)
 def test_regenerate_changes_every_fingerprint_and_signs_them(agent, guest_root, source):
-    before = request(agent, "attest", {"nonce": NONCE, "hash_key": HASH_KEY})
+    before = request(agent, "attest", ATTEST_ARGS)
     files_before = snapshot(guest_root)
     result = request(agent, "rotate", rotate_args("regenerate", source))
     assert result["generation"] == 1 and result["entropy_source"] == source
@@ -79,7 +84,7 @@ def test_regenerate_changes_every_fingerprint_and_signs_them(agent, guest_root, 
         assert result["providers"][name] == {"status": "rotated", "method": "regenerated"}, name
     assert result["providers"]["rng"]["method"] == "reseeded"
     assert result["vcpu_interrupts"] == [5, 0]
-    after = proof.verify_attestation(result["attestation"], NONCE)
+    after = proof.verify_attestation(result["attestation"], NONCE, expected_domain_uuid=DOMAIN_UUID)
     assert set(after) == {"identity", "ssh_host_key.ed25519", "ssh_host_key.ecdsa", "machine_id"}
     for name, value in after.items():
         assert value != before["fingerprints"][name], name
@@ -93,7 +98,7 @@ def test_regenerate_changes_every_fingerprint_and_signs_them(agent, guest_root, 
 
 def test_fingerprints_match_what_openssh_and_the_files_say(agent, guest_root):
     request(agent, "rotate", rotate_args())
-    fingerprints = request(agent, "attest", {"nonce": NONCE, "hash_key": HASH_KEY})["fingerprints"]
+    fingerprints = request(agent, "attest", ATTEST_ARGS)["fingerprints"]
     pub = (guest_root / "etc/ssh/ssh_host_ed25519_key.pub").read_text()
     assert fingerprints["ssh_host_key.ed25519"] == proof.ssh_public_key_fingerprint(pub)
     keygen = subprocess.run(["ssh-keygen", "-lf", str(guest_root / "etc/ssh/ssh_host_ed25519_key.pub")],
@@ -107,7 +112,7 @@ def test_fingerprints_match_what_openssh_and_the_files_say(agent, guest_root):
 
 def test_no_private_key_material_in_any_reply(agent, guest_root):
     replies = [agent.handle_line(wire.encode_request(op, args, "x")) for op, args in
-               (("hello", {}), ("rotate", rotate_args()), ("attest", {"nonce": NONCE, "hash_key": HASH_KEY}))]
+               (("hello", {}), ("rotate", rotate_args()), ("attest", ATTEST_ARGS))]
     text = b"".join(replies)
     identity = serialization.load_pem_private_key((guest_root / "var/lib/clonesafe-agent/identity.key").read_bytes(), None)
     seed = identity.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
@@ -117,11 +122,11 @@ def test_no_private_key_material_in_any_reply(agent, guest_root):
 
 
 def test_modify_derives_with_hkdf_and_differs(agent, guest_root):
-    before = request(agent, "attest", {"nonce": NONCE, "hash_key": HASH_KEY})["fingerprints"]
+    before = request(agent, "attest", ATTEST_ARGS)["fingerprints"]
     result = request(agent, "rotate", rotate_args("modify", "combined"))
     for name in ("identity", "ssh_host_keys", "machine_id"):
         assert result["providers"][name]["method"] == "hkdf", name
-    after = proof.verify_attestation(result["attestation"], NONCE)
+    after = proof.verify_attestation(result["attestation"], NONCE, expected_domain_uuid=DOMAIN_UUID)
     assert all(after[name] != before[name] for name in before)
 
 
@@ -158,14 +163,14 @@ def test_erase_removes_secrets_and_the_attestation_is_unsigned(agent, guest_root
         **dict.fromkeys(wire.PROVIDERS[wire.PROVIDERS.index("systemd_credential"):], "unchanged")}
     attestation = result["attestation"]
     assert attestation["signature"] is None and set(attestation["fingerprints"].values()) == {proof.ERASED}
-    assert proof.verify_attestation(attestation, NONCE, allow_unsigned=True)
+    assert proof.verify_attestation(attestation, NONCE, expected_domain_uuid=DOMAIN_UUID, allow_unsigned=True)
     assert not (guest_root / "etc/ssh/ssh_host_ed25519_key").exists()
     assert not (guest_root / "var/lib/dbus/machine-id").exists()
     assert (guest_root / "etc/machine-id").read_text() == "uninitialized\n"
     hello = request(agent, "hello")
     assert hello["identity_public_key"] is None and hello["providers"]["ssh_host_keys"]["state"] == "erased"
     regenerated = request(agent, "rotate", rotate_args())
-    assert proof.verify_attestation(regenerated["attestation"], NONCE)["identity"] != proof.ERASED
+    assert proof.verify_attestation(regenerated["attestation"], NONCE, expected_domain_uuid=DOMAIN_UUID)["identity"] != proof.ERASED
 
 
 def test_selected_providers_only(agent, guest_root):
@@ -191,7 +196,7 @@ def test_tls_keys_and_self_signed_certificates(agent_module, tmp_path):
     agent.start()
     first = request(agent, "rotate", rotate_args())
     assert first["providers"]["tls"] == {"status": "rotated", "method": "regenerated"}
-    prints = proof.verify_attestation(first["attestation"], NONCE)
+    prints = proof.verify_attestation(first["attestation"], NONCE, expected_domain_uuid=DOMAIN_UUID)
     assert {"tls:/etc/ssl/private/web.key", "tls:/etc/ssl/private/ed.key", "tls:/etc/ssl/private/rsa.key"} <= set(prints)
     from cryptography import x509
     cert = x509.load_pem_x509_certificate((root / "etc/ssl/certs/web.pem").read_bytes())
@@ -199,7 +204,8 @@ def test_tls_keys_and_self_signed_certificates(agent_module, tmp_path):
     assert proof.public_key_der_fingerprint(der) == prints["tls:/etc/ssl/private/web.key"]
     second = request(agent, "rotate", rotate_args("modify"))
     assert second["providers"]["tls"]["method"] == "regenerated", "RSA cannot be derived: the method says so"
-    assert all(proof.verify_attestation(second["attestation"], NONCE)[k] != v for k, v in prints.items() if k.startswith("tls:"))
+    again = proof.verify_attestation(second["attestation"], NONCE, expected_domain_uuid=DOMAIN_UUID)
+    assert all(again[k] != v for k, v in prints.items() if k.startswith("tls:"))
     request(agent, "rotate", rotate_args("erase", providers=["tls"]))
     assert not (root / "etc/ssl/certs/web.pem").exists()
 
@@ -233,7 +239,7 @@ def test_garbage_gets_an_error_reply_and_the_agent_keeps_serving(agent, data):
     assert len(lines) == 1
     reply = json.loads(agent.handle_line(lines[0]))
     assert reply["ok"] is False and reply["error"]["code"]
-    assert request(agent, "hello")["protocol"] == 1
+    assert request(agent, "hello")["protocol"] == wire.PROTOCOL_VERSION
 
 
 @settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], deadline=None)
@@ -300,7 +306,7 @@ def test_a_failed_write_leaves_the_old_set_and_no_staged_secret(agent_module, ag
         real_write_new(path, data, mode, like)
 
     monkeypatch.setattr(agent_module.files, "write_new", disk_full_on_the_third)
-    reply = json.loads(agent.handle_line(json.dumps({"v": 1, "id": "r1", "op": "rotate", "args": rotate_args()}).encode()))
+    reply = json.loads(agent.handle_line(json.dumps({"v": wire.PROTOCOL_VERSION, "id": "r1", "op": "rotate", "args": rotate_args()}).encode()))
     assert reply["ok"] is False and "No space left on device" in reply["error"]["message"]
     assert snapshot(guest_root) == before
     assert list(guest_root.rglob("*clonesafe-tmp*")) == []
@@ -539,3 +545,24 @@ def test_unknown_configuration_is_refused(agent_module, tmp_path):
     root = make_guest_root(tmp_path / "g", {"providers": {"bogus": {}}})
     with pytest.raises(agent_module.AgentError, match="bogus"):
         agent_module.Agent(str(root))
+
+
+def test_the_attestation_signs_the_domain_uuid_the_host_sent(agent):
+    """Issue 17, hole 6: the SMBIOS uuid of a memory clone is the golden's; the host's domain UUID binds the proof."""
+    for op, args in (("attest", ATTEST_ARGS), ("rotate", rotate_args())):
+        result = request(agent, op, args)
+        attestation = result.get("attestation", result)
+        assert attestation["domain_uuid"] == DOMAIN_UUID
+        payload = json.dumps({"domain": "clonesafe-attestation-v2", "nonce": NONCE, "uuid": attestation["uuid"],
+                              "domain_uuid": DOMAIN_UUID, "generation": attestation["generation"],
+                              "fingerprints": attestation["fingerprints"]}, sort_keys=True, separators=(",", ":")).encode()
+        Ed25519PublicKey.from_public_bytes(base64.b64decode(attestation["public_key"])).verify(
+            base64.b64decode(attestation["signature"]), payload)
+
+
+def test_a_request_without_the_domain_uuid_is_refused(agent):
+    for op, args in (("attest", ATTEST_ARGS), ("rotate", rotate_args())):
+        unbound = {key: value for key, value in args.items() if key != "domain_uuid"}
+        line = json.dumps({"v": wire.PROTOCOL_VERSION, "id": "u1", "op": op, "args": unbound}).encode() + b"\n"
+        reply = json.loads(agent.handle_line(line))
+        assert reply["ok"] is False and reply["error"]["code"] == "bad_args" and "domain_uuid" in reply["error"]["message"]

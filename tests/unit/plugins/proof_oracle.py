@@ -16,7 +16,7 @@ import uuid
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-PAYLOAD_DOMAIN = "clonesafe-attestation-v1"
+PAYLOAD_DOMAIN = "clonesafe-attestation-v2"
 NONCE_DOMAIN = b"clonesafe-nonce-v1"
 RUN_SECRET = secrets.token_urlsafe(48)
 
@@ -45,16 +45,18 @@ def identity_of(seed: bytes) -> tuple[Ed25519PrivateKey, str]:
     return key, fingerprint(raw_public(key))
 
 
-def attestation(key: Ed25519PrivateKey, nonce: str, fingerprints: dict[str, str], generation: int = 1,
+def attestation(key: Ed25519PrivateKey, nonce: str, fingerprints: dict[str, str], domain_uuid: str, generation: int = 1,
                 smbios_uuid: str = "6c1e1f4e-0000-4000-8000-000000000001") -> dict[str, t.Any]:
-    """An attestation signed over the canonical payload: sorted, compact JSON with the payload domain."""
+    """An attestation signed over the canonical payload: sorted, compact JSON with the payload domain and the
+    libvirt domain UUID the host asked."""
     payload = json.dumps(
-        {"domain": PAYLOAD_DOMAIN, "nonce": nonce, "uuid": smbios_uuid, "generation": generation,
-         "fingerprints": fingerprints},
+        {"domain": PAYLOAD_DOMAIN, "nonce": nonce, "uuid": smbios_uuid, "domain_uuid": domain_uuid,
+         "generation": generation, "fingerprints": fingerprints},
         sort_keys=True, separators=(",", ":"),
     ).encode()
     return {
-        "nonce": nonce, "uuid": smbios_uuid, "generation": generation, "fingerprints": dict(fingerprints),
+        "nonce": nonce, "uuid": smbios_uuid, "domain_uuid": domain_uuid, "generation": generation,
+        "fingerprints": dict(fingerprints),
         "public_key": base64.b64encode(raw_public(key)).decode(),
         "signature": base64.b64encode(key.sign(payload)).decode(),
     }
@@ -62,10 +64,11 @@ def attestation(key: Ed25519PrivateKey, nonce: str, fingerprints: dict[str, str]
 
 def clone_result(name: str, *, seed: bytes | None = None, secrets_: dict[str, str] | None = None,
                  run_secret: str = RUN_SECRET, status: str = "rotated", reason: str | None = None,
-                 providers: dict[str, t.Any] | None = None, domain_uuid: str | None = None) -> dict[str, t.Any]:
+                 providers: dict[str, t.Any] | None = None, domain_uuid: str | None = None,
+                 signed_domain_uuid: str | None = None) -> dict[str, t.Any]:
     """One clone's entry in a secret_multicast result: its identity (same seed, same key), other secrets as given
     (fresh random fingerprints for machine_id and ssh_host_key.ed25519 by default), answered over a nonce derived
-    from ``run_secret``."""
+    from ``run_secret`` and signed for its domain UUID (or for ``signed_domain_uuid``: a proof of another domain)."""
     key, identity = identity_of(seed or os.urandom(32))
     fingerprints = {"identity": identity}
     fingerprints.update(secrets_ if secrets_ is not None else {
@@ -78,5 +81,5 @@ def clone_result(name: str, *, seed: bytes | None = None, secrets_: dict[str, st
     return {
         "name": name, "status": status, "reason": reason, "domain_uuid": domain_uuid, "nonce": nonce, "nonce_salt": salt,
         "providers": providers if providers is not None else {"identity": {"status": "rotated", "method": "regenerated"}},
-        "attestation": attestation(key, nonce, fingerprints),
+        "attestation": attestation(key, nonce, fingerprints, signed_domain_uuid or domain_uuid),
     }

@@ -246,11 +246,15 @@ class Agent:
             result.update(self.providers[name].fingerprints(hash_key))
         return result
 
-    def attest(self, nonce: str, hash_key: str) -> dict[str, t.Any]:
-        """Fingerprints signed by the identity key, bound to the host's nonce."""
+    def attest(self, nonce: str, hash_key: str, domain_uuid: str) -> dict[str, t.Any]:
+        """Fingerprints signed by the identity key, bound to the host's nonce and to the domain the host asked.
+
+        ``domain_uuid`` is the libvirt domain UUID the host names in the request: the guest cannot read
+        it (a memory clone's SMBIOS UUID is still the golden's), it signs what the host says it asked.
+        """
         return proof.sign_attestation(
             self.providers["identity"].load(), nonce, self.product_uuid(), int(self.state()["generation"]),
-            self.fingerprints(hash_key),
+            self.fingerprints(hash_key), domain_uuid=domain_uuid,
         )
 
     def register_vcpus(self) -> str | None:
@@ -303,13 +307,13 @@ class Agent:
         if request["op"] == "hello":
             return self.hello()
         if request["op"] == "attest":
-            return self.attest(args["nonce"], args["hash_key"])
+            return self.attest(args["nonce"], args["hash_key"], args["domain_uuid"])
         hypervisor = base64.b64decode(args["entropy"]) if "entropy" in args else None
         result = self.rotate(args["operation"], args.get("providers"), Entropy(args["entropy_source"], hypervisor), "channel",
                              defer_notifications=True)
         result["vcpu_interrupts"] = received_interrupts
         attest_started = time.monotonic()
-        result["attestation"] = self.attest(args["nonce"], args["hash_key"])
+        result["attestation"] = self.attest(args["nonce"], args["hash_key"], args["domain_uuid"])
         result["phases_ms"]["attest"] = int((time.monotonic() - attest_started) * 1000)
         return result
 

@@ -73,7 +73,8 @@ def hostile_host(tmp_path):
                 result["attestation"]["fingerprints"].update(lies[clone.name])
                 attestation = result["attestation"]
                 result["attestation"] = proof.sign_attestation(
-                    clone.key, attestation["nonce"], attestation["uuid"], attestation["generation"], attestation["fingerprints"])
+                    clone.key, attestation["nonce"], attestation["uuid"], attestation["generation"], attestation["fingerprints"],
+                    domain_uuid=attestation["domain_uuid"])
         return json.dumps(wire.make_result(request["id"], result)).encode() + b"\n", False, False
 
     fleet = fuzz.FakeFleet(str(tmp_path), clones, respond, paths=paths)

@@ -15,12 +15,14 @@ from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.fanout impo
 from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, wire
 
 HASH_KEY = secrets.token_hex(32)
+DOMAIN_UUID = "3c1b2a4e-5d6f-4a7b-8c9d-0e1f2a3b4c5d"
 
 
 def good_attest_reply(request: dict) -> bytes:
     key = proof.generate_identity_key(os.urandom(32))
     fingerprints = {"identity": proof.identity_fingerprint(proof.raw_public_key(key))}
-    attestation = proof.sign_attestation(key, request["args"]["nonce"], "uuid", 3, fingerprints)
+    attestation = proof.sign_attestation(key, request["args"]["nonce"], "uuid", 3, fingerprints,
+                                         domain_uuid=request["args"]["domain_uuid"])
     return wire.encode_message(wire.make_result(request["id"], attestation))
 
 
@@ -63,7 +65,7 @@ def agents(tmp_path):
         path = str(tmp_path / f"{name}.sock")
         started.append(FakeAgent(path, respond))
         return ChannelCall(clone=name, socket_path=path, op="attest",
-                           args={"nonce": secrets.token_hex(32), "hash_key": HASH_KEY})
+                           args={"nonce": secrets.token_hex(32), "hash_key": HASH_KEY, "domain_uuid": DOMAIN_UUID})
 
     yield start
     for agent in started:
@@ -75,7 +77,7 @@ def test_every_clone_answers(agents):
     call_all(calls, timeout=5)
     for call in calls:
         assert call.failure() is None
-        assert proof.verify_attestation(call.result, call.args["nonce"])["identity"].startswith("SHA256:")
+        assert proof.verify_attestation(call.result, call.args["nonce"], expected_domain_uuid=DOMAIN_UUID)["identity"].startswith("SHA256:")
         assert call.latency_ms is not None
 
 
@@ -125,7 +127,7 @@ def test_silent_agent_times_out_while_others_answer(agents):
 
 def test_missing_socket_is_explained(tmp_path):
     call = ChannelCall(clone="gone", socket_path=str(tmp_path / "nope.sock"), op="attest",
-                       args={"nonce": secrets.token_hex(32), "hash_key": HASH_KEY})
+                       args={"nonce": secrets.token_hex(32), "hash_key": HASH_KEY, "domain_uuid": DOMAIN_UUID})
     call_all([call], timeout=1)
     assert call.failure().startswith(f"cannot open the agent channel of clone 'gone' at {tmp_path}/nope.sock")
     assert "org.clonesafe.agent.0" in call.failure()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import uuid
 
 import pytest
 from proof_oracle import RUN_SECRET, clone_result, fingerprint, keyed_hash
@@ -135,6 +136,15 @@ def test_a_proof_presented_for_another_domain_is_rejected():
     verdict = judge({"hv1": {"clones": [moved]}})
     assert verdict.verified == {}
     assert "its nonce was not issued in this run" in verdict.bad_proofs[0]["reason"]
+
+
+def test_a_proof_signed_for_another_domain_is_rejected_though_its_nonce_is_of_this_run():
+    foreign = clone_result("a", signed_domain_uuid=str(uuid.uuid4()))
+    verdict = judge({"hv1": {"clones": [foreign, clone_result("b")]}})
+    assert verdict.verified == {"hv1": ["b"]}
+    assert verdict.bad_proofs[0]["clone"] == "a"
+    assert f"attestation is bound to domain {foreign['attestation']['domain_uuid']}, not to {foreign['domain_uuid']}" \
+        in verdict.bad_proofs[0]["reason"]
 
 
 def test_a_result_without_salt_or_domain_uuid_is_rejected():

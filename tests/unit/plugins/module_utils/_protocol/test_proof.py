@@ -18,23 +18,24 @@ from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import p
 
 NONCE = "0a" * 32
 HASH_KEY = "02" * 32
+DOMAIN = "3c1b2a4e-5d6f-4a7b-8c9d-0e1f2a3b4c5d"
 
 
 def signed(key=None, nonce=NONCE, **fingerprints):
     key = key or Ed25519PrivateKey.generate()
     prints = {"identity": proof.identity_fingerprint(proof.raw_public_key(key)), **fingerprints}
-    return proof.sign_attestation(key, nonce, "6c1e1f4e-0000-4000-8000-000000000001", 3, prints)
+    return proof.sign_attestation(key, nonce, "6c1e1f4e-0000-4000-8000-000000000001", 3, prints, domain_uuid=DOMAIN)
 
 
 def test_signed_attestation_verifies_and_returns_fingerprints():
     attestation = signed(machine_id="HMAC-SHA256:00")
-    assert proof.verify_attestation(attestation, NONCE) == attestation["fingerprints"]
+    assert proof.verify_attestation(attestation, NONCE, expected_domain_uuid=DOMAIN) == attestation["fingerprints"]
     wire.check_attestation_shape(attestation)
 
 
 def test_replayed_attestation_is_rejected():
     with pytest.raises(proof.ProofError, match="replayed"):
-        proof.verify_attestation(signed(), "03" * 32)
+        proof.verify_attestation(signed(), "03" * 32, expected_domain_uuid=DOMAIN)
 
 
 @pytest.mark.parametrize(
@@ -50,7 +51,7 @@ def test_tampering_breaks_the_signature(tamper):
     attestation = signed(machine_id="HMAC-SHA256:00")
     tamper(attestation)
     with pytest.raises(proof.ProofError, match="signature does not verify"):
-        proof.verify_attestation(attestation, NONCE)
+        proof.verify_attestation(attestation, NONCE, expected_domain_uuid=DOMAIN)
 
 
 def test_public_key_must_match_the_identity_fingerprint():
@@ -58,18 +59,18 @@ def test_public_key_must_match_the_identity_fingerprint():
     other = Ed25519PrivateKey.generate()
     attestation["public_key"] = base64.b64encode(proof.raw_public_key(other)).decode()
     with pytest.raises(proof.ProofError, match="does not match"):
-        proof.verify_attestation(attestation, NONCE)
+        proof.verify_attestation(attestation, NONCE, expected_domain_uuid=DOMAIN)
 
 
 def test_a_key_that_re_signs_other_fingerprints_is_caught_by_the_identity_binding():
     victim = signed()
     attacker = Ed25519PrivateKey.generate()
     forged = copy.deepcopy(victim)
-    payload = proof.canonical_payload(NONCE, forged["uuid"], forged["generation"], forged["fingerprints"])
+    payload = proof.canonical_payload(NONCE, forged["uuid"], forged["generation"], forged["fingerprints"], domain_uuid=DOMAIN)
     forged["signature"] = base64.b64encode(attacker.sign(payload)).decode()
     forged["public_key"] = base64.b64encode(proof.raw_public_key(attacker)).decode()
     with pytest.raises(proof.ProofError):
-        proof.verify_attestation(forged, NONCE)
+        proof.verify_attestation(forged, NONCE, expected_domain_uuid=DOMAIN)
 
 
 @pytest.mark.parametrize(
@@ -80,6 +81,8 @@ def test_a_key_that_re_signs_other_fingerprints_is_caught_by_the_identity_bindin
         lambda a: a.update(nonce=NONCE.upper()),
         lambda a: a.update(generation="3"),
         lambda a: a.update(generation=True),
+        lambda a: a.update(domain_uuid=DOMAIN.upper()),
+        lambda a: a.update(domain_uuid=None),
         lambda a: a.update(fingerprints=[]),
         lambda a: a["fingerprints"].pop("identity"),
         lambda a: a.update(public_key="!!"),
@@ -90,25 +93,63 @@ def test_malformed_attestations_are_named(mutate):
     attestation = signed()
     mutate(attestation)
     with pytest.raises(proof.ProofError):
-        proof.verify_attestation(attestation, NONCE)
+        proof.verify_attestation(attestation, NONCE, expected_domain_uuid=DOMAIN)
 
 
 def test_unsigned_attestation_only_when_allowed_and_erased():
-    attestation = proof.sign_attestation(None, NONCE, "u", 2, {"identity": proof.ERASED, "machine_id": proof.ERASED})
+    attestation = proof.sign_attestation(None, NONCE, "u", 2, {"identity": proof.ERASED, "machine_id": proof.ERASED}, domain_uuid=DOMAIN)
     with pytest.raises(proof.ProofError, match="unsigned"):
-        proof.verify_attestation(attestation, NONCE)
-    assert proof.verify_attestation(attestation, NONCE, allow_unsigned=True)["identity"] == proof.ERASED
+        proof.verify_attestation(attestation, NONCE, expected_domain_uuid=DOMAIN)
+    assert proof.verify_attestation(attestation, NONCE, expected_domain_uuid=DOMAIN, allow_unsigned=True)["identity"] == proof.ERASED
     attestation["fingerprints"]["identity"] = "SHA256:claims"
     with pytest.raises(proof.ProofError, match="claims an identity"):
-        proof.verify_attestation(attestation, NONCE, allow_unsigned=True)
+        proof.verify_attestation(attestation, NONCE, expected_domain_uuid=DOMAIN, allow_unsigned=True)
 
 
 def test_canonical_payload_is_sorted_compact_json_with_the_domain():
-    payload = proof.canonical_payload(NONCE, "u", 1, {"b": "2", "a": "1"})
+    payload = proof.canonical_payload(NONCE, "u", 1, {"b": "2", "a": "1"}, domain_uuid=DOMAIN)
     assert payload == json.dumps(
-        {"domain": "clonesafe-attestation-v1", "nonce": NONCE, "uuid": "u", "generation": 1, "fingerprints": {"b": "2", "a": "1"}},
+        {"domain": "clonesafe-attestation-v2", "nonce": NONCE, "uuid": "u", "domain_uuid": DOMAIN, "generation": 1,
+         "fingerprints": {"b": "2", "a": "1"}},
         sort_keys=True, separators=(",", ":"),
     ).encode()
+
+
+# Issue 17, hole 6: nothing bound a proof to the domain it was asked of (the SMBIOS uuid of a memory
+# clone is the golden's). The signature now covers the libvirt domain UUID the host sent.
+
+def test_the_signature_covers_the_domain_uuid_the_host_sent():
+    key = Ed25519PrivateKey.generate()
+    attestation = signed(key)
+    payload = json.dumps(
+        {"domain": "clonesafe-attestation-v2", "nonce": NONCE, "uuid": attestation["uuid"], "domain_uuid": DOMAIN,
+         "generation": 3, "fingerprints": attestation["fingerprints"]},
+        sort_keys=True, separators=(",", ":"),
+    ).encode()
+    key.public_key().verify(base64.b64decode(attestation["signature"]), payload)
+    assert attestation["domain_uuid"] == DOMAIN
+
+
+def test_a_proof_presented_for_another_domain_is_rejected():
+    other = "3c1b2a4e-5d6f-4a7b-8c9d-0e1f2a3b4c5e"
+    with pytest.raises(proof.ProofError, match=f"bound to domain {DOMAIN}, not to {other}"):
+        proof.verify_attestation(signed(), NONCE, expected_domain_uuid=other)
+    moved = signed()
+    moved["domain_uuid"] = other
+    with pytest.raises(proof.ProofError, match="signature does not verify"):
+        proof.verify_attestation(moved, NONCE, expected_domain_uuid=other)
+
+
+def test_an_attestation_without_the_domain_binding_is_refused():
+    attestation = signed()
+    del attestation["domain_uuid"]
+    with pytest.raises(proof.ProofError, match="lacks field.*domain_uuid"):
+        proof.verify_attestation(attestation, NONCE, expected_domain_uuid=DOMAIN)
+
+
+def test_only_a_libvirt_domain_uuid_can_be_attested():
+    with pytest.raises(proof.ProofError, match="domain UUID"):
+        proof.sign_attestation(Ed25519PrivateKey.generate(), NONCE, "u", 1, {}, domain_uuid=DOMAIN.upper())
 
 
 def test_ssh_fingerprint_matches_openssh_format():
@@ -133,7 +174,7 @@ def test_keyed_hash_is_hmac_and_requires_a_proper_key():
                        st.none() | st.integers() | st.text(max_size=100) | st.dictionaries(st.text(max_size=5), st.text(max_size=5))))
 def test_arbitrary_attestations_raise_only_proof_errors(attestation):
     with pytest.raises(proof.ProofError):
-        proof.verify_attestation(attestation, NONCE)
+        proof.verify_attestation(attestation, NONCE, expected_domain_uuid=DOMAIN)
 
 
 def test_nonces_derive_from_the_run_secret_as_an_independent_hmac_says():

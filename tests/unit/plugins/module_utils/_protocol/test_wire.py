@@ -13,16 +13,17 @@ from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import w
 
 NONCE = "ab" * 32
 HASH_KEY = "cd" * 32
+DOMAIN_UUID = "3c1b2a4e-5d6f-4a7b-8c9d-0e1f2a3b4c5d"
+V = wire.PROTOCOL_VERSION
 ENTROPY = base64.b64encode(bytes(range(48))).decode()
 
+ATTEST_ARGS = {"nonce": NONCE, "hash_key": HASH_KEY, "domain_uuid": DOMAIN_UUID}
 VALID_REQUESTS = [
-    {"v": 1, "id": "h-1", "op": "hello", "args": {}},
-    {"v": 1, "id": "a_2", "op": "attest", "args": {"nonce": NONCE, "hash_key": HASH_KEY}},
-    {"v": 1, "id": "r3", "op": "rotate", "args": {"operation": "regenerate", "nonce": NONCE, "hash_key": HASH_KEY,
-                                                  "entropy_source": "guest"}},
-    {"v": 1, "id": "r4", "op": "rotate", "args": {"operation": "modify", "nonce": NONCE, "hash_key": HASH_KEY,
-                                                  "entropy_source": "combined", "entropy": ENTROPY,
-                                                  "providers": ["identity", "machine_id"]}},
+    {"v": V, "id": "h-1", "op": "hello", "args": {}},
+    {"v": V, "id": "a_2", "op": "attest", "args": ATTEST_ARGS},
+    {"v": V, "id": "r3", "op": "rotate", "args": {**ATTEST_ARGS, "operation": "regenerate", "entropy_source": "guest"}},
+    {"v": V, "id": "r4", "op": "rotate", "args": {**ATTEST_ARGS, "operation": "modify", "entropy_source": "combined",
+                                                  "entropy": ENTROPY, "providers": ["identity", "machine_id"]}},
 ]
 
 json_values = st.recursive(
@@ -49,7 +50,8 @@ def test_valid_requests_parse_and_round_trip(request_obj):
     [
         (lambda r: r.update(op="shell"), "unknown_op"),
         (lambda r: r.update(op="__class__"), "unknown_op"),
-        (lambda r: r.update(v=2), "bad_version"),
+        (lambda r: r.update(v=wire.PROTOCOL_VERSION + 1), "bad_version"),
+        (lambda r: r.update(v=1), "bad_version"),
         (lambda r: r.update(v=True), "bad_version"),
         (lambda r: r.update(id="x" * 65), "bad_id"),
         (lambda r: r.update(id="a b"), "bad_id"),
@@ -79,8 +81,22 @@ def test_invalid_requests_are_rejected_with_a_code(mutate, code):
         assert caught.value.request_id == request_obj["id"]
 
 
+@pytest.mark.parametrize("op", ["attest", "rotate"])
+@pytest.mark.parametrize("domain_uuid", [None, "", "3C1B2A4E-5D6F-4A7B-8C9D-0E1F2A3B4C5D", "3c1b2a4e5d6f4a7b8c9d0e1f2a3b4c5d",
+                                         "3c1b2a4e-5d6f-4a7b-8c9d-0e1f2a3b4c5d\n", 7])
+def test_attest_and_rotate_name_the_domain_they_ask_as_libvirt_writes_its_uuid(op, domain_uuid):
+    request_obj = json.loads(json.dumps(VALID_REQUESTS[1 if op == "attest" else 2]))
+    request_obj["args"]["domain_uuid"] = domain_uuid
+    with pytest.raises(wire.ProtocolError) as caught:
+        wire.parse_request(line(request_obj))
+    assert caught.value.code == "bad_args" and "domain_uuid" in caught.value.message
+    del request_obj["args"]["domain_uuid"]
+    with pytest.raises(wire.ProtocolError, match="lacks field.*domain_uuid"):
+        wire.parse_request(line(request_obj))
+
+
 def test_hypervisor_entropy_must_be_long_enough_and_base64():
-    args = {"operation": "regenerate", "nonce": NONCE, "hash_key": HASH_KEY, "entropy_source": "hypervisor"}
+    args = {"operation": "regenerate", "nonce": NONCE, "hash_key": HASH_KEY, "domain_uuid": DOMAIN_UUID, "entropy_source": "hypervisor"}
     for entropy in (base64.b64encode(b"x" * 31).decode(), "not base64!", base64.b64encode(b"x" * 5000).decode()):
         with pytest.raises(wire.ProtocolError):
             wire.make_request("rotate", {**args, "entropy": entropy}, "r")
@@ -109,7 +125,7 @@ def test_hostile_lines(data, code):
 
 
 def test_size_limit_counts_the_newline():
-    base = {"v": 1, "id": "h", "op": "hello", "args": {}}
+    base = {"v": V, "id": "h", "op": "hello", "args": {}}
     skeleton = json.dumps({**base, "pad": ""}).encode()
     pad = wire.MAX_MESSAGE_BYTES - len(skeleton) - 1
     exact = json.dumps({**base, "pad": "x" * pad}).encode() + b"\n"
@@ -187,12 +203,12 @@ def test_any_replaced_field_is_either_valid_or_an_error(request_obj, field, valu
         parsed = wire.parse_request(line(mutated))
     except wire.ProtocolError:
         return
-    assert parsed["op"] in wire.OPERATIONS and parsed["v"] == 1
+    assert parsed["op"] in wire.OPERATIONS and parsed["v"] == wire.PROTOCOL_VERSION
 
 
 # -- responses (host side) ---------------------------------------------------------------------
 
-ATTESTATION = {"nonce": NONCE, "uuid": "u", "generation": 1, "fingerprints": {"identity": "SHA256:x"},
+ATTESTATION = {"nonce": NONCE, "uuid": "u", "domain_uuid": DOMAIN_UUID, "generation": 1, "fingerprints": {"identity": "SHA256:x"},
                "public_key": "AAAA", "signature": "AAAA"}
 
 
@@ -211,6 +227,9 @@ def test_responses_parse_and_check_the_id():
 @pytest.mark.parametrize(
     "result",
     [
+        {key: value for key, value in ATTESTATION.items() if key != "domain_uuid"},
+        {**ATTESTATION, "domain_uuid": "u"},
+        {**ATTESTATION, "domain_uuid": DOMAIN_UUID.upper()},
         {**ATTESTATION, "generation": -1},
         {**ATTESTATION, "generation": True},
         {**ATTESTATION, "fingerprints": {"identity": 5}},
@@ -269,7 +288,7 @@ def test_arbitrary_bytes_never_crash_the_response_parser(data):
 @settings(deadline=None, max_examples=500)
 @given(json_values, st.sampled_from([None, "hello", "rotate", "attest"]))
 def test_arbitrary_results_never_crash_the_response_parser(value, op):
-    for message in ({"v": 1, "id": "r", "ok": True, "result": value}, {"v": 1, "id": "r", "ok": False, "error": value}, value):
+    for message in ({"v": V, "id": "r", "ok": True, "result": value}, {"v": V, "id": "r", "ok": False, "error": value}, value):
         try:
             wire.parse_response(line(message), "r", op)
         except wire.ProtocolError as error:
@@ -329,9 +348,9 @@ def test_a_complete_hello_parses():
     assert reply(HELLO_RESULT, "hello")["result"] == HELLO_RESULT
 
 
-@pytest.mark.parametrize("version", [1.0, True, "1", [1], None, 2])
+@pytest.mark.parametrize("version", [2.0, True, "2", [2], None, 1, 3])
 def test_the_protocol_version_is_the_integer_itself(version):
-    """1.0 == 1 and True == 1 in Python: a float or a bool must not pass as version 1."""
+    """2.0 == 2 in Python: a float, a string or a bool must not pass as version 2, nor version 1 (no domain binding)."""
     response = json.dumps({"v": version, "id": "r", "ok": True, "result": ATTESTATION}).encode() + b"\n"
     with pytest.raises(wire.ProtocolError) as caught:
         wire.parse_response(response, "r", "attest")
@@ -391,10 +410,10 @@ def test_a_lone_surrogate_or_control_character_in_an_attestation_is_refused(path
 
 def test_a_lone_surrogate_anywhere_is_refused_even_where_no_schema_looks():
     for message in (
-        {"v": 1, "id": "r", "ok": True, "result": {"\ud800": 1}},
-        {"v": 1, "id": "r", "ok": True, "result": {"x": ["\udc00"]}},
-        {"v": 1, "id": "r", "ok": False, "error": {"code": "busy", "message": "a\ud800b"}},
-        {"v": 1, "id": "\ud800", "ok": True, "result": {}},
+        {"v": V, "id": "r", "ok": True, "result": {"\ud800": 1}},
+        {"v": V, "id": "r", "ok": True, "result": {"x": ["\udc00"]}},
+        {"v": V, "id": "r", "ok": False, "error": {"code": "busy", "message": "a\ud800b"}},
+        {"v": V, "id": "\ud800", "ok": True, "result": {}},
     ):
         with pytest.raises(wire.ProtocolError):
             wire.parse_response(json.dumps(message).encode() + b"\n", "r")
@@ -402,7 +421,7 @@ def test_a_lone_surrogate_anywhere_is_refused_even_where_no_schema_looks():
 
 def test_deep_nesting_is_refused_before_any_schema_walks_it():
     for depth in (7, 500, 900):
-        message = json.dumps({"v": 1, "id": "r", "ok": True, "result": {"x": nested(depth)}}).encode() + b"\n"
+        message = json.dumps({"v": V, "id": "r", "ok": True, "result": {"x": nested(depth)}}).encode() + b"\n"
         with pytest.raises(wire.ProtocolError) as caught:
             wire.parse_response(message, "r")
         assert caught.value.code in ("bad_message", "bad_json")
@@ -429,9 +448,9 @@ def test_printable_bounds_and_escapes():
 @settings(deadline=None, max_examples=300)
 @given(st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x10FFFF), max_size=80))
 def test_error_messages_about_any_field_name_or_version_are_printable(text):
-    for message in ({"v": 1, "id": "r", "ok": True, "result": {**ATTESTATION, text: 1}},
+    for message in ({"v": V, "id": "r", "ok": True, "result": {**ATTESTATION, text: 1}},
                     {"v": text, "id": "r", "ok": True, "result": ATTESTATION},
-                    {"v": 1, "id": text, "ok": True, "result": ATTESTATION}):
+                    {"v": V, "id": text, "ok": True, "result": ATTESTATION}):
         try:
             wire.parse_response(json.dumps(message).encode() + b"\n", "r", "attest")
         except wire.ProtocolError as error:
