@@ -37,7 +37,7 @@ def test_keys_bound_to_their_signed_fingerprints_are_taken(tmp_path):
 
 def test_a_key_that_is_not_the_signed_one_is_refused(tmp_path):
     ed25519, ed25519_fp = host_key(tmp_path, "ed25519")
-    other, _ = host_key(tmp_path, "ed25519")
+    other = host_key(tmp_path, "ed25519")[0]
     fingerprints = {"ssh_host_key.ed25519": ed25519_fp}
     with pytest.raises(known_hosts.HostKeyError, match="ssh_host_key.ed25519 public key is not the one its signed"):
         known_hosts.attested_host_keys({"host_keys": {"ssh_host_key.ed25519": other}}, fingerprints)
@@ -57,7 +57,7 @@ def test_a_key_that_is_not_the_signed_one_is_refused(tmp_path):
 
 
 def test_known_hosts_lines_are_filed_under_the_domain_uuid(tmp_path):
-    ed25519, _ = host_key(tmp_path, "ed25519")
+    ed25519 = host_key(tmp_path, "ed25519")[0]
     key = " ".join(ed25519.split()[:2])
     domain = "0e0c8f6a-5c61-4bd4-9f0a-1f4c5a7e9d21"
     lines = known_hosts.known_hosts_lines([(domain, "web-001", "hv1", {"ssh_host_key.ed25519": key})])
