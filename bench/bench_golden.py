@@ -22,6 +22,7 @@ lab golden's shape), and removed at the end.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -101,16 +102,42 @@ def _run(argv: list[str], **kwargs: t.Any) -> None:
         raise SystemExit(f"{argv[0]} failed ({completed.returncode}):\n{(completed.stderr or completed.stdout)[-3000:]}")
 
 
-def ensure_image(lab: dict[str, t.Any]) -> dict[str, t.Any]:
-    """The bench image for the lab image and this checkout's agent: built once, then taken from the cache."""
+def newest_image(lab: dict[str, t.Any]) -> dict[str, t.Any] | None:
+    """The bench image built last for the lab's current image and protocol, whatever else changed in the agent (or None)."""
+    built = []
+    for manifest in IMAGES.glob("*/image.json"):
+        data = json.loads(manifest.read_text())
+        if data.get("lab_image") == lab["image"]["disk"] and data.get("protocol") == wire.PROTOCOL_VERSION:
+            built.append((manifest.stat().st_mtime, data))
+    return max(built, key=lambda pair: pair[0])[1] if built else None
+
+
+def ensure_image(lab: dict[str, t.Any], reuse: bool = False) -> dict[str, t.Any]:
+    """The bench image for the lab image and this checkout's agent: built once, then taken from the cache.
+
+    With ``reuse``, the newest bench image of the lab's image is taken even if the agent changed since
+    (others keep changing it; a build takes minutes): its manifest names the commit it was built at.
+    """
+    if reuse:
+        found = newest_image(lab)
+        if found:
+            print(f"reusing the bench image {found['dir']} (agent of commit {found['commit']})", flush=True)
+            return found
     key = _inputs_digest(lab)
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    # One build at a time: a second bench started meanwhile waits and takes the image this one builds.
+    with open(IMAGES / ".build.lock", "w", encoding="utf-8") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_image(lab, key)
+
+
+def _build_image(lab: dict[str, t.Any], key: str) -> dict[str, t.Any]:
     directory = IMAGES / key
     manifest = directory / "image.json"
     if manifest.exists():
         return json.loads(manifest.read_text())
     print(f"building the bench image {directory} (lab image + this checkout's agent + network) ...", flush=True)
     started = time.monotonic()
-    IMAGES.mkdir(parents=True, exist_ok=True)
     work = pathlib.Path(tempfile.mkdtemp(prefix=f".{key}.", dir=IMAGES))
     try:
         rootfs = work / "rootfs"
@@ -134,7 +161,8 @@ def ensure_image(lab: dict[str, t.Any]) -> dict[str, t.Any]:
             if not link.is_symlink():
                 link.symlink_to(f"/lib/systemd/system/{unit}")
         # NetworkManager (if the lab image has it) would fight networkd over the NIC.
-        (rootfs / "etc/systemd/system/multi-user.target.wants/NetworkManager.service").unlink(missing_ok=True)
+        for wanted in ("multi-user.target.wants/NetworkManager.service", "network-online.target.wants/NetworkManager-wait-online.service"):
+            (rootfs / "etc/systemd/system" / wanted).unlink(missing_ok=True)
         raw = work / "disk.raw"
         image_size = json.loads((lab_dir / "image.json").read_text()).get("image_size", "2G")
         _run(["mkfs.ext4", "-q", "-F", "-L", "clonesafe-root", "-d", str(rootfs), str(raw), image_size])
@@ -146,7 +174,7 @@ def ensure_image(lab: dict[str, t.Any]) -> dict[str, t.Any]:
         data = {
             "key": key, "dir": str(directory), "disk": str(directory / "disk.qcow2"), "kernel": lab["image"]["kernel"],
             "initrd": lab["image"]["initrd"], "cmdline": lab["image"]["cmdline"], "lab_image": lab["image"]["disk"],
-            "agent_files": len(agent_files), "commit": benchlib.machine_facts()["commit"],
+            "agent_files": len(agent_files), "commit": benchlib.machine_facts()["commit"], "protocol": wire.PROTOCOL_VERSION,
             "built_s": round(time.monotonic() - started, 1),
         }
         (work / "image.json").write_text(json.dumps(data, indent=2) + "\n")
@@ -201,6 +229,17 @@ def wait_for_hello(path: str, timeout: float, interval: float = 2.0) -> tuple[Ag
             channel = None
             time.sleep(0.2)
     raise TimeoutError(f"no agent answered hello on {path} within {timeout:g} s")
+
+
+def call(channel: AgentChannel, op: str, args: dict[str, t.Any], timeout: float = 60.0) -> dict[str, t.Any]:
+    """One request; replies to other requests (hellos still queued from ``wait_for_hello``) are skipped."""
+    request_id = fresh_hex(8)
+    channel.send_raw(wire.encode_request(op, args, request_id))
+    deadline = time.monotonic() + timeout
+    while True:
+        result = _reply_to(channel.read_line(max(0.01, deadline - time.monotonic())), {request_id}, op)
+        if result is not None:
+            return result
 
 
 def free_port() -> int:
@@ -316,11 +355,11 @@ class Golden:
             raise SystemExit(f"golden_domain failed: {result.get('msg')}")
         watch = ConsoleWatch(self.console_log, READY_MARKER, started)
         channel, _hello = wait_for_hello(self.channel_socket, timeout)
+        domain = self.conn.lookupByName(self.name)
         with channel:
             nonce = fresh_hex()
-            attestation = channel.call("attest", {"nonce": nonce, "hash_key": fresh_hex()}, timeout=60)
-        self.fingerprints = proof.verify_attestation(attestation, nonce)
-        domain = self.conn.lookupByName(self.name)
+            attestation = call(channel, "attest", {"nonce": nonce, "hash_key": fresh_hex(), "domain_uuid": domain.UUIDString()})
+        self.fingerprints = proof.verify_attestation(attestation, nonce, expected_domain_uuid=domain.UUIDString())
         port = free_port()
         forward_ssh(domain, port)
         self.ssh_fingerprint, _waited = wait_for_new_key(port, set(), timeout)

@@ -55,9 +55,9 @@ VERIFIED_AT: dict[str, float] = {}
 _ORIGINAL_ATTACH = mc._attach_attestation  # pylint: disable=protected-access
 
 
-def _timed_attach(outcome, attestation, nonce, salt, allow_unsigned=False):
+def _timed_attach(outcome, *args, **kwargs):
     """multicast's own proof check, and the moment it finished for this clone."""
-    _ORIGINAL_ATTACH(outcome, attestation, nonce, salt, allow_unsigned)
+    _ORIGINAL_ATTACH(outcome, *args, **kwargs)
     VERIFIED_AT[outcome.name] = time.monotonic()
 
 
@@ -136,11 +136,13 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--samples", type=int, default=30, help="first rotations per N (batches of N fresh clones)")
     parser.add_argument("--steady", type=int, default=3, help="multicasts after the first one, per batch")
+    parser.add_argument("--reuse-image", action="store_true",
+                        help="take the newest bench image of the lab image even if the agent changed since it was built")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     lab = benchlib.lab_summary()
     result = benchlib.header("latency", lab)
-    image = bench_golden.ensure_image(lab)
+    image = bench_golden.ensure_image(lab, reuse=args.reuse_image)
     result.update({"sizes": args.sizes, "samples_per_n": args.samples, "steady_per_batch": args.steady, "image": image,
                    "guest": {"memory_mib": bench_golden.GUEST_MEMORY_MIB, "vcpus": bench_golden.GUEST_VCPUS}})
     tag = uuid.uuid4().hex[:6]

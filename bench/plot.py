@@ -39,7 +39,7 @@ def _load(directory: pathlib.Path, name: str) -> dict | None:
 def _footer(figure, data: dict) -> None:
     machine = data["machine"]
     load = data["load"]
-    figure.text(0.01, 0.005, f"{machine.get('cores')} cores, {machine.get('accel', '?')}, {machine.get('os', '')}, "
+    figure.text(0.01, 0.005, f"{machine.get('cores')} cores, {machine.get('accel', 'no guests')}, {machine.get('os', '')}, "
                 f"commit {machine.get('commit')}; load {load['before']['loadavg'][0]} -> {load.get('after', {}).get('loadavg', ['?'])[0]}",
                 fontsize=7, color="0.4")
 
@@ -138,6 +138,7 @@ def plot_fanout(data: dict, out: pathlib.Path) -> None:
     axes.plot(index, [row["host_cpu_per_clone_ms"] for row in rounds], "s-", label="host CPU per clone")
     axes.axhline(1.0, color="tab:red", linewidth=0.8, label="goal: 1 ms")
     axes.set_xlabel("multicast")
+    axes.set_xticks(list(index))
     axes.set_ylabel("ms per clone")
     axes.set_ylim(bottom=0)
     axes.set_title(f"Host fan-out to {data['clones']} fake agents on unix sockets (hello + rotate, every proof verified)",

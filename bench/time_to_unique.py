@@ -286,11 +286,11 @@ class Usual:
 
     def remove(self) -> None:
         self.clean()
-        # virt-clone (virtinst) defines a directory storage pool for the disks' directory: ours only.
+        # virt-clone (virtinst) defines directory storage pools for the copies' and the golden's directories: ours only.
         for pool in self.conn.conn.listAllStoragePools(0):
             try:
                 path = ET.fromstring(pool.XMLDesc(0)).findtext("target/path")
-                if path and os.path.realpath(path) == os.path.realpath(self.work):
+                if path and os.path.realpath(path) in (os.path.realpath(self.work), os.path.realpath(self.golden.work)):
                     if pool.isActive():
                         pool.destroy()
                     pool.undefine()
@@ -325,6 +325,8 @@ def main() -> None:
     parser.add_argument("--clones", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--paths", nargs="+", default=["ansible", "library", "usual"], choices=["ansible", "library", "usual"])
     parser.add_argument("--keep-going", action="store_true", help="record a failed path and go on with the next")
+    parser.add_argument("--reuse-image", action="store_true",
+                        help="take the newest bench image of the lab image even if the agent changed since it was built")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     lab = benchlib.lab_summary()
@@ -333,7 +335,7 @@ def main() -> None:
     result = benchlib.header("time_to_unique", lab)
     guest = {"memory_mib": bench_golden.GUEST_MEMORY_MIB, "vcpus": bench_golden.GUEST_VCPUS}
     result.update({"clones": args.clones, "paths": args.paths, "guest": guest})
-    image = bench_golden.ensure_image(lab)
+    image = bench_golden.ensure_image(lab, reuse=args.reuse_image)
     result["image"] = image
     tag = uuid.uuid4().hex[:6]
     name = f"bench{tag}"
