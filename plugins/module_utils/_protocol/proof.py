@@ -21,6 +21,11 @@ a salt per request and sends HMAC(run secret, domain UUID, salt); verify_unique,
 secret, recomputes it from the salt and domain UUID the host returns, so an answer to a nonce of
 another run, or of another domain, does not verify.
 
+Host keys: an attestation may carry ``host_keys``, the public SSH host keys of the guest (fingerprint name
+to ``<type> <base64>``). Public data outside the signed payload, but covered by the signature all the same:
+each key must hash to the fingerprint the payload signs under its name, so no key other than the signed one
+passes verify_attestation. The host writes the verified clones' known_hosts from them.
+
 Completeness: a proof names every secret the guest holds, each under its fingerprint name. A secret
 the agent found but did not change in a rotation keeps its current fingerprint in the proof (so it
 is still compared with the golden's and the other clones') and its provider's outcome lists its name
@@ -54,6 +59,10 @@ ERASED = "erased"
 FINGERPRINT_PREFIX = "SHA256:"
 KEYED_HASH_PREFIX = "HMAC-SHA256:"
 ATTESTATION_FIELDS = ("nonce", "uuid", "domain_uuid", "generation", "fingerprints", "public_key", "signature")
+# Optional: public SSH host keys, each bound to its signed fingerprint (see the module docstring).
+HOST_KEYS = "host_keys"
+_MAX_HOST_KEYS = 32
+_MAX_HOST_KEY_LINE = 4096
 
 NONCE_DOMAIN = "clonesafe-nonce-v1"
 NONCE_SALT_BYTES = 16
@@ -197,7 +206,7 @@ def check_attestation_fields(attestation: t.Any) -> None:
     missing = [name for name in ATTESTATION_FIELDS if name not in attestation]
     if missing:
         raise ProofError(f"attestation lacks field(s): {', '.join(missing)}")
-    extra = sorted(str(name)[:64] for name in attestation if name not in ATTESTATION_FIELDS)
+    extra = sorted(str(name)[:64] for name in attestation if name not in ATTESTATION_FIELDS + (HOST_KEYS,))
     if extra:
         raise ProofError(f"attestation has unknown field(s): {', '.join(extra[:8])}")
     if not isinstance(attestation["nonce"], str) or not _HEX64.fullmatch(attestation["nonce"]):
@@ -217,6 +226,25 @@ def check_attestation_fields(attestation: t.Any) -> None:
             raise ProofError("attestation fingerprints must map names to strings")
     if "identity" not in fingerprints:
         raise ProofError("attestation fingerprints lack the identity")
+    if HOST_KEYS in attestation:
+        host_keys = attestation[HOST_KEYS]
+        if not isinstance(host_keys, dict) or len(host_keys) > _MAX_HOST_KEYS:
+            raise ProofError(f"attestation host_keys must be an object of at most {_MAX_HOST_KEYS} entries")
+        for key, value in host_keys.items():
+            if not isinstance(key, str) or not isinstance(value, str) or len(key) > 512 or len(value) > _MAX_HOST_KEY_LINE:
+                raise ProofError("attestation host_keys must map names to public key lines")
+
+
+def check_host_keys(attestation: dict[str, t.Any], fingerprints: dict[str, str]) -> None:
+    """Every attested host key hashes to the fingerprint signed under its name; ProofError naming the first that does not."""
+    for name, line in (attestation.get(HOST_KEYS) or {}).items():
+        signed = fingerprints.get(name)
+        try:
+            actual = ssh_public_key_fingerprint(line)
+        except ProofError:
+            raise ProofError(f"attestation host key {name[:64]} is not an OpenSSH public key line") from None
+        if not isinstance(signed, str) or signed == ERASED or not hmac.compare_digest(actual.encode("ascii"), signed.encode("utf-8")):
+            raise ProofError(f"attestation host key {name[:64]} is not the key its signed fingerprint names")
 
 
 def verify_attestation(
@@ -262,6 +290,7 @@ def verify_attestation(
             "attestation signature does not verify: the fingerprints, uuid, domain_uuid, generation or nonce were altered, "
             "or another key signed"
         ) from None
+    check_host_keys(attestation, fingerprints)
     return dict(fingerprints)
 
 

@@ -437,22 +437,25 @@ def _check_str_list(value: t.Any, what: str, max_items: int) -> None:
         check_str(item, f"{what} item", 512)
 
 
-def _check_str_dict(value: t.Any, what: str, max_items: int = 512) -> None:
+def _check_str_dict(value: t.Any, what: str, max_items: int = 512, max_length: int = 1024) -> None:
     if not isinstance(value, dict) or len(value) > max_items:
         raise ProtocolError("bad_message", f"{what} must be an object of at most {max_items} strings")
     for key, item in value.items():
         check_str(key, f"{what} key", 512)
-        check_str(item, f"{what}[{key[:64]}]", 1024)
+        check_str(item, f"{what}[{key[:64]}]", max_length)
 
 
 def check_attestation_shape(value: t.Any) -> dict[str, t.Any]:
     """The fields and types of an attestation (the signature is proof.verify_attestation's job)."""
-    check_fields(value, "attestation", ("nonce", "uuid", "domain_uuid", "generation", "fingerprints", "public_key", "signature"))
+    check_fields(value, "attestation", ("nonce", "uuid", "domain_uuid", "generation", "fingerprints", "public_key", "signature"),
+                 ("host_keys",))
     check_hex(value["nonce"], "attestation nonce", NONCE_BYTES)
     check_str(value["uuid"], "attestation uuid", 64)
     check_str(value["domain_uuid"], "attestation domain_uuid", 36, _DOMAIN_UUID_PATTERN)
     check_int(value["generation"], "attestation generation")
     _check_str_dict(value["fingerprints"], "attestation fingerprints")
+    if "host_keys" in value:
+        _check_str_dict(value["host_keys"], "attestation host_keys", 32, 4096)
     for name in ("public_key", "signature"):
         if value[name] is not None:
             check_str(value[name], f"attestation {name}", 256)

@@ -65,21 +65,27 @@ def attestation(key: Ed25519PrivateKey, nonce: str, fingerprints: dict[str, str]
 def clone_result(name: str, *, seed: bytes | None = None, secrets_: dict[str, str] | None = None,
                  run_secret: str = RUN_SECRET, status: str = "rotated", reason: str | None = None,
                  providers: dict[str, t.Any] | None = None, domain_uuid: str | None = None,
-                 signed_domain_uuid: str | None = None) -> dict[str, t.Any]:
+                 signed_domain_uuid: str | None = None, host_keys: dict[str, str] | None = None) -> dict[str, t.Any]:
     """One clone's entry in a secret_multicast result: its identity (same seed, same key), other secrets as given
     (fresh random fingerprints for machine_id and ssh_host_key.ed25519 by default), answered over a nonce derived
-    from ``run_secret`` and signed for its domain UUID (or for ``signed_domain_uuid``: a proof of another domain)."""
+    from ``run_secret`` and signed for its domain UUID (or for ``signed_domain_uuid``: a proof of another domain).
+    ``host_keys`` (name to OpenSSH public key line) ride beside the signed payload, each signed as its fingerprint."""
     key, identity = identity_of(seed or os.urandom(32))
     fingerprints = {"identity": identity}
     fingerprints.update(secrets_ if secrets_ is not None else {
         "machine_id": keyed_hash("02" * 32, os.urandom(16)),
         "ssh_host_key.ed25519": fingerprint(os.urandom(32)),
     })
+    for name_, line in (host_keys or {}).items():
+        fingerprints.setdefault(name_, fingerprint(base64.b64decode(line.split()[1])))
     domain_uuid = domain_uuid or str(uuid.uuid4())
     salt = secrets.token_hex(16)
     nonce = nonce_for(run_secret, domain_uuid, salt)
+    signed = attestation(key, nonce, fingerprints, signed_domain_uuid or domain_uuid)
+    if host_keys is not None:
+        signed["host_keys"] = dict(host_keys)
     return {
         "name": name, "status": status, "reason": reason, "domain_uuid": domain_uuid, "nonce": nonce, "nonce_salt": salt,
         "providers": providers if providers is not None else {"identity": {"status": "rotated", "method": "regenerated"}},
-        "attestation": attestation(key, nonce, fingerprints, signed_domain_uuid or domain_uuid),
+        "attestation": signed,
     }

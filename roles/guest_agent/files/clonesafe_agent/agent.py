@@ -252,10 +252,14 @@ class Agent:
         ``domain_uuid`` is the libvirt domain UUID the host names in the request: the guest cannot read
         it (a memory clone's SMBIOS UUID is still the golden's), it signs what the host says it asked.
         """
-        return proof.sign_attestation(
+        attestation = proof.sign_attestation(
             self.providers["identity"].load(), nonce, self.product_uuid(), int(self.state()["generation"]),
             self.fingerprints(hash_key), domain_uuid=domain_uuid,
         )
+        # The public host keys, so the host can write the clone's known_hosts: each hashes to a signed fingerprint.
+        if self.providers["ssh_host_keys"].enabled:
+            attestation[proof.HOST_KEYS] = self.providers["ssh_host_keys"].public_keys()
+        return attestation
 
     def register_vcpus(self) -> str | None:
         """Steer the channel's interrupts to the configured vCPUs; returns what went wrong, if anything."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import subprocess
 
 from clonesafe_testlib import run_playbook
 from proof_oracle import RUN_SECRET, clone_result, fingerprint
@@ -131,3 +132,40 @@ def test_known_hosts_has_no_entry_for_a_clone_that_attested_no_host_keys(tmp_pat
     assert verdict["known_hosts"] == str(known) and verdict["known_hosts_clones"] == []
     assert known.read_text() == "" and oct(known.stat().st_mode & 0o777) == "0o644"
     assert any("a on hv1 attested no SSH host keys" in warning for warning in verdict.get("warnings", [])), verdict
+
+
+def ssh_host_key(tmp_path, name: str) -> str:
+    """A real Ed25519 host key's public line, made by ssh-keygen (type and key, no comment)."""
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / name)], check=True)
+    return " ".join((tmp_path / f"{name}.pub").read_text().split()[:2])
+
+
+def test_known_hosts_holds_the_verified_clones_attested_keys_only(tmp_path):
+    keys = {name: ssh_host_key(tmp_path, name) for name in ("a", "b", "c")}
+    seed = os.urandom(32)
+    results = {"hv1": {"clones": [clone_result(name, host_keys={"ssh_host_key.ed25519": keys[name]},
+                                               seed=seed if name in ("b", "c") else None,
+                                               secrets_={"machine_id": f"HMAC-SHA256:{name}"})
+                                  for name in ("a", "b")]},
+               "hv2": {"clones": [clone_result("c", host_keys={"ssh_host_key.ed25519": keys["c"]}, seed=seed,
+                                               secrets_={"machine_id": "HMAC-SHA256:c"})]}}
+    known = tmp_path / "known_hosts"
+    verdict = verify(tmp_path, results, known_hosts=str(known))
+    # b and c share an identity: neither is verified, and neither gets an entry.
+    assert verdict["verified"] == {"hv1": ["a"]}
+    a = results["hv1"]["clones"][0]
+    assert known.read_text() == f"clonesafe-{a['domain_uuid']} {keys['a']} a@hv1\n"
+    assert verdict["known_hosts_clones"] == [{"host": "hv1", "clone": "a", "alias": f"clonesafe-{a['domain_uuid']}",
+                                              "keys": ["ssh_host_key.ed25519"]}]
+    found = subprocess.run(["ssh-keygen", "-F", f"clonesafe-{a['domain_uuid']}", "-f", str(known)], capture_output=True,
+                           text=True, check=False)
+    assert found.returncode == 0 and keys["a"] in found.stdout
+
+
+def test_a_host_key_other_than_the_signed_one_fails_the_proof(tmp_path):
+    result = clone_result("a", host_keys={"ssh_host_key.ed25519": ssh_host_key(tmp_path, "real")})
+    result["attestation"]["host_keys"]["ssh_host_key.ed25519"] = ssh_host_key(tmp_path, "planted")
+    verdict = verify(tmp_path, {"hv1": {"clones": [result]}}, known_hosts=str(tmp_path / "known_hosts"))
+    assert verdict["failed"] is True and verdict["verified"] == {}
+    assert "host key ssh_host_key.ed25519 is not the key its signed fingerprint names" in verdict["msg"]
+    assert (tmp_path / "known_hosts").read_text() == ""

@@ -211,6 +211,19 @@ class SshHostKeysProvider(Provider):
                 result[key.name] = proof.ERASED
         return result
 
+    def public_keys(self) -> dict[str, str]:
+        """The public line (type and key, no comment) of every host key present, under its fingerprint name.
+
+        Public data, attested beside the fingerprints: each line hashes to the fingerprint the signature
+        covers, so the host can write the clone's known_hosts from it.
+        """
+        result = {}
+        for key in self.host_keys():
+            public = read_bytes(key.public_path)
+            if has_content(key.private_path) and public:
+                result[key.name] = " ".join(public.decode("ascii", "replace").split()[:2])
+        return result
+
     def state(self) -> str:
         present = [has_content(key.private_path) for key in self.host_keys()]
         if present and all(present):

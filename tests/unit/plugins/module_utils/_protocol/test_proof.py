@@ -198,3 +198,40 @@ def test_nonces_derive_from_the_run_secret_as_an_independent_hmac_says():
 def test_nonce_inputs_are_checked(run_secret, domain_uuid, salt, message):
     with pytest.raises(proof.ProofError, match=message):
         proof.derive_nonce(run_secret, domain_uuid, salt)
+
+
+def ssh_key_line(key_type: str = "ssh-ed25519") -> str:
+    """An OpenSSH public key line made the way OpenSSH encodes one (SSH string type, SSH string key)."""
+    raw = proof.raw_public_key(Ed25519PrivateKey.generate())
+    blob = len(key_type).to_bytes(4, "big") + key_type.encode() + len(raw).to_bytes(4, "big") + raw
+    return f"{key_type} {base64.b64encode(blob).decode()}"
+
+
+def sha256_of_line(line: str) -> str:
+    digest = hashlib.sha256(base64.b64decode(line.split()[1])).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def test_attested_host_keys_are_bound_to_the_signed_fingerprints():
+    """Issue 14: public host keys ride beside the signed payload; each must hash to the fingerprint signed for it."""
+    line = ssh_key_line()
+    attestation = signed(**{"ssh_host_key.ed25519": sha256_of_line(line)})
+    attestation["host_keys"] = {"ssh_host_key.ed25519": line}
+    assert proof.verify_attestation(attestation, NONCE, expected_domain_uuid=DOMAIN)["ssh_host_key.ed25519"] == sha256_of_line(line)
+    wire.check_attestation_shape(attestation)
+
+    swapped = copy.deepcopy(attestation)
+    swapped["host_keys"]["ssh_host_key.ed25519"] = ssh_key_line()
+    with pytest.raises(proof.ProofError, match="host key ssh_host_key.ed25519 is not the key its signed fingerprint names"):
+        proof.verify_attestation(swapped, NONCE, expected_domain_uuid=DOMAIN)
+    unsigned_name = copy.deepcopy(attestation)
+    unsigned_name["host_keys"]["ssh_host_key:/etc/other"] = line
+    with pytest.raises(proof.ProofError, match="ssh_host_key:/etc/other is not the key its signed fingerprint names"):
+        proof.verify_attestation(unsigned_name, NONCE, expected_domain_uuid=DOMAIN)
+    for bad in ([line], {"ssh_host_key.ed25519": 7}, {f"k{i}": line for i in range(33)}):
+        malformed = dict(attestation, host_keys=bad)
+        with pytest.raises(proof.ProofError, match="host_keys"):
+            proof.verify_attestation(malformed, NONCE, expected_domain_uuid=DOMAIN)
+    garbage = dict(attestation, host_keys={"ssh_host_key.ed25519": "ssh-ed25519 !!"})
+    with pytest.raises(proof.ProofError, match="is not an OpenSSH public key line"):
+        proof.verify_attestation(garbage, NONCE, expected_domain_uuid=DOMAIN)
