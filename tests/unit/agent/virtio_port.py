@@ -27,6 +27,7 @@ import fcntl
 import os
 import select
 import signal
+import socket
 import threading
 import time
 import typing as t
@@ -50,7 +51,10 @@ class VirtioPort:
 
     def __init__(self, path: str, room: int = 1 << 20) -> None:
         self.path = path
-        self.fd = os.open(os.devnull, os.O_RDWR)  # a real descriptor stands for the port: fcntl works on it
+        # A real descriptor stands for the port, of a kind that keeps O_ASYNC (fcntl F_SETFL sets it only
+        # for files with a fasync operation, which /dev/null lacks): the model signals only when asked to.
+        self._stand_in = socket.socketpair()
+        self.fd = self._stand_in[0].fileno()
         self.lock = threading.RLock()
         self.host_connected = False
         self.inbuf = bytearray()
@@ -61,12 +65,24 @@ class VirtioPort:
         self.writes = 0
         self.stop = False
         self.opened = 0
+        self.guest_thread = threading.get_ident()
+        self.closed = False
 
     # -- the host --------------------------------------------------------------------------------
 
     def _sigio(self) -> None:
-        if fcntl.fcntl(self.fd, fcntl.F_GETFL) & os.O_ASYNC:
-            os.kill(os.getpid(), signal.SIGIO)
+        # To the thread running the agent, as the kernel's SIGIO reaches the single-threaded agent.
+        with self.lock:
+            if not self.closed and fcntl.fcntl(self.fd, fcntl.F_GETFL) & os.O_ASYNC:
+                signal.pthread_kill(self.guest_thread, signal.SIGIO)
+
+    def close(self) -> None:
+        """No more signals, and the stand-in descriptor closed."""
+        with self.lock:
+            self.closed = True
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_ASYNC)
+            for end in self._stand_in:
+                end.close()
 
     def connect(self, room: int | None = None) -> None:
         """A host connects (and takes up to ``room`` bytes of replies before it stops reading)."""
@@ -83,6 +99,19 @@ class VirtioPort:
             assert self.host_connected
             self.inbuf += data
         self._sigio()
+
+    def connect_late(self, data: bytes, delay: float) -> None:
+        """A host connects and writes, and the guest takes the data ``delay`` before the connection.
+
+        The driver takes data in its interrupt handler but "host connected" in a work queue: the first
+        request of a new host can be readable while the port still says no host is connected.
+        """
+        with self.lock:
+            assert not self.host_connected
+            self.inbuf += data
+        self._sigio()
+        time.sleep(delay)
+        self.connect()
 
     def hangup(self) -> None:
         """The host closes its end: what it had not taken of the guest's output is discarded."""

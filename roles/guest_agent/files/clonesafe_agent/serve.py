@@ -47,17 +47,19 @@ HOST_GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL
 GONE_ERRNOS = (errno.EPIPE, errno.ECONNRESET)
 # Reads of what a departed host left in the port, per hang-up (the port holds a few hundred KiB).
 MAX_DISCARD_READS = 64
-INTERNAL_ERROR = "the agent could not handle this request"
+# virtio_console takes data in its interrupt handler but "host connected" in a work queue: a new
+# host's first request can be readable while the port still says no host. Input found while the
+# port says so is a departed host's only if the port still says so this long after.
+HANGUP_GRACE_SECONDS = 0.1
 
 
 class Channel:
     """The connected host's side of the port: its requests not served yet and the reply being written.
 
-    One request at a time, in order: a line is served only once the reply before it is written out,
-    and the port is read only when every line read so far was served, so memory holds at most one
-    read and one reply, and a host that does not read stops being read. What a host that left (or
-    stopped reading) sent or is owed is dropped: never served after it left, never answered to
-    whoever connects next.
+    One request at a time, in order: a line is served once the reply before it is out, the port is
+    read when every line read was served (memory: one read, one reply; a host that does not read
+    is not read). What a host that left or stopped reading sent or is owed is dropped: never served
+    after it left, never answered to whoever connects next.
     """
 
     def __init__(self, agent: Agent, fd: int) -> None:
@@ -68,14 +70,18 @@ class Channel:
         self.reply = memoryview(b"")
         self.written = 0
         self.stalled_since: float | None = None
-        # A reply was cut off mid-line on this connection: the next one starts on a new line, so the
-        # host's line reader sees one bad line and then whole replies again.
+        # A reply was cut off mid-line: the next starts on a new line (one bad line for the host's reader).
         self.torn = False
+        # check_host() saw the host gone, threw away so many bytes and kept what a new host sent.
+        self.left = False
+        self.discarded = 0
+        self.early = bytearray()
+        self.checking = False
 
     @property
     def busy(self) -> bool:
-        """Lines to serve or a reply to write."""
-        return bool(self.lines or self.reply)
+        """Lines to serve, a reply to write, or a departure (seen on SIGIO) to act on."""
+        return bool(self.lines or self.reply or self.left)
 
     def interest(self) -> int:
         """What to poll the port for (a hang-up is reported whatever is asked)."""
@@ -92,9 +98,11 @@ class Channel:
 
         A line is served only here, so only when the host was there a moment ago.
         """
-        if revents & HOST_GONE:
+        if self.left or revents & HOST_GONE:
+            # Seen by this poll(), or on SIGIO while a request was served (a new host may be there now).
             self.hangup()
-            return False
+            if revents & HOST_GONE:
+                return False
         if self.reply:
             if revents & select.POLLOUT and not self.flush():
                 return False
@@ -127,11 +135,14 @@ class Channel:
         except Exception as error:  # pylint: disable=broad-exception-caught
             # handle_line answers every line itself: this is the last line of defence.
             log(f"request not handled: {type(error).__name__}: {wire.printable(str(error), 200)}")
-            response = wire.encode_message(wire.make_error(None, "internal", INTERNAL_ERROR))
+            response = wire.encode_message(wire.make_error(None, "internal", "the agent could not handle this request"))
         self.reply = memoryview(b"\n" + response if self.torn else response)
         self.torn = False
         self.written = 0
         self.stalled_since = None
+        if self.left:  # its host left while it was served: the reply is not for whoever is there now
+            self.hangup()
+            return True
         return self.flush()
 
     def flush(self) -> bool:
@@ -173,20 +184,62 @@ class Channel:
 
     def hangup(self) -> None:
         """The host left: drop what it sent and is owed, and what it wrote that is still in the port."""
-        self.drop("the host left", self.discard_input())
-        self.torn = False
+        self.checking = True
+        try:
+            kept, discarded = self.leftovers()
+        finally:
+            self.checking = False
+        kept, self.early = bytes(self.early) + kept, bytearray()
+        self.drop("the host left", self.discarded + discarded)
+        self.discarded, self.left, self.torn = 0, False, False
+        if kept:
+            self.lines.extend(self.buffer.feed(kept))
 
-    def discard_input(self) -> int:
-        """Read and throw away what a departed host wrote (virtio_console keeps it readable until read).
+    def check_host(self) -> None:
+        """On SIGIO: when the port says no host is connected, note it and take what the host left.
 
-        Only while the port still reports no host: what a new host sends is its own.
+        A request can take longer than the gap before the next host connects, after which the port
+        says "connected" again. A signal handler: never raises, leaves lines and buffer to the loop.
+        """
+        if self.checking:
+            return
+        self.checking = True
+        try:
+            if self.no_host():
+                self.left = True
+                kept, discarded = self.leftovers()
+                self.early += kept
+                self.discarded += discarded
+        except Exception:  # pylint: disable=broad-exception-caught
+            # Raising would break whatever the signal interrupted; the loop's own poll() looks again.
+            return
+        finally:
+            self.checking = False
+
+    def no_host(self) -> bool:
+        """Whether the port says no host is connected."""
+        poller = select.poll()
+        poller.register(self.fd, 0)
+        ready = poller.poll(0)
+        return bool(ready) and bool(ready[0][1] & select.POLLHUP)
+
+    def host_returns(self) -> bool:
+        """Whether the port says a host is connected within HANGUP_GRACE_SECONDS."""
+        deadline = time.monotonic() + HANGUP_GRACE_SECONDS
+        while self.no_host():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(HANGUP_GRACE_SECONDS / 20)
+        return True
+
+    def leftovers(self) -> tuple[bytes, int]:
+        """Read what the port holds while it says no host: (input a new host sent, bytes thrown away).
+
+        virtio_console keeps a departed host's input readable until read; see HANGUP_GRACE_SECONDS.
         """
         discarded = 0
-        poller = select.poll()
-        poller.register(self.fd, select.POLLIN)
         for _read in range(MAX_DISCARD_READS):
-            ready = poller.poll(0)
-            if not ready or not ready[0][1] & select.POLLHUP:
+            if not self.no_host():
                 break
             try:
                 data = os.read(self.fd, wire.MAX_MESSAGE_BYTES)
@@ -194,16 +247,17 @@ class Channel:
                 break
             if not data:
                 break
+            if not discarded and self.host_returns():
+                return data, 0
             discarded += len(data)
-        return discarded
+        return b"", discarded
 
 
 def watch_host_connection(port: int) -> bool:
     """Ask for SIGIO on the port: the virtio console driver sends it when the host (dis)connects.
 
-    While no host is connected the port polls as POLLHUP without end, so poll() cannot wait for
-    the host; without SIGIO the loop must re-poll on a timer, and a host that connects waits for
-    the next tick.
+    While no host is connected the port polls as POLLHUP without end, so poll() cannot wait for the
+    host; without SIGIO the loop re-polls on a timer, and a host that connects waits for the tick.
     """
     try:
         fcntl.fcntl(port, fcntl.F_SETOWN, os.getpid())
@@ -243,9 +297,15 @@ def serve(agent: Agent) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    # SIGIO's handler does nothing: the wakeup fd is what makes poll() return.
+
+    def on_sigio(_signum: int, _frame: t.Any) -> None:
+        # The wakeup fd is what makes poll() return; the handler catches a host that left while a
+        # request was being served, before the next host connects.
+        if channel is not None:
+            channel.check_host()
+
     wakeup_read, wakeup_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.signal(signal.SIGIO, lambda _signum, _frame: None)
+    signal.signal(signal.SIGIO, on_sigio)
     signal.set_wakeup_fd(wakeup_write, warn_on_full_buffer=False)
     log(f"serving {port_path} (agent {AGENT_VERSION}, protocol {wire.PROTOCOL_VERSION})")
     while running:
@@ -306,7 +366,7 @@ def serve(agent: Agent) -> None:
 def _timeout_ms(channel: Channel | None, watching_port: bool, hup_until: float, now: float) -> int:
     """How long the next poll() may wait."""
     if channel is not None and watching_port:
-        if channel.lines and not channel.reply:
+        if channel.left or (channel.lines and not channel.reply):
             return 0
         deadline = channel.deadline()
         if channel.reply and deadline is not None:
