@@ -86,7 +86,7 @@ def plot_latency(data: dict, out: pathlib.Path) -> None:
         for stat, marker in (("p50", "o"), ("p90", "^")):
             axes.plot(sizes, [entry[kind]["latency_ms"][stat] for entry in entries], style, marker=marker,
                       label=f"{kind} rotation, {stat}")
-    steady_cost = entries[0]["steady"]["qemu_cpu_idle_corrected_ms"]["p50"]
+    steady_cost = entries[0]["steady"]["qemu_cpu_total_corrected_ms"]["p50"]
     cores = data["machine"].get("cores") or 2
     axes.plot(sizes, [size * steady_cost / cores for size in sizes], ":", color="black",
               label=f"floor: N x {steady_cost:.0f} ms guest CPU / {cores} cores")
@@ -107,15 +107,18 @@ def plot_guest_cost(data: dict, out: pathlib.Path) -> None:
     sizes = [entry["n"] for entry in entries]
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4.5))
     for kind, style in (("first", "-"), ("steady", "--")):
-        left.plot(sizes, [entry[kind]["qemu_cpu_idle_corrected_ms"]["p50"] for entry in entries], style, marker="o",
+        left.plot(sizes, [entry[kind]["qemu_cpu_total_corrected_ms"]["p50"] for entry in entries], style, marker="o",
                   label=f"{kind} rotation, p50")
-        left.plot(sizes, [entry[kind]["qemu_cpu_idle_corrected_ms"]["p90"] for entry in entries], style, marker="^",
+        left.plot(sizes, [entry[kind]["qemu_cpu_total_corrected_ms"]["p90"] for entry in entries], style, marker="^",
                   label=f"{kind} rotation, p90")
+    if all(entry.get("hello", {}).get("samples") for entry in entries):
+        left.plot(sizes, [entry["hello"]["qemu_cpu_total_corrected_ms"]["p50"] for entry in entries], ":", marker="s",
+                  label="hello alone, p50")
     left.axhline(25, color="tab:red", linewidth=0.8, label="goal: 25 ms")
     left.set_xticks(sizes)
     left.set_xlabel("clones in one multicast (N)")
     left.set_ylabel("host CPU ms of the clone's QEMU per rotation")
-    left.set_title("Guest cost per rotation (idle-corrected)", fontsize=10)
+    left.set_title("Guest cost per multicast (hello + rotate + what follows, idle-corrected)", fontsize=9)
     left.legend(fontsize=7)
     left.grid(alpha=0.3)
     phases = entries[0]["steady"]["phases_ms_p50"]
