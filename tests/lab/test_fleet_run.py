@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import subprocess
 import time
 import uuid
 
@@ -37,11 +38,13 @@ def remove_template(lab, template):
 def test_memory_clones_share_the_golden_secrets_until_one_multicast(lab, tmp_path):
     template = f"e2e-{uuid.uuid4().hex[:6]}"
     report_file = tmp_path / "report.json"
+    known_hosts = tmp_path / "known_hosts"
     try:
         run = run_playbook(
             "playbooks/clone_fleet.yml", "-v",
             "-e", f"clonesafe_template={template}", "-e", f"clonesafe_clone_count={CLONES}",
             "-e", "clonesafe_show_before=true", "-e", f"clonesafe_report_file={report_file}",
+            "-e", f"clonesafe_known_hosts_file={known_hosts}",
             timeout=2400,
         )
         assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-3000:]
@@ -72,6 +75,17 @@ def test_memory_clones_share_the_golden_secrets_until_one_multicast(lab, tmp_pat
         assert sorted(after["verified"]["localhost"]) == names
         after_identities = {row["fingerprint"] for row in after["table"] if row["provider"] == "identity"}
         assert len(after_identities) == CLONES
+
+        # The verified clones' attested host keys, as known_hosts (issue 14): one alias per clone, every key its own,
+        # none the golden's (fingerprints by ssh-keygen, not by the code under test).
+        entries = [line.split() for line in known_hosts.read_text().splitlines()]
+        assert len({entry[0] for entry in entries}) == CLONES, entries
+        keys = [f"{entry[1]} {entry[2]}" for entry in entries]
+        assert len(keys) == len(set(keys)) >= CLONES
+        listed = subprocess.run(["ssh-keygen", "-lf", str(known_hosts)], capture_output=True, text=True, check=True).stdout
+        fingerprints = {line.split()[1] for line in listed.splitlines()}
+        assert len(fingerprints) == len(keys)
+        assert not fingerprints & {value for name, value in golden.items() if name.startswith("ssh_host_key")}
 
         # Released only after verification: every clone's link is up, each with its own MAC.
         code, info = run_module("clonesafe.fleet.clone_info", {"uri": lab["uri"], "template": template})
