@@ -87,7 +87,7 @@ options:
     choices: [held, released]
     version_added: 0.1.0
   parallel:
-    description: How many clones are created at the same time.
+    description: How many clones are created, or existing ones brought to O(state) and O(network) (a release swaps NICs), at the same time.
     type: int
     default: 4
     version_added: 0.1.0

@@ -530,11 +530,14 @@ def ensure_clones(conn: LibvirtConnection, runner: storage.Runner, request: Requ
     if to_create and request.state == "running" and request.start == "none":
         raise ClonesafeError("state: running needs start: boot or restore for new clones")
     existing_state = request.state if request.state == "running" else "present"
-    for name, _index in wanted:
-        if name in by_name:
-            domain, spec = by_name[name]
-            report.results.append(converge_existing(conn, domain, spec, existing_state, request.paused,
-                                                    request.network, check_mode))
+    # Existing clones converge side by side like new ones are made (a release swaps each clone's NIC,
+    # which waits for its guest to acknowledge the unplug: one clone after another, that wait added up).
+    report.results.extend(_run_parallel(
+        [lambda domain=by_name[name][0], spec=by_name[name][1]: converge_existing(
+            conn, domain, spec, existing_state, request.paused, request.network, check_mode)
+         for name, _index in wanted if name in by_name],
+        request.parallel,
+    ))
     for domain, spec in surplus:
         report.results.append(CloneResult(domain.name(), actions=["removed"]) if check_mode
                               else remove_clone(conn, domain, spec))
