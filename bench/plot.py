@@ -154,9 +154,48 @@ def plot_fanout(data: dict, out: pathlib.Path) -> None:
     plt.close(figure)
 
 
+def headline_table(directory: pathlib.Path) -> list[str]:
+    """The headline figures as Markdown table rows (goal, measured, command), from the results files."""
+    rows = ["| goal (this machine) | measured | command |", "|---|---|---|"]
+    ttu = _load(directory, "time_to_unique")
+    if ttu:
+        for entry in ttu.get("ratios", []):
+            if entry["clones"] != max(e["clones"] for e in ttu["ratios"]):
+                continue
+            rows.append(f"| ansible-playbook to {entry['clones']} proven-unique running clones >= 20x faster than the usual path "
+                        f"in parallel | {entry.get('ansible_ratio', '-')}x ({entry.get('ansible_s', '-')} s vs {entry['usual_s']} s) "
+                        f"| `{ttu['command']}` |")
+            rows.append(f"| the same through the library >= 50x | {entry.get('library_ratio', '-')}x ({entry.get('library_s', '-')} s) "
+                        f"| same run |")
+        if ttu.get("template"):
+            rows.append(f"| (memory template, made once, not in the ratios) | {ttu['template']['create_s']} s | same run |")
+    latency = _load(directory, "latency")
+    if latency and latency.get("per_n"):
+        first = latency["per_n"][0]
+        last = latency["per_n"][-1]
+        rows.append(f"| guest cost per rotation <= 25 ms host CPU, every lab provider | N={first['n']}: "
+                    f"{first['steady']['qemu_cpu_total_corrected_ms'].get('p50')} ms p50 (hello alone "
+                    f"{first.get('hello', {}).get('qemu_cpu_total_corrected_ms', {}).get('p50', '-')} ms); N={last['n']}: "
+                    f"{last['steady']['qemu_cpu_total_corrected_ms'].get('p50')} ms | `{latency['command']}` |")
+        for entry in latency["per_n"]:
+            rows.append(f"| latency N={entry['n']}, hello written -> signature verified (p50/p90/max, first; steady) | "
+                        f"{entry['first']['latency_ms'].get('p50')}/{entry['first']['latency_ms'].get('p90')}/"
+                        f"{entry['first']['latency_ms'].get('max')} ms; {entry['steady']['latency_ms'].get('p50')}/"
+                        f"{entry['steady']['latency_ms'].get('p90')}/{entry['steady']['latency_ms'].get('max')} ms "
+                        f"({entry['first']['samples']} + {entry['steady']['samples']} samples, {len(entry.get('failures', []))} "
+                        f"failed) | same run |")
+    fanout = _load(directory, "fanout-1000")
+    if fanout:
+        rows.append(f"| fan-out <= 1 ms host time per clone at 1,000 fake agents | wall {fanout['wall_per_clone_ms']['p50']} ms, "
+                    f"host CPU {fanout['host_cpu_per_clone_ms']['p50']} ms per clone (p50 of {fanout['repeats']}) "
+                    f"| `{fanout['command']}` |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=pathlib.Path, default=HERE / "results")
+    parser.add_argument("--table", action="store_true", help="also print the headline figures as a Markdown table")
     args = parser.parse_args()
     drawn = []
     for name, source, draw in (("time_to_unique", "time_to_unique", plot_time_to_unique), ("latency", "latency", plot_latency),
@@ -169,6 +208,8 @@ def main() -> None:
         draw(data, out)
         drawn.append(str(out))
     print("\n".join(drawn))
+    if args.table:
+        print("\n".join(headline_table(args.results)))
 
 
 if __name__ == "__main__":
