@@ -46,6 +46,7 @@ def _footer(figure, data: dict) -> None:
 
 def plot_time_to_unique(data: dict, out: pathlib.Path) -> None:
     rows = [row for row in data["rows"] if "error" not in row]
+    failed = {(row["clones"], row["path"]) for row in data["rows"] if "error" in row}
     sizes = sorted({row["clones"] for row in rows})
     paths = [("usual", "virt-clone + virt-sysprep + boot (parallel)", "tab:gray"),
              ("ansible", "ansible-playbook clone_fleet.yml", "tab:blue"),
@@ -57,6 +58,9 @@ def plot_time_to_unique(data: dict, out: pathlib.Path) -> None:
         positions = [index + (offset - 1) * width for index in range(len(sizes))]
         bars = axes.bar(positions, values, width, label=label, color=color)
         for rect, size, value in zip(bars, sizes, values):
+            if (size, path) in failed:
+                axes.annotate("failed\n(see JSON)", (rect.get_x() + rect.get_width() / 2, 10), ha="center", va="bottom",
+                              fontsize=7, color=color)
             if not value:
                 continue
             text = f"{value:.1f} s"

@@ -325,6 +325,7 @@ def main() -> None:
     parser.add_argument("--clones", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--paths", nargs="+", default=["ansible", "library", "usual"], choices=["ansible", "library", "usual"])
     parser.add_argument("--keep-going", action="store_true", help="record a failed path and go on with the next")
+    parser.add_argument("--out", default="time_to_unique", help="results file name under bench/results (without .json)")
     parser.add_argument("--reuse-image", action="store_true",
                         help="take the newest bench image of the lab image even if the agent changed since it was built")
     args = parser.parse_args()
@@ -408,7 +409,7 @@ def main() -> None:
               f"{entry.get('ansible_ratio', float('nan')):>5.1f}x  {entry.get('library_s', float('nan')):>8.2f}  "
               f"{entry.get('library_ratio', float('nan')):>5.1f}x   "
               f"[{entry.get('ansible_ratio_with_template', float('nan'))}x, {entry.get('library_ratio_with_template', float('nan'))}x]")
-    benchlib.finish(result, "time_to_unique")
+    benchlib.finish(result, args.out)
 
 
 if __name__ == "__main__":
