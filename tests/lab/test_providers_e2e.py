@@ -79,8 +79,8 @@ def test_each_identity_is_shared_before_the_multicast_and_the_clones_own_after(l
     try:
         # The template and its memory clones first, network held and no multicast yet: each clone's
         # disk is read as the golden left it. The fleet run below reuses both.
-        code, made = run_module("clonesafe.fleet.golden_snapshot", {"uri": uri, "name": template, "golden": lab["golden"]["name"],
-                                                                      "memory": True})
+        code, made = run_module("clonesafe.fleet.golden_snapshot",
+                                {"uri": uri, "name": template, "golden": lab["golden"]["name"], "memory": True})
         assert code == 0, made
         golden = made["template"]["golden_fingerprints"]
         for name in [*ROTATED.values(), *REMOVED.values()]:

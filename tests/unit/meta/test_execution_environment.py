@@ -65,6 +65,7 @@ def test_awx_definition_makes_a_build_context(builder, tmp_path):
     assert "libvirt-devel [platform:rpm compile]" in bindep
 
 
+@pytest.mark.dev_tools
 def test_navigator_settings_are_valid(tmp_path):
     """docs/awx/ansible-navigator.yml, as ansible-navigator itself reads and validates it."""
     navigator = pathlib.Path(sys.executable).parent / "ansible-navigator"
