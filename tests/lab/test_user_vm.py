@@ -31,7 +31,8 @@ import yaml
 
 from clonesafe_testlib import REPO_ROOT, ansible_env, require_module, require_tool, run_playbook
 
-pytestmark = pytest.mark.lab
+# not_yet_green: this test has not passed once yet (issue 14 is open); make test leaves it out until it has.
+pytestmark = [pytest.mark.lab, pytest.mark.not_yet_green]
 
 LAB_DIR = pathlib.Path("/var/lib/clonesafe-user-lab")
 INVENTORY = LAB_DIR / "inventory.yml"
