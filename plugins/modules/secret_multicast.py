@@ -69,7 +69,7 @@ options:
     description: Secret providers to act on; all the agent has enabled when omitted.
     type: list
     elements: str
-    choices: [identity, ssh_host_keys, machine_id, rng, tls, hooks]
+    choices: [identity, ssh_host_keys, machine_id, rng, tls, hooks, systemd_credential, network_manager, dhcp_client, wireguard, enrolment, cloud_init, hostname, files]
     version_added: 0.1.0
   entropy_source:
     description:
@@ -292,6 +292,7 @@ from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.selection i
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt._libvirt_dep import assert_libvirt_available
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.connection import LibvirtConnection, require_local_uri
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.template import load_template
+from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol.wire import PROVIDERS
 from ansible_collections.clonesafe.fleet.plugins.module_utils._module import run_module
 
 
@@ -305,7 +306,7 @@ def main() -> None:
             "golden": {"type": "str"},
             "operation": {"type": "str", "default": "regenerate", "choices": ["erase", "modify", "regenerate", "attest"]},
             "providers": {"type": "list", "elements": "str",
-                          "choices": ["identity", "ssh_host_keys", "machine_id", "rng", "tls", "hooks"]},
+                          "choices": list(PROVIDERS)},
             "entropy_source": {"type": "str", "default": "combined", "choices": ["guest", "hypervisor", "combined"]},
             "trigger": {"type": "str", "default": "channel", "choices": ["channel", "generation", "both"]},
             "hash_key": {"type": "str", "no_log": True},

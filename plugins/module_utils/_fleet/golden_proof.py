@@ -20,8 +20,8 @@ from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.multicast i
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.domain_xml import read_channel_socket
 from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, wire
 
-# Every provider that holds a secret; rng drops the saved seed file. Hooks are not run for a seal.
-SEALED_PROVIDERS = ["identity", "ssh_host_keys", "machine_id", "rng", "tls"]
+# Every provider that holds a secret (rng drops the saved seed file): all but hooks, which are not run for a seal.
+SEALED_PROVIDERS = [name for name in wire.PROVIDERS if name != "hooks"]
 
 
 def new_hash_key() -> str:
