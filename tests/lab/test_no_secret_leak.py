@@ -28,10 +28,28 @@ TEMPLATES_DIR = pathlib.Path("/var/lib/clonesafe/templates")
 def private_forms(pem: str) -> set[str]:
     """The ways a private key's secret bytes could show up in text: the key file's own base64 lines,
     and the raw secret (seed or scalar) in hex and base64."""
-    forms = {line for line in pem.splitlines() if len(line) >= 40 and not line.startswith("-----")}
     data = pem.encode()
     key = (serialization.load_ssh_private_key(data, password=None) if b"OPENSSH" in data
            else serialization.load_pem_private_key(data, password=None))
+    # An OpenSSH key file also holds the public key (twice: the public blob, and the point or key
+    # bytes again in the private section), which the attestation carries on purpose: a line of the
+    # file that encodes public bytes only is not a secret.
+    blob = base64.b64decode(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                          serialization.PublicFormat.OpenSSH).split()[1])
+    point = (key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+             if isinstance(key, ed25519.Ed25519PrivateKey)
+             else key.public_key().public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint))
+    lines = [line for line in pem.splitlines() if line and not line.startswith("-----")]
+    body = base64.b64decode("".join(lines))
+    public_spans = [(start, start + len(part)) for part in (blob, point)
+                    for start in range(len(body)) if body.startswith(part, start)]
+    forms, offset = set(), 0
+    for line in lines:
+        first, last = offset * 3 // 4, ((offset + len(line)) * 3 + 3) // 4  # the bytes this line's characters encode
+        offset += len(line)
+        only_public = any(start <= first and last <= end for start, end in public_spans)
+        if len(line) >= 40 and not only_public:
+            forms.add(line)
     if isinstance(key, ed25519.Ed25519PrivateKey):
         secret = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
     elif isinstance(key, ec.EllipticCurvePrivateKey):
