@@ -122,6 +122,12 @@ def fleet(user_lab, collection_from_tarball, tmp_path_factory):
     run_playbook(str(cleanup), "-i", str(INVENTORY), timeout=900)
 
 
+def ssh_env() -> dict[str, str]:
+    """Ansible's environment for SSH to the clones: host keys checked, and no connection reused (a master connection
+    made with good keys would let a later run with forged ones in unchecked)."""
+    return ansible_env(ANSIBLE_HOST_KEY_CHECKING="True", ANSIBLE_SSH_ARGS="-o ControlMaster=no -o ControlPath=none")
+
+
 def clones_inventory(tmp_path: pathlib.Path, user_lab: dict, known_hosts: pathlib.Path, template: str) -> pathlib.Path:
     """The clones of the run as inventory: the plugin, the verified known_hosts, the user's own key for root."""
     config = tmp_path / "fleet.clones.yml"
@@ -202,7 +208,7 @@ def test_ansible_pings_every_clone_over_ssh_with_verified_host_keys_only(fleet, 
     wait_for_addresses(config)
     command = [str(VENV_BIN / "ansible"), "-i", str(INVENTORY), "-i", str(config), "clonesafe_clones", "-m",
                "ansible.builtin.ping", "-o"]
-    completed = subprocess.run(command, cwd=REPO_ROOT, env=ansible_env(ANSIBLE_HOST_KEY_CHECKING="True"),
+    completed = subprocess.run(command, cwd=REPO_ROOT, env=ssh_env(),
                                capture_output=True, text=True, timeout=600, check=False)
     print("$ " + " ".join(command) + "\n" + completed.stdout)
     assert completed.returncode == 0, completed.stdout + completed.stderr
@@ -220,7 +226,7 @@ def test_ansible_pings_every_clone_over_ssh_with_verified_host_keys_only(fleet, 
     (tmp_path / "forged").mkdir()
     forged = clones_inventory(tmp_path / "forged", user_lab, swapped, fleet["template"])
     refused = subprocess.run(command[:4] + [str(forged)] + command[5:], cwd=REPO_ROOT,
-                             env=ansible_env(ANSIBLE_HOST_KEY_CHECKING="True"), capture_output=True, text=True,
+                             env=ssh_env(), capture_output=True, text=True,
                              timeout=600, check=False)
     assert refused.returncode != 0, refused.stdout
     assert refused.stdout.count("UNREACHABLE") == CLONES_PER_HOST * len(HOSTS), refused.stdout
@@ -250,6 +256,27 @@ def test_keyscan_of_each_clone_returns_exactly_its_attested_keys(fleet, user_lab
     every = [key for keys in served_by_clone.values() for key in keys]
     assert len(every) == len(set(every)), "two clones serve one host key"
     assert not set(every) & golden_keys, "a clone serves the golden's host key"
+
+
+def test_rotate_secrets_proves_the_existing_fleet_against_its_golden_and_renews_known_hosts(fleet, user_lab, tmp_path):
+    """rotate_secrets.yml on the fleet the run made: the golden's fingerprints come from the template (template_info),
+    every clone gets new host keys, and the rewritten known_hosts lets ansible in again, strictly."""
+    before = fleet["known_hosts"].read_text()
+    run = run_playbook("playbooks/rotate_secrets.yml", "-i", str(INVENTORY), "-e", f"clonesafe_template={fleet['template']}",
+                       "-e", f"clonesafe_known_hosts_file={fleet['known_hosts']}", timeout=1800)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    assert f"{CLONES_PER_HOST * len(HOSTS)} clone(s) proven unique" in run.stdout
+    after = fleet["known_hosts"].read_text()
+    old_keys = {" ".join(line.split()[1:3]) for line in before.splitlines()}
+    new_keys = {" ".join(line.split()[1:3]) for line in after.splitlines()}
+    assert {line.split()[0] for line in before.splitlines()} == {line.split()[0] for line in after.splitlines()}
+    assert new_keys and not new_keys & old_keys, "every clone's host keys were regenerated"
+    config = clones_inventory(tmp_path, user_lab, fleet["known_hosts"], fleet["template"])
+    wait_for_addresses(config)
+    pinged = subprocess.run([str(VENV_BIN / "ansible"), "-i", str(INVENTORY), "-i", str(config), "clonesafe_clones", "-m",
+                             "ansible.builtin.ping", "-o"], cwd=REPO_ROOT, env=ssh_env(),
+                            capture_output=True, text=True, timeout=600, check=False)
+    assert pinged.returncode == 0, pinged.stdout + pinged.stderr
 
 
 def wait_for_addresses(config: pathlib.Path, timeout: float = 300) -> dict:
