@@ -69,7 +69,21 @@ options:
     description: Secret providers to act on; all the agent has enabled when omitted.
     type: list
     elements: str
-    choices: [identity, ssh_host_keys, machine_id, rng, tls, hooks, systemd_credential, network_manager, dhcp_client, wireguard, enrolment, cloud_init, hostname, files]
+    choices:
+      - identity
+      - ssh_host_keys
+      - machine_id
+      - rng
+      - tls
+      - hooks
+      - systemd_credential
+      - network_manager
+      - dhcp_client
+      - wireguard
+      - enrolment
+      - cloud_init
+      - hostname
+      - files
     version_added: 0.1.0
   entropy_source:
     description:
