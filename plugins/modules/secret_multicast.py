@@ -139,14 +139,21 @@ options:
     default: 60
     version_added: 0.1.0
   hello_timeout:
-    description: Seconds to wait for every clone's answer to C(hello).
+    description:
+      - Seconds to wait for every clone's answer to C(hello). A deadline, not a delay.
+      - A clone restored from RAM answers once its guest runs again; on a loaded host without KVM that took
+        longer than 15 seconds for 8 clones restored together.
+      - With O(trigger=generation) or O(trigger=both) the first C(hello) waits at least O(generation_timeout):
+        an agent regenerating by itself answers only when its regeneration is done.
     type: float
-    default: 15
+    default: 60
     version_added: 0.1.0
   generation_timeout:
-    description: With O(trigger=generation) or O(trigger=both), seconds to wait for the agents' own regeneration.
+    description:
+      - With O(trigger=generation) or O(trigger=both), seconds to wait for the agents' own regeneration.
+      - Every clone regenerates at once; under TCG a 3072-bit RSA host key alone takes tens of seconds.
     type: float
-    default: 30
+    default: 180
     version_added: 0.1.0
   resume:
     description: Resume paused clones before talking to them.
@@ -215,7 +222,7 @@ clones:
     reason:
       description: Why the clone failed or was skipped.
       type: str
-      sample: "no agent answered: clone 'web-3' did not answer hello within 15 s (is its agent running?)"
+      sample: "no agent answered: clone 'web-3' did not answer hello within 60 s (is its agent running?)"
     generation:
       description: The agent's generation counter after the rotation.
       type: int
@@ -328,8 +335,8 @@ def main() -> None:
             "templates_dir": {"type": "path", "default": "/var/lib/clonesafe/templates"},
             "missing_agent": {"type": "str", "default": "fail", "choices": ["fail", "skip"]},
             "timeout": {"type": "float", "default": 60},
-            "hello_timeout": {"type": "float", "default": 15},
-            "generation_timeout": {"type": "float", "default": 30},
+            "hello_timeout": {"type": "float", "default": 60},
+            "generation_timeout": {"type": "float", "default": 180},
             "resume": {"type": "bool", "default": True},
         },
         required_one_of=[("template", "names", "golden")],

@@ -3,9 +3,11 @@ Generation ID change that the template had not seen, never the golden's record a
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import secrets
 import shutil
+import time
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.golden_proof import golden_proof
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.multicast import Settings, multicast
@@ -52,3 +54,35 @@ def test_without_the_templates_record_trigger_generation_fails_loudly(fleet):
     clone = fleet(1)[0]
     outcome = multicast([clone], settings(None)).clones[0]
     assert outcome.status == "failed" and "trigger=channel" in outcome.reason
+
+
+class BusyRegenerating:
+    """An agent restored a moment ago: it regenerates in its serve loop, so its first hello waits for that."""
+
+    def __init__(self, agent, seconds: float) -> None:
+        self.agent, self.seconds, self.done = agent, seconds, False
+
+    def handle_line(self, line):
+        if not self.done:
+            time.sleep(self.seconds)
+            self.agent.on_trigger("generation")
+            self.done = True
+        return self.agent.handle_line(line)
+
+
+def test_the_first_hello_waits_for_an_agent_busy_with_its_own_regeneration(fleet, tmp_path):
+    golden = fleet.serve("golden", fleet.golden_root)
+    template = golden_proof("golden", golden.socket_path, "running", seal=False, domain_uuid=golden.domain_uuid)
+    clone_root = tmp_path / "clone"
+    shutil.copytree(fleet.golden_root, clone_root, symlinks=True)
+    vmgenid_event(clone_root)
+    clone = fleet.serve("clone", clone_root, wrap=lambda agent: BusyRegenerating(agent, 1.0))
+    # The hello deadline alone (0.3 s) is shorter than the regeneration; generation_timeout (3 s) is not.
+    busy = dataclasses.replace(settings(template["golden_vmgenid_events"]), hello_timeout=0.3, generation_timeout=3)
+    outcome = multicast([clone], busy).clones[0]
+    assert outcome.status == "rotated" and outcome.trigger == "generation", outcome.reason
+
+
+def test_the_defaults_wait_for_a_restored_clone_longer_than_a_loaded_tcg_host_took():
+    defaults = Settings()
+    assert defaults.hello_timeout >= 60 and defaults.generation_timeout >= 180
