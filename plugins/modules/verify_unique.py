@@ -141,13 +141,22 @@ table:
   sample:
     - {clone: web-1, host: hv1, provider: identity, fingerprint: "SHA256:Zk3v9xq0b1c2d3e4", status: unique}
 report:
-  description: RV(table) as aligned text lines, for a C(ansible.builtin.debug) task.
+  description: RV(table) as aligned text lines, then RV(notes), for a C(ansible.builtin.debug) task.
   returned: always
   type: list
   elements: str
   sample:
     - "clone    host  provider  fingerprint              status"
     - "web-001  hv1   identity  SHA256:Zk3v9xq0b1c2d3e4  unique"
+notes:
+  description:
+    - Facts about the clones that are no secret and not in RV(table). Today one, when verified clones attested an
+      SMBIOS product UUID other than their own domain's UUID (memory clones read their golden's until they reboot).
+  returned: always
+  type: list
+  elements: str
+  sample:
+    - "note: 1 clone(s) read another domain's SMBIOS product UUID (web-001 on hv1): a memory clone reads its golden's ..."
 duplicates:
   description: Fingerprints held by more than one clone, with the clones holding them.
   returned: always

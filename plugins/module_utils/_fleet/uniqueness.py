@@ -75,6 +75,8 @@ class Verdict:
     bad_proofs: list[dict[str, str]] = dataclasses.field(default_factory=list)
     incomplete: list[dict[str, t.Any]] = dataclasses.field(default_factory=list)
     clones_checked: int = 0
+    # Lines for people below the table: facts about the clones that are no secret and not in the proof.
+    notes: list[str] = dataclasses.field(default_factory=list)
     # (host, clone) -> (domain UUID, fingerprint name -> public key line) of every clone whose proof verified.
     host_keys: dict[tuple[str, str], tuple[str, dict[str, str]]] = dataclasses.field(default_factory=dict)
 
@@ -130,6 +132,27 @@ def short(fingerprint: str, length: int = 16) -> str:
     if not value:
         return fingerprint[:length]
     return f"{scheme}:{value[:length]}"
+
+
+def smbios_uuid_note(verified: t.Sequence[CloneProof]) -> str | None:
+    """A note naming the verified clones whose signed SMBIOS product UUID is not their own domain's UUID.
+
+    A memory clone's RAM holds its golden's firmware tables, so until it reboots it reads its golden's
+    ``/sys/class/dmi/id/product_uuid`` (docs/agent.md). It is no secret and no agent can change it, so it
+    is not in the table; but software that takes it for the machine's identity must be told.
+    """
+    foreign = [
+        f"{clone.name} on {clone.host}" for clone in verified
+        if isinstance(clone.attestation, t.Mapping) and isinstance(clone.attestation.get("uuid"), str)
+        and clone.attestation["uuid"] and clone.attestation["uuid"].lower() != clone.domain_uuid.lower()
+    ]
+    if not foreign:
+        return None
+    return (
+        f"note: {len(foreign)} clone(s) read another domain's SMBIOS product UUID ({', '.join(foreign)}): a memory "
+        "clone reads its golden's /sys/class/dmi/id/product_uuid until it reboots; it is no secret and not in the "
+        "proof, but software that takes it for the machine's identity must not use it there (docs/agent.md)"
+    )
 
 
 def collect_proofs(host_results: t.Mapping[str, t.Mapping[str, t.Any]]) -> list[CloneProof]:
@@ -242,6 +265,10 @@ def judge(
     for (provider, fingerprint), clones in sorted(holders.items()):
         if len(clones) > 1:
             verdict.duplicates.append({"provider": provider, "fingerprint": fingerprint, "clones": clones})
+
+    note = smbios_uuid_note([clone for clone, _fingerprints in verified])
+    if note:
+        verdict.notes.append(note)
 
     shared = {key for key, clones in holders.items() if len(clones) > 1}
     for clone, fingerprints in verified:

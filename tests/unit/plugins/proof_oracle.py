@@ -65,11 +65,13 @@ def attestation(key: Ed25519PrivateKey, nonce: str, fingerprints: dict[str, str]
 def clone_result(name: str, *, seed: bytes | None = None, secrets_: dict[str, str] | None = None,
                  run_secret: str = RUN_SECRET, status: str = "rotated", reason: str | None = None,
                  providers: dict[str, t.Any] | None = None, domain_uuid: str | None = None,
-                 signed_domain_uuid: str | None = None, host_keys: dict[str, str] | None = None) -> dict[str, t.Any]:
+                 signed_domain_uuid: str | None = None, host_keys: dict[str, str] | None = None,
+                 smbios_uuid: str = "6c1e1f4e-0000-4000-8000-000000000001") -> dict[str, t.Any]:
     """One clone's entry in a secret_multicast result: its identity (same seed, same key), other secrets as given
     (fresh random fingerprints for machine_id and ssh_host_key.ed25519 by default), answered over a nonce derived
     from ``run_secret`` and signed for its domain UUID (or for ``signed_domain_uuid``: a proof of another domain).
-    ``host_keys`` (name to OpenSSH public key line) ride beside the signed payload, each signed as its fingerprint."""
+    ``host_keys`` (name to OpenSSH public key line) ride beside the signed payload, each signed as its fingerprint.
+    ``smbios_uuid`` is the SMBIOS product UUID the guest signs (by default one that is no clone's domain UUID)."""
     key, identity = identity_of(seed or os.urandom(32))
     fingerprints = {"identity": identity}
     fingerprints.update(secrets_ if secrets_ is not None else {
@@ -81,7 +83,7 @@ def clone_result(name: str, *, seed: bytes | None = None, secrets_: dict[str, st
     domain_uuid = domain_uuid or str(uuid.uuid4())
     salt = secrets.token_hex(16)
     nonce = nonce_for(run_secret, domain_uuid, salt)
-    signed = attestation(key, nonce, fingerprints, signed_domain_uuid or domain_uuid)
+    signed = attestation(key, nonce, fingerprints, signed_domain_uuid or domain_uuid, smbios_uuid=smbios_uuid)
     if host_keys is not None:
         signed["host_keys"] = dict(host_keys)
     return {

@@ -3,6 +3,8 @@ replays from other runs, failed rotations and incomplete proofs are caught."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import secrets
 import uuid
@@ -11,6 +13,7 @@ import pytest
 from proof_oracle import RUN_SECRET, clone_result, fingerprint, keyed_hash
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet import uniqueness
+from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol.proof import ERASED
 
 
 def judge(host_results, golden=None, run_secret=RUN_SECRET):
@@ -205,3 +208,76 @@ def test_table_lines_are_aligned():
     assert lines[0].split() == ["clone", "host", "provider", "fingerprint", "status"]
     assert lines[1].index("hv1") == lines[2].index("hypervisor-2") == lines[0].index("host")
     assert lines[2].endswith("duplicate")
+
+
+# What a stock server's clones share besides the identity key, SSH host keys and machine-id, named as the
+# agent's providers name them (docs/agent.md, "Providers and operations"): the demo's before/after tables
+# must list every one of them, whatever the provider (the table is built from the proof's names).
+STOCK_SERVER_SECRETS = {
+    "systemd_credential:/var/lib/systemd/credential.secret": "rotated",
+    "network_manager:/var/lib/NetworkManager/secret_key": "rotated",
+    "network_manager:/var/lib/NetworkManager/internal-eth0.lease": "erased",
+    "dhcp_client:/var/lib/dhcp/dhclient.enp1s0.leases": "erased",
+    "wireguard:/etc/wireguard/wg0.conf": "rotated",
+    "enrolment:/etc/krb5.keytab": "erased",
+    "enrolment:/etc/puppetlabs/puppet/ssl/private_keys/golden.pem": "erased",
+    "cloud_init.instance_id": "erased",
+    "hostname": "rotated",
+    "files:/etc/app/key": "rotated",
+}
+
+
+def stock_value(name: str, seed: bytes) -> str:
+    """A value as the provider proves it: a WireGuard public key in base64, a keyed hash for the others."""
+    if name.startswith("wireguard:"):
+        return base64.b64encode(hashlib.sha256(seed + name.encode()).digest()).decode()
+    return keyed_hash("02" * 32, seed + name.encode())
+
+
+def test_the_before_and_after_tables_list_every_secret_a_stock_server_shares():
+    golden_seed = os.urandom(32)
+    golden = {"identity": fingerprint(b"golden identity"), "machine_id": keyed_hash("02" * 32, b"golden id"),
+              "ssh_host_key.ed25519": fingerprint(b"golden host key")}
+    golden.update({name: stock_value(name, golden_seed) for name in STOCK_SERVER_SECRETS})
+    own = {name: value for name, value in golden.items() if name != "identity"}
+    before = judge({"hv1": {"clones": [clone_result(name, seed=golden_seed, secrets_=own) for name in ("c1", "c2")]}},
+                   golden=golden)
+    after_secrets = {}
+    for clone in ("c1", "c2"):
+        seed = os.urandom(32)
+        after_secrets[clone] = {"machine_id": keyed_hash("02" * 32, seed), "ssh_host_key.ed25519": fingerprint(seed)}
+        after_secrets[clone].update({name: ERASED if outcome == "erased" else stock_value(name, seed)
+                                     for name, outcome in STOCK_SERVER_SECRETS.items()})
+    after = judge({"hv1": {"clones": [clone_result(clone, secrets_=after_secrets[clone]) for clone in ("c1", "c2")]}},
+                  golden=golden)
+
+    assert not before.unique and after.unique, after.failure_message()
+    before_table = uniqueness.format_table(before.rows)
+    after_table = uniqueness.format_table(after.rows)
+    for clone in ("c1", "c2"):
+        for name, outcome in STOCK_SERVER_SECRETS.items():
+            assert [line.split()[-1] for line in before_table if line.split()[:1] == [clone] and name in line.split()] == \
+                ["golden"], (clone, name)  # "same as golden"
+            wanted = "erased" if outcome == "erased" else "unique"
+            assert [line.split()[-1] for line in after_table if line.split()[:1] == [clone] and name in line.split()] == \
+                [wanted], (clone, name)
+    assert {duplicate["provider"] for duplicate in before.duplicates} >= set(STOCK_SERVER_SECRETS)
+
+
+def test_clones_reading_another_domains_smbios_uuid_get_a_note_below_the_table():
+    domain = str(uuid.uuid4())
+    memory_clone = clone_result("restored")  # signs the golden's SMBIOS UUID, as a memory clone reads it
+    cold_clone = clone_result("booted", domain_uuid=domain, smbios_uuid=domain.upper())
+    verdict = judge({"hv1": {"clones": [memory_clone, cold_clone]}})
+    assert verdict.unique, verdict.failure_message()
+    assert len(verdict.notes) == 1
+    assert "1 clone(s) read another domain's SMBIOS product UUID (restored on hv1)" in verdict.notes[0]
+    assert "booted" not in verdict.notes[0]
+    assert not judge({"hv1": {"clones": [cold_clone]}}).notes
+
+
+def test_an_smbios_uuid_in_a_proof_that_does_not_verify_gives_no_note():
+    forged = clone_result("x")
+    forged["attestation"]["uuid"] = "00000000-0000-4000-8000-000000000000"
+    verdict = judge({"hv1": {"clones": [forged]}})
+    assert verdict.bad_proofs and not verdict.notes
