@@ -22,7 +22,7 @@ from .interrupts import InterruptSteering
 from .journal import Journal
 from .keys import ed25519_from_seed
 from .log import log, now
-from .providers import PROVIDER_CLASSES
+from .providers import PROVIDER_CLASSES, services
 from .providers.base import Change, Plan
 from .providers.identity import IdentityProvider
 
@@ -56,6 +56,7 @@ class Agent:
         self.pending_trigger = ""
         self.irq = InterruptSteering(self.path, self.config)
         self.notifications: list[t.Callable[[], None]] = []
+        self.restarts: list[str] = []
         # Triggers configured on that cannot work on this guest, and why (reported by hello).
         self.unavailable_triggers: dict[str, str] = {}
         self._lock_held = False
@@ -216,6 +217,7 @@ class Agent:
                 outcome["error"] = "; ".join(errors)[:2000]
             outcomes[name] = outcome
             self.notifications.extend(plan.notify)
+            self.restarts.extend(plan.restarts)
         phases.lap("after")
         if not defer_notifications:
             self.run_notifications()
@@ -233,11 +235,17 @@ class Agent:
     def run_notifications(self) -> None:
         """Run the notifications of finished rotations; failures are logged, never raised."""
         pending, self.notifications = self.notifications, []
+        units, self.restarts = self.restarts, []
         for action in pending:
             try:
                 action()
             except Exception as error:  # pylint: disable=broad-exception-caught
                 log(f"notification failed: {type(error).__name__}: {error}")
+        if units:
+            try:
+                services.restart_running(self.path, units)
+            except Exception as error:  # pylint: disable=broad-exception-caught
+                log(f"restarting {', '.join(units)} failed: {type(error).__name__}: {error}")
 
     def fingerprints(self, hash_key: str) -> dict[str, str]:
         """Fingerprints of every enabled provider (identity always, it signs)."""

@@ -23,6 +23,8 @@ class Plan:
         self.changes: list[Change] = []
         self.after: list[t.Callable[[], None]] = []
         self.notify: list[t.Callable[[], None]] = []
+        # Units to restart if they run, after the answer: one systemctl call for all (services.py).
+        self.restarts: list[str] = []
         self.details: list[str] = []
         # What the provider records in the agent's state with this rotation (Provider.remembered()).
         self.remember: dict[str, t.Any] | None = None
