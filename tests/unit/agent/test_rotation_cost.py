@@ -119,3 +119,40 @@ def test_only_the_running_unit_is_named(live_lab_agent, spawns):
 def test_without_systemds_unit_state_systemctl_decides_in_one_call(live_lab_agent, spawns):
     multicast(live_lab_agent, "steady")
     assert spawns.commands == [["/usr/bin/systemctl", "--no-block", "try-restart", *RESTARTED_UNITS]]
+
+
+@pytest.fixture
+def disk_looks(monkeypatch, live_lab_agent):
+    """How often the agent lists files (glob) and reads its state file."""
+    import glob  # pylint: disable=import-outside-toplevel
+
+    counts = {"glob": 0, "state": 0}
+    real_glob, real_open = glob.glob, os.open
+    state_path = os.path.join(live_lab_agent.state_dir, "state.json")
+
+    def counting_glob(*args, **kwargs):
+        counts["glob"] += 1
+        return real_glob(*args, **kwargs)
+
+    def counting_open(path, *args, **kwargs):
+        counts["state"] += os.fspath(path) == state_path
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(glob, "glob", counting_glob)
+    monkeypatch.setattr(os, "open", counting_open)
+    return counts
+
+
+def test_a_request_looks_for_each_providers_files_once_and_a_rotation_again_only_for_its_proof(live_lab_agent, disk_looks):
+    multicast(live_lab_agent, "first")
+    disk_looks.update(glob=0, state=0)
+    live_lab_agent.handle_line(wire.encode_request("hello", {}, "h"))
+    hello = dict(disk_looks)
+    disk_looks.update(glob=0, state=0)
+    args = {**ARGS, "entropy": base64.b64encode(os.urandom(48)).decode()}
+    live_lab_agent.handle_line(wire.encode_request("rotate", args, "r"))
+    rotate = dict(disk_looks)
+    assert hello["state"] == 1, hello
+    # The rotation reads the state once for its plan and once for its proof (the state file is one of its changes).
+    assert rotate["state"] == 2, rotate
+    assert rotate["glob"] <= 2 * hello["glob"], (hello, rotate)

@@ -16,28 +16,16 @@ import typing as t
 from . import AGENT_VERSION, forks
 from ._protocol import proof, wire
 from .config import DEFAULT_CONFIG_PATH, load_config
+from .discovery import Discovery
 from .entropy import Entropy
 from .files import read_bytes, write_atomic
 from .interrupts import InterruptSteering
 from .journal import Journal
 from .keys import ed25519_from_seed
-from .log import log, now
+from .log import PhaseClock, log, now
 from .providers import PROVIDER_CLASSES, services
 from .providers.base import Change, Plan
 from .providers.identity import IdentityProvider
-
-
-class PhaseClock:
-    """Milliseconds spent in each named phase since the previous lap (diagnostics in the reply)."""
-
-    def __init__(self) -> None:
-        self.laps: dict[str, int] = {}
-        self._last = time.monotonic()
-
-    def lap(self, name: str) -> None:
-        current = time.monotonic()
-        self.laps[name] = int((current - self._last) * 1000)
-        self._last = current
 
 
 class Agent:
@@ -50,6 +38,7 @@ class Agent:
         self.state_dir = self.path(self.config["state_dir"])
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         self.journal = Journal(self.state_dir)
+        self.discovery = Discovery()
         self.providers = {name: cls(self, self.config["providers"].get(name, {}))
                           for name, cls in PROVIDER_CLASSES.items()}
         self.pending_generation = 0
@@ -74,12 +63,13 @@ class Agent:
 
     def load_state(self) -> dict[str, t.Any] | None:
         """The recorded state, or None before the first start."""
-        data = read_bytes(self.state_path)
+        data = self.discovery.once("state", lambda: read_bytes(self.state_path))
         return json.loads(data) if data else None
 
     def save_state(self, state: dict[str, t.Any]) -> None:
         """Record the state durably."""
         write_atomic(self.state_path, json.dumps(state, sort_keys=True).encode(), 0o600)
+        self.discovery.forget()
 
     def state(self) -> dict[str, t.Any]:
         """The recorded state, with defaults."""
@@ -128,6 +118,7 @@ class Agent:
     def recover(self, at_start: bool = False) -> None:
         """Finish or roll back a rotation a crash interrupted (call with the lock held)."""
         generation = self.journal.recover(self.rotation_targets() if at_start else ())
+        self.discovery.forget()
         if generation is not None:
             log(f"an interrupted rotation was finished: generation {generation}")
 
@@ -160,6 +151,11 @@ class Agent:
         Notifications (telling daemons to reload) run at the end, or with ``defer_notifications``
         when run_notifications() is called, after the answer is written.
         """
+        with self.discovery.scope():
+            return self._rotate(operation, providers, entropy, trigger, defer_notifications)
+
+    def _rotate(self, operation: str, providers: list[str] | None, entropy: Entropy, trigger: str,
+                defer_notifications: bool) -> dict[str, t.Any]:
         started = time.monotonic()
         phases = PhaseClock()
         names = providers if providers is not None else self.enabled_providers()
@@ -199,6 +195,7 @@ class Agent:
             self.journal.prepare(generation, operation, changes)
             phases.lap("journal.prepare")
             self.journal.apply()
+            self.discovery.forget()  # the attestation looks at what the disk holds now
             phases.lap("journal.apply")
             self.journal.clear()
             for name in plans:
@@ -314,7 +311,11 @@ class Agent:
         return result
 
     def handle_request(self, request: dict[str, t.Any], received_interrupts: list[int]) -> dict[str, t.Any]:
-        """Run one validated request; returns its result."""
+        """Run one validated request (its discovery made once: discovery.py); returns its result."""
+        with self.discovery.scope():
+            return self._handle_request(request, received_interrupts)
+
+    def _handle_request(self, request: dict[str, t.Any], received_interrupts: list[int]) -> dict[str, t.Any]:
         args = request["args"]
         if request["op"] == "hello":
             return self.hello()

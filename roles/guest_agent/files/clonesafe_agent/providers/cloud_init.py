@@ -34,7 +34,10 @@ class CloudInitProvider(Provider):
         return self.path(str(self.config.get("dir", "/var/lib/cloud")))
 
     def state_files(self) -> list[str]:
-        """Every regular file of cloud-init's state, the seed excepted."""
+        """Every regular file of cloud-init's state, the seed excepted (found once per request)."""
+        return self.agent.discovery.once((self.name, "files"), self._state_files)
+
+    def _state_files(self) -> list[str]:
         found = []
         for directory, subdirs, names in os.walk(self.cloud_dir):
             if directory == self.cloud_dir:

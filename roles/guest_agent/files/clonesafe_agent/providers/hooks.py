@@ -34,7 +34,10 @@ class HooksProvider(Provider):
     name = "hooks"
 
     def hooks(self) -> list[str]:
-        """The hook executables, in the order they run."""
+        """The hook executables, in the order they run (found once per request)."""
+        return self.agent.discovery.once((self.name, "hooks"), self._hooks)
+
+    def _hooks(self) -> list[str]:
         directory = self.path(self.config.get("dir", "/etc/clonesafe/hooks.d"))
         try:
             names = sorted(os.listdir(directory))

@@ -69,7 +69,10 @@ class SecretFilesProvider(Provider):
         return f"{self.name}:{guest_path}"
 
     def secret_files(self) -> list[SecretFile]:
-        """Files found now, then files an earlier rotation found (an erase keeps them named)."""
+        """Files found now, then files an earlier rotation found (an erase keeps them named); once per request."""
+        return self.agent.discovery.once((self.name, "files"), self._secret_files)
+
+    def _secret_files(self) -> list[SecretFile]:
         recorded = [path for path in self.remembered().get("files", []) if isinstance(path, str)]
         return [SecretFile(self.proof_name(path), path, self.path(path))
                 for path in dict.fromkeys(os.path.normpath(path) for path in self.found() + recorded)]

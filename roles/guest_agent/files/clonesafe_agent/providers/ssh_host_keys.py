@@ -73,7 +73,10 @@ class SshHostKeysProvider(Provider):
         return list(self.config.get("types", ["ed25519", "ecdsa", "rsa"]))
 
     def host_keys(self) -> list[HostKey]:
-        """Every host key of this guest, configured types first, in a fixed order."""
+        """Every host key of this guest, configured types first, in a fixed order (found once per request)."""
+        return self.agent.discovery.once((self.name, "host_keys"), self._host_keys)
+
+    def _host_keys(self) -> list[HostKey]:
         guest_paths = [os.path.join(self.directory, f"ssh_host_{kind}_key") for kind in self.types()]
         guest_paths += sshd_config.loaded_host_keys(self.agent.root)
         on_disk = glob.glob(os.path.join(self.path(self.directory), "ssh_host_*_key"))

@@ -71,7 +71,10 @@ class WireguardProvider(Provider):
     name = "wireguard"
 
     def holders(self) -> list[KeyHolder]:
-        """Every interface with a private key, or whose key an earlier erase removed."""
+        """Every interface with a private key, or whose key an earlier erase removed (found once per request)."""
+        return self.agent.discovery.once((self.name, "holders"), self._holders)
+
+    def _holders(self) -> list[KeyHolder]:
         recorded = {path for path in self.remembered().get("files", []) if isinstance(path, str)}
         found = []
         for pattern, section in [(WG_QUICK, b"interface")] + [(netdev, b"wireguard") for netdev in NETDEVS]:
