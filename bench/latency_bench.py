@@ -23,7 +23,7 @@ Per clone and multicast:
   burns per second doing nothing (measured for 2 s after the batch, times the multicast's duration).
   The first multicast's cost includes the guest waking from the restore (ACPI, Generation ID).
 
-p50/p90/max per N, first and steady rotations apart. Writes bench/results/latency.json.
+p50/p90/max per N, first and steady rotations apart. Writes bench/results/latency.json (``--out`` names another).
 """
 
 from __future__ import annotations
@@ -158,6 +158,7 @@ def main() -> None:
     parser.add_argument("--steady", type=int, default=3, help="multicasts after the first one, per batch")
     parser.add_argument("--reuse-image", action="store_true",
                         help="take the newest bench image of the lab image even if the agent changed since it was built")
+    parser.add_argument("--out", default="latency", help="results file name under bench/results (without .json)")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     lab = benchlib.lab_summary()
@@ -227,13 +228,13 @@ def main() -> None:
                           f"{part['qemu_cpu_total_corrected_ms']['p50']} ms with the {AFTER_S:g} s after it, idle-corrected; "
                           f"phases p50 {part['phases_ms_p50']}", flush=True)
                 result["per_n"] = per_n
-                benchlib.write_result("latency", result)
+                benchlib.write_result(args.out, result)
         finally:
             remove(conn, name)
             run_module("clonesafe.fleet.golden_snapshot", {"uri": lab["uri"], "name": name, "state": "absent", "force": True})
             golden.remove()
     result["per_n"] = per_n
-    benchlib.finish(result, "latency")
+    benchlib.finish(result, args.out)
 
 
 if __name__ == "__main__":
