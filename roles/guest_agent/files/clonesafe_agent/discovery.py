@@ -14,9 +14,14 @@ kept: every call looks at the disk, as before.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import glob
+import os
+import re
 import typing as t
 
 T = t.TypeVar("T")
+_WILDCARD = re.compile(r"[*?[]")
 
 
 class Discovery:
@@ -53,3 +58,26 @@ class Discovery:
         except KeyError:
             found = self._found[key] = find()
             return found
+
+    def matches(self, pattern: str) -> list[str]:
+        """``glob.glob(pattern)``, unsorted; a wildcard's directory is listed once per scope.
+
+        The providers' patterns share directories (four of dhcpcd's, two of dhclient's...), and
+        glob's generators cost a TCG guest more than the listing itself. Hidden names match only a
+        pattern that starts with a dot, as in glob.
+        """
+        directory, name = os.path.split(pattern)
+        if not _WILDCARD.search(name) or _WILDCARD.search(directory):
+            return glob.glob(pattern)
+        names = self.once(("listdir", directory), lambda: _listdir(directory))
+        if not name.startswith("."):
+            names = [found for found in names if not found.startswith(".")]
+        return [os.path.join(directory, found) for found in fnmatch.filter(names, name)]
+
+
+def _listdir(directory: str) -> list[str]:
+    """The names in ``directory`` ([] when it is missing or unreadable, as glob has it)."""
+    try:
+        return os.listdir(directory)
+    except OSError:
+        return []

@@ -11,7 +11,6 @@ removed named (as erased) in later proofs, stages every change through the journ
 
 from __future__ import annotations
 
-import glob
 import os
 import stat
 import typing as t
@@ -59,7 +58,7 @@ class SecretFilesProvider(Provider):
         """Guest paths of the regular files (or links to them) matching guest path patterns, sorted."""
         found = []
         for pattern in patterns:
-            for path in glob.glob(self.path(pattern)):
+            for path in self.agent.discovery.matches(self.path(pattern)):
                 if os.path.isfile(path):
                     found.append("/" + os.path.relpath(path, self.agent.root))
         return sorted(set(found))

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import re
 import signal
@@ -79,7 +78,7 @@ class SshHostKeysProvider(Provider):
     def _host_keys(self) -> list[HostKey]:
         guest_paths = [os.path.join(self.directory, f"ssh_host_{kind}_key") for kind in self.types()]
         guest_paths += sshd_config.loaded_host_keys(self.agent.root)
-        on_disk = glob.glob(os.path.join(self.path(self.directory), "ssh_host_*_key"))
+        on_disk = self.agent.discovery.matches(os.path.join(self.path(self.directory), "ssh_host_*_key"))
         guest_paths += sorted("/" + os.path.relpath(path, self.agent.root) for path in on_disk)
         # Keys an earlier rotation found stay named after an erase removed them, as erased.
         recorded = [path for path in self.remembered().get("host_keys", []) if isinstance(path, str)]

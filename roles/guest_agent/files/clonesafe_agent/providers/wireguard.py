@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import glob
 import os
 import re
 import typing as t
@@ -78,7 +77,7 @@ class WireguardProvider(Provider):
         recorded = {path for path in self.remembered().get("files", []) if isinstance(path, str)}
         found = []
         for pattern, section in [(WG_QUICK, b"interface")] + [(netdev, b"wireguard") for netdev in NETDEVS]:
-            for path in sorted(glob.glob(self.path(pattern))):
+            for path in sorted(self.agent.discovery.matches(self.path(pattern))):
                 guest_path = "/" + os.path.relpath(path, self.agent.root)
                 setting = self._setting(read_bytes(path) or b"", section)
                 if setting is None and guest_path not in recorded:
