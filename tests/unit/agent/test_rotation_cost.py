@@ -126,9 +126,10 @@ def disk_looks(monkeypatch, live_lab_agent):
     """How often the agent lists files (glob) and reads its state file."""
     import glob  # pylint: disable=import-outside-toplevel
 
-    counts = {"glob": 0, "state": 0}
+    counts = {"glob": 0, "state": 0, "wg0.conf": 0, "hostname": 0}
     real_glob, real_open = glob.glob, os.open
     state_path = os.path.join(live_lab_agent.state_dir, "state.json")
+    watched = {live_lab_agent.path("/etc/wireguard/wg0.conf"): "wg0.conf", live_lab_agent.path("/etc/hostname"): "hostname"}
 
     def counting_glob(*args, **kwargs):
         counts["glob"] += 1
@@ -136,6 +137,8 @@ def disk_looks(monkeypatch, live_lab_agent):
 
     def counting_open(path, *args, **kwargs):
         counts["state"] += os.fspath(path) == state_path
+        if os.fspath(path) in watched:
+            counts[watched[os.fspath(path)]] += 1
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr(glob, "glob", counting_glob)
@@ -145,10 +148,10 @@ def disk_looks(monkeypatch, live_lab_agent):
 
 def test_a_request_looks_for_each_providers_files_once_and_a_rotation_again_only_for_its_proof(live_lab_agent, disk_looks):
     multicast(live_lab_agent, "first")
-    disk_looks.update(glob=0, state=0)
+    disk_looks.update(dict.fromkeys(disk_looks, 0))
     live_lab_agent.handle_line(wire.encode_request("hello", {}, "h"))
     hello = dict(disk_looks)
-    disk_looks.update(glob=0, state=0)
+    disk_looks.update(dict.fromkeys(disk_looks, 0))
     args = {**ARGS, "entropy": base64.b64encode(os.urandom(48)).decode()}
     live_lab_agent.handle_line(wire.encode_request("rotate", args, "r"))
     rotate = dict(disk_looks)
@@ -156,3 +159,6 @@ def test_a_request_looks_for_each_providers_files_once_and_a_rotation_again_only
     # The rotation reads the state once for its plan and once for its proof (the state file is one of its changes).
     assert rotate["state"] == 2, rotate
     assert rotate["glob"] <= 2 * hello["glob"], (hello, rotate)
+    # A file several providers' steps read is read once before the changes and once after (for the proof).
+    assert hello["wg0.conf"] == hello["hostname"] == 1, hello
+    assert rotate["wg0.conf"] == rotate["hostname"] == 2, rotate

@@ -20,6 +20,8 @@ import os
 import re
 import typing as t
 
+from .files import read_bytes
+
 T = t.TypeVar("T")
 _WILDCARD = re.compile(r"[*?[]")
 
@@ -58,6 +60,10 @@ class Discovery:
         except KeyError:
             found = self._found[key] = find()
             return found
+
+    def read(self, path: str) -> bytes | None:
+        """``read_bytes(path)``, read once per scope: plan, proof and state read the same files."""
+        return self.once(("read", path), lambda: read_bytes(path))
 
     def matches(self, pattern: str) -> list[str]:
         """``glob.glob(pattern)``, unsorted; a wildcard's directory is listed once per scope.

@@ -57,6 +57,10 @@ class Provider:
         """A guest path under the agent's root."""
         return self.agent.path(path)
 
+    def read(self, path: str) -> bytes | None:
+        """A file's content (None: missing), read once per request (discovery.py)."""
+        return self.agent.discovery.read(path)
+
     def plan(self, operation: str, entropy: Entropy) -> Plan:
         """The changes and actions of one rotation; raises on failure."""
         raise NotImplementedError

@@ -12,7 +12,6 @@ import typing as t
 from .._protocol import proof
 from ..entropy import Entropy
 from ..errors import AgentError
-from ..files import read_bytes
 from .base import Change, Plan, Provider
 from .machine_id import app_specific_id
 
@@ -58,7 +57,7 @@ class HostnameProvider(Provider):
 
     def current(self) -> str | None:
         """The static hostname, or None when there is none."""
-        lines = (read_bytes(self.hostname_path) or b"").decode("utf-8", "replace").split("\n")
+        lines = (self.read(self.hostname_path) or b"").decode("utf-8", "replace").split("\n")
         name = next((line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")), "")
         return name or None
 
@@ -77,7 +76,7 @@ class HostnameProvider(Provider):
         return name
 
     def plan(self, operation: str, entropy: Entropy) -> Plan:
-        if read_bytes(self.hostname_path) is None:
+        if self.read(self.hostname_path) is None:
             # No static hostname: the name comes from the network (DHCP) or systemd's fallback.
             plan = Plan("unchanged", None)
             plan.details.append("no /etc/hostname: nothing found")
@@ -92,7 +91,7 @@ class HostnameProvider(Provider):
         if operation == "modify":
             plan.details.append("a hostname is not derived from the old one: made from the pattern")
         plan.changes.append(Change(self.hostname_path, new.encode("ascii") + b"\n", 0o644))
-        hosts = read_bytes(self.hosts_path)
+        hosts = self.read(self.hosts_path)
         if hosts is not None and old:
             updated = self.rename_in_hosts(hosts, old, new)
             if updated != hosts:
@@ -117,7 +116,7 @@ class HostnameProvider(Provider):
         return "".join(out).encode("utf-8")
 
     def fingerprints(self, hash_key: str) -> dict[str, str]:
-        if read_bytes(self.hostname_path) is None:
+        if self.read(self.hostname_path) is None:
             return {}
         name = self.current()
         if name is None or name == ERASED_NAME:
@@ -125,7 +124,7 @@ class HostnameProvider(Provider):
         return {"hostname": proof.keyed_hash(hash_key, name.encode("utf-8"))}
 
     def state(self) -> str:
-        if read_bytes(self.hostname_path) is None:
+        if self.read(self.hostname_path) is None:
             return "none found"
         name = self.current()
         return "erased" if name is None or name == ERASED_NAME else "present"

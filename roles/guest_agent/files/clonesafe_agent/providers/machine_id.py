@@ -13,7 +13,6 @@ import weakref
 
 from .._protocol import proof
 from ..entropy import Entropy, hkdf
-from ..files import read_bytes
 from .base import Change, Plan, Provider
 
 
@@ -49,7 +48,7 @@ class MachineIdProvider(Provider):
 
     def current(self) -> str | None:
         """The machine-id, or None when erased or invalid."""
-        data = (read_bytes(self.main_path) or b"").strip()
+        data = (self.read(self.main_path) or b"").strip()
         return data.decode("ascii") if re.fullmatch(rb"[0-9a-f]{32}", data) else None
 
     def effective_id(self, rotation: Entropy) -> str | None:

@@ -142,7 +142,7 @@ class SshHostKeysProvider(Provider):
                                              else f"ssh_host_keys:{key.guest_path}", old, operation == "modify",
                                              int(self.config.get("rsa_bits", 3072)), keys_module.CURVES.get(key.curve or ""))
             comment = b"root@clonesafe"
-            old_public = read_bytes(key.public_path)
+            old_public = self.read(key.public_path)
             if old_public and len(old_public.split()) >= 3:
                 comment = old_public.split()[2]
             private_bytes = new.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
@@ -206,7 +206,7 @@ class SshHostKeysProvider(Provider):
     def fingerprints(self, hash_key: str) -> dict[str, str]:
         result = {}
         for key in self.host_keys():
-            public = read_bytes(key.public_path)
+            public = self.read(key.public_path)
             if has_content(key.private_path) and public:
                 result[key.name] = proof.ssh_public_key_fingerprint(public.decode("ascii", "replace"))
             else:
@@ -221,7 +221,7 @@ class SshHostKeysProvider(Provider):
         """
         result = {}
         for key in self.host_keys():
-            public = read_bytes(key.public_path)
+            public = self.read(key.public_path)
             if has_content(key.private_path) and public:
                 result[key.name] = " ".join(public.decode("ascii", "replace").split()[:2])
         return result

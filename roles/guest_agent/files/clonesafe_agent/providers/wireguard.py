@@ -16,7 +16,6 @@ from cryptography.hazmat.primitives.asymmetric import x25519
 
 from .._protocol import proof
 from ..entropy import Entropy, hkdf
-from ..files import read_bytes
 from .base import Change, Plan, Provider
 from .services import plan_restart
 
@@ -79,7 +78,7 @@ class WireguardProvider(Provider):
         for pattern, section in [(WG_QUICK, b"interface")] + [(netdev, b"wireguard") for netdev in NETDEVS]:
             for path in sorted(self.agent.discovery.matches(self.path(pattern))):
                 guest_path = "/" + os.path.relpath(path, self.agent.root)
-                setting = self._setting(read_bytes(path) or b"", section)
+                setting = self._setting(self.read(path) or b"", section)
                 if setting is None and guest_path not in recorded:
                     continue
                 key_file = None
@@ -105,8 +104,8 @@ class WireguardProvider(Provider):
     def private_key(self, holder: KeyHolder) -> bytes | None:
         """The interface's private key, or None when it has none."""
         if holder.key_file is not None:
-            return decode_key(read_bytes(self.path(holder.key_file)) or b"")
-        setting = self._setting(read_bytes(self.path(holder.guest_path)) or b"", holder.section)
+            return decode_key(self.read(self.path(holder.key_file)) or b"")
+        setting = self._setting(self.read(self.path(holder.guest_path)) or b"", holder.section)
         return decode_key(setting[1]) if setting else None
 
     def paths(self) -> list[str]:
@@ -152,7 +151,7 @@ class WireguardProvider(Provider):
         if holder.key_file is not None:
             return Change(self.path(holder.key_file), text + b"\n" if text is not None else None, 0o600)
         path = self.path(holder.guest_path)
-        data = read_bytes(path) or b""
+        data = self.read(path) or b""
         # A key an erase removed goes back as the first line of its section.
         placed = text is None or self._setting(data, holder.section) is not None
         out, current = [], None
