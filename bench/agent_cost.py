@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/env python
 """The agent's own cost of a steady rotation of the lab's providers, on the host, without a VM.
 
 Builds the lab golden's provider set in a scratch root (tests/unit/agent/lab_guest.py), runs the

@@ -143,7 +143,7 @@ options:
       - Seconds to wait for every clone's answer to C(hello). A deadline, not a delay.
       - A clone restored from RAM answers once its guest runs again; on a loaded host without KVM that took
         longer than 15 seconds for 8 clones restored together.
-      - With O(trigger=generation) or O(trigger=both) the first C(hello) waits at least O(generation_timeout):
+      - With O(trigger=generation) or O(trigger=both) the first C(hello) waits at least O(generation_timeout);
         an agent regenerating by itself answers only when its regeneration is done.
     type: float
     default: 60
