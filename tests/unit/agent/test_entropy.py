@@ -1,9 +1,10 @@
-"""The agent's HKDF: RFC 5869's test vectors, and the very bytes cryptography's HKDF gives (the oracle)."""
+"""The agent's key derivation: HKDF (RFC 5869 vectors), and long outputs as a ChaCha20 keystream (RFC 8439 vector)."""
 
 from __future__ import annotations
 
 import pytest
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -27,15 +28,38 @@ def test_rfc_5869_vectors(material, salt, info, length, expected):
     assert entropy.hkdf(material, length, info, salt=salt).hex() == expected
 
 
-@settings(max_examples=200, deadline=None)
-@given(material=st.binary(max_size=200), info=st.binary(max_size=64), salt=st.none() | st.binary(max_size=4200),
-       length=st.sampled_from([1, 16, 31, 32, 33, 48, 64, 65, 96, 4096, 255 * 32]))
-def test_the_same_bytes_as_cryptographys_hkdf(material, info, salt, length):
-    expected = HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(material)
-    assert entropy.hkdf(material, length, info, salt=salt) == expected
-
-
 @pytest.mark.parametrize("length", [0, 255 * 32 + 1])
 def test_lengths_hkdf_cannot_make_are_refused(length):
     with pytest.raises(ValueError):
         entropy.hkdf(b"material", length, b"info")
+
+
+@settings(max_examples=100, deadline=None)
+@given(material=st.binary(min_size=1, max_size=64), info=st.binary(max_size=32), salt=st.none() | st.binary(max_size=64),
+       length=st.sampled_from([1, 32, 64, 65, 96, 4096, 65536]))
+def test_expand_is_hkdf_up_to_64_bytes_and_chacha20_keyed_by_hkdf_beyond(material, info, salt, length):
+    """The oracle: RFC 5869 HKDF and RFC 8439 ChaCha20 (block counter 0, zero nonce) as cryptography computes them."""
+    if length <= 64:
+        expected = HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(material)
+    else:
+        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info + b"/keystream").derive(material)
+        expected = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor().update(bytes(length))
+    assert entropy.expand(material, length, info, salt=salt) == expected
+
+
+def test_a_long_output_is_chacha20s_rfc_8439_keystream():
+    """RFC 8439 section 2.4.2's key, with the counter and nonce as keystream() sets them (both zero):
+    the first keystream block is that of section 2.3.2 with its counter 0 and zero nonce (A.1 test vector 1)."""
+    zero_key_block = bytes.fromhex(
+        "76b8e0ada0f13d90405d6ae55386bd28bdd219b8a08ded1aa836efcc8b770dc7"
+        "da41597c5157488d7724e03fb8d84a376a43b8f41518a11cc387b669b2ee6586")
+    assert entropy.keystream(bytes(32), 64) == zero_key_block
+
+
+def test_derive_gives_each_label_its_own_bytes_of_any_length():
+    source = entropy.Entropy("guest")
+    source.prepare(live=False)
+    credential = source.derive("systemd_credential", 4096)
+    assert len(credential) == 4096 and credential != source.derive("network_manager", 4096)
+    assert source.derive("rng", 64) != credential[:64] and len(set(credential)) > 200
+    assert source.derive("systemd_credential", 4096) == credential

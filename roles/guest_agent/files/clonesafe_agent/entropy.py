@@ -6,10 +6,13 @@
 from __future__ import annotations
 
 import fcntl
-import hmac
 import os
 import struct
 import typing as t
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ._protocol import wire
 from .errors import AgentError
@@ -17,25 +20,33 @@ from .errors import AgentError
 # linux/random.h
 RNDADDENTROPY = 0x40085203
 RNDRESEEDCRNG = 0x5207
-_SHA256_BYTES = 32
+# Longer outputs come from a keystream keyed by HKDF (keystream()).
+HKDF_DIRECT_MAX_BYTES = 64
 
 
 def hkdf(material: bytes, length: int, info: bytes, salt: bytes | None = None) -> bytes:
-    """HKDF-SHA256 (RFC 5869): the bytes cryptography's ``HKDF(SHA256(), length, salt, info).derive()`` gives.
+    """HKDF-SHA256 (RFC 5869), through cryptography (which refuses more than 255 blocks, not zero bytes)."""
+    if length < 1:
+        raise ValueError(f"HKDF-SHA256 makes at least 1 byte, not {length}")
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(material)
 
-    Computed with the standard library's HMAC, one C call per 32-byte block: cryptography's HKDF
-    (before its Rust rewrite; Debian 12 ships 38.0) builds a Python HMAC object per block, and the
-    4 KiB systemd credential key took 128 of them, some 50 ms of a TCG guest's CPU per rotation.
-    tests/unit/agent/test_entropy.py checks the two agree, and RFC 5869's test vectors.
+
+def keystream(key: bytes, length: int) -> bytes:
+    """``length`` bytes of ChaCha20's keystream under a one-use 32-byte ``key``: a long output in one C call.
+
+    cryptography's HKDF before its Rust rewrite (Debian 12 ships 38.0) builds a Python HMAC object
+    per 32-byte block: the 4 KiB systemd credential key took 128 of them, some 50 ms of a TCG guest's
+    CPU per rotation. Each key is derived for one label of one rotation, so the zero nonce never repeats
+    under a key.
     """
-    if not 0 < length <= 255 * _SHA256_BYTES:
-        raise ValueError(f"HKDF-SHA256 makes 1 to {255 * _SHA256_BYTES} bytes, not {length}")
-    pseudorandom_key = hmac.digest(salt or bytes(_SHA256_BYTES), material, "sha256")
-    blocks, block = [], b""
-    for counter in range(1, -(-length // _SHA256_BYTES) + 1):
-        block = hmac.digest(pseudorandom_key, block + info + bytes([counter]), "sha256")
-        blocks.append(block)
-    return b"".join(blocks)[:length]
+    return Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor().update(bytes(length))
+
+
+def expand(material: bytes, length: int, info: bytes, salt: bytes | None = None) -> bytes:
+    """``length`` bytes bound to ``material``, ``info`` and ``salt``: HKDF, or for long outputs a keystream HKDF keys."""
+    if length <= HKDF_DIRECT_MAX_BYTES:
+        return hkdf(material, length, info, salt=salt)
+    return keystream(hkdf(material, 32, info + b"/keystream", salt=salt), length)
 
 
 class Entropy:
@@ -76,7 +87,7 @@ class Entropy:
         """``length`` bytes bound to ``label``: distinct labels give independent bytes."""
         if self._seed is None:
             raise AgentError("entropy drawn before the kernel RNG was reseeded (Entropy.prepare was not called)")
-        return hkdf(self._seed, length, b"clonesafe/" + label.encode("utf-8"))
+        return expand(self._seed, length, b"clonesafe/" + label.encode("utf-8"))
 
 
 def reseed_kernel_rng(material: bytes, credit_bits: int = 0) -> None:

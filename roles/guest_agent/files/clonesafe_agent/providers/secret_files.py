@@ -16,7 +16,7 @@ import stat
 import typing as t
 
 from .._protocol import proof
-from ..entropy import Entropy, hkdf
+from ..entropy import Entropy, expand
 from ..files import read_bytes
 from .base import Change, Plan, Provider
 
@@ -91,7 +91,7 @@ class SecretFilesProvider(Provider):
         """``length`` new secret bytes and the method: HKDF of the old bytes (modify) or fresh ones."""
         fresh = entropy.derive(f"{self.name}:{secret.guest_path}", max(length, 32))
         if operation == "modify" and old:
-            return hkdf(old, length, f"clonesafe modify {self.name} v1".encode(), salt=fresh), "hkdf"
+            return expand(old, length, f"clonesafe modify {self.name} v1".encode(), salt=fresh), "hkdf"
         if operation == "modify":
             plan.details.append(f"{secret.guest_path}: nothing to derive from: regenerated")
         return fresh[:length], "regenerated"
