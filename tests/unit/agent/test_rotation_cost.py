@@ -162,3 +162,17 @@ def test_a_request_looks_for_each_providers_files_once_and_a_rotation_again_only
     # A file several providers' steps read is read once before the changes and once after (for the proof).
     assert hello["wg0.conf"] == hello["hostname"] == 1, hello
     assert rotate["wg0.conf"] == rotate["hostname"] == 2, rotate
+
+
+def test_a_unit_name_systemctl_would_escape_is_left_to_systemctl(agent_module, tmp_path):
+    """wg-quick@wg+0.service is filed by systemd under its escaped name: no lstat can say it is idle."""
+    services = __import__("clonesafe_agent.providers.services", fromlist=["services"])
+    mark_running(tmp_path, "wg-quick@wg0.service")
+
+    def path(guest_path):
+        return str(tmp_path / guest_path.lstrip("/"))
+
+    assert services.unit_running(path, "wg-quick@wg0.service") is True
+    assert services.unit_running(path, "wg-quick@wg1.service") is False
+    assert services.unit_running(path, "wg-quick@wg+0.service") is None
+    assert services.unit_running(path, "wg-quick@wg=0.service") is None

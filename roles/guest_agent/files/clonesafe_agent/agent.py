@@ -215,6 +215,7 @@ class Agent:
             outcomes[name] = outcome
             self.notifications.extend(plan.notify)
             self.restarts.extend(plan.restarts)
+        self.discovery.forget()  # an after-action (a hook) may have changed what the proof reads
         phases.lap("after")
         if not defer_notifications:
             self.run_notifications()
@@ -240,9 +241,13 @@ class Agent:
                 log(f"notification failed: {type(error).__name__}: {error}")
         if units:
             try:
-                services.restart_running(self.path, units)
+                named = services.restart_running(self.path, units)
             except Exception as error:  # pylint: disable=broad-exception-caught
                 log(f"restarting {', '.join(units)} failed: {type(error).__name__}: {error}")
+                return
+            idle = [unit for unit in dict.fromkeys(units) if unit not in named]
+            log(f"restarted (try-restart) {', '.join(named) or 'none'}"
+                + (f"; not running, left alone: {', '.join(idle)}" if idle else ""))
 
     def fingerprints(self, hash_key: str) -> dict[str, str]:
         """Fingerprints of every enabled provider (identity always, it signs)."""

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import typing as t
@@ -19,6 +20,9 @@ if t.TYPE_CHECKING:
 # (src/core/unit.c: unit_export_state_files, unit_unlink_state_files), so one lstat tells whether a
 # unit is running; without the directory (no systemd, or one too old to export it) systemctl decides.
 UNIT_STATE_DIR = "/run/systemd/units"
+# Names systemd files under as they are; any other name (wg-quick@wg+0.service) systemctl escapes first,
+# and only it knows the escaped name's state file: such a unit is left to systemctl to decide.
+UNIT_NAME = re.compile(r"[A-Za-z0-9:_.@-]+")
 
 
 def plan_restart(agent: Agent, plan: Plan, unit: str, enabled: bool) -> None:
@@ -43,10 +47,10 @@ def plan_restart(agent: Agent, plan: Plan, unit: str, enabled: bool) -> None:
 def unit_running(path: t.Callable[[str], str], unit: str) -> bool | None:
     """Whether systemd runs ``unit`` (activating, active, reloading or deactivating), by one lstat.
 
-    None when systemd exports no unit state here: only systemctl can tell.
+    None when systemd exports no unit state here, or names the unit otherwise: only systemctl can tell.
     """
     directory = path(UNIT_STATE_DIR)
-    if not os.path.isdir(directory):
+    if not os.path.isdir(directory) or not UNIT_NAME.fullmatch(unit):
         return None
     return os.path.lexists(os.path.join(directory, f"invocation:{unit}"))
 
