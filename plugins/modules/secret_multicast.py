@@ -143,14 +143,17 @@ options:
       - Seconds to wait for every clone's answer to C(hello). A deadline, not a delay.
       - A clone restored from RAM answers once its guest runs again; on a loaded host without KVM that took
         longer than 15 seconds for 8 clones restored together.
-      - With O(trigger=generation) or O(trigger=both) the first C(hello) waits at least O(generation_timeout);
-        an agent regenerating by itself answers only when its regeneration is done.
+      - With O(trigger=generation) or O(trigger=both) the first C(hello) may take up to O(generation_timeout)
+        instead (an agent regenerating by itself answers only when its regeneration is done); one
+        O(generation_timeout) from the start covers that C(hello) and the waiting for the regenerations.
     type: float
     default: 60
     version_added: 0.1.0
   generation_timeout:
     description:
-      - With O(trigger=generation) or O(trigger=both), seconds to wait for the agents' own regeneration.
+      - With O(trigger=generation) or O(trigger=both), seconds to wait for the agents' own regeneration, counted
+        from the start of the task.
+      - A clone without an agent is given up only then, also with O(missing_agent=skip).
       - Every clone regenerates at once; under TCG a 3072-bit RSA host key alone takes tens of seconds.
     type: float
     default: 180

@@ -291,12 +291,15 @@ def _after_own_restore(trigger: dict[str, t.Any], template_events: int) -> bool:
 
 
 def _wait_for_own_regeneration(
-    outcomes: dict[str, CloneOutcome], sockets: dict[str, str], settings: Settings
+    outcomes: dict[str, CloneOutcome], sockets: dict[str, str], settings: Settings, started: float
 ) -> list[str]:
-    """Poll hello until each agent reports a rotation caused by the generation change; return those still waiting."""
+    """Poll hello until each agent reports a rotation caused by the generation change; return those still waiting.
+
+    One deadline, generation_timeout after the multicast started, covers the first hello and the polls.
+    """
     waiting = list(sockets)
-    deadline = time.monotonic() + settings.generation_timeout
-    while waiting and time.monotonic() < deadline:
+    deadline = started + settings.generation_timeout
+    while True:
         still = []
         for name in waiting:
             trigger = outcomes[name].hello.get("last_trigger") or {}
@@ -306,15 +309,14 @@ def _wait_for_own_regeneration(
             else:
                 still.append(name)
         waiting = still
-        if not waiting:
-            break
+        if not waiting or time.monotonic() + settings.poll_interval >= deadline:
+            return waiting
         time.sleep(settings.poll_interval)
         calls = [ChannelCall(name, sockets[name], "hello", {}) for name in waiting]
-        call_all(calls, settings.hello_timeout)
+        call_all(calls, max(1.0, min(settings.hello_timeout, deadline - time.monotonic())))
         for call in calls:
             if call.result is not None:
                 outcomes[call.clone].hello["last_trigger"] = call.result["last_trigger"]
-    return waiting
 
 
 def _attest_all(outcomes: dict[str, CloneOutcome], targets: t.Sequence[Target], settings: Settings, status: str) -> None:
@@ -375,7 +377,8 @@ def multicast(targets: t.Sequence[Target], settings: Settings, check_mode: bool 
                           "clone's own regeneration from one it inherited: use trigger=channel", "fail")
         return _finish(outcomes, started)
     if settings.trigger in ("generation", "both") and settings.template_vmgenid_events is not None:
-        waiting = _wait_for_own_regeneration(outcomes, {target.name: target.socket_path or "" for target in ready}, settings)
+        waiting = _wait_for_own_regeneration(outcomes, {target.name: target.socket_path or "" for target in ready}, settings,
+                                             started)
         if settings.trigger == "generation":
             for name in waiting:
                 outcomes[name].status = "failed"

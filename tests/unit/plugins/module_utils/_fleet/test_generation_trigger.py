@@ -86,3 +86,29 @@ def test_the_first_hello_waits_for_an_agent_busy_with_its_own_regeneration(fleet
 def test_the_defaults_wait_for_a_restored_clone_longer_than_a_loaded_tcg_host_took():
     defaults = Settings()
     assert defaults.hello_timeout >= 60 and defaults.generation_timeout >= 180
+
+
+class SlowNeverRegenerating:
+    """An agent whose first hello takes long and that never regenerates (its clone was not restored)."""
+
+    def __init__(self, agent, seconds: float) -> None:
+        self.agent, self.seconds, self.slow = agent, seconds, True
+
+    def handle_line(self, line):
+        if self.slow:
+            time.sleep(self.seconds)
+            self.slow = False
+        return self.agent.handle_line(line)
+
+
+def test_one_generation_timeout_covers_the_first_hello_and_the_polls(fleet, tmp_path):
+    golden = fleet.serve("golden", fleet.golden_root)
+    template = golden_proof("golden", golden.socket_path, "running", seal=False, domain_uuid=golden.domain_uuid)
+    clone = fleet.serve("clone", fleet.golden_root, wrap=lambda agent: SlowNeverRegenerating(agent, 3.0))
+    waiting = dataclasses.replace(settings(template["golden_vmgenid_events"]), hello_timeout=0.5, generation_timeout=4)
+    started = time.monotonic()
+    outcome = multicast([clone], waiting).clones[0]
+    elapsed = time.monotonic() - started
+    assert outcome.status == "failed" and "did not regenerate" in outcome.reason
+    # Two deadlines in a row (the first hello's, then generation_timeout of polls) took 7 s and more.
+    assert elapsed < 6, elapsed
