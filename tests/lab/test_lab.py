@@ -11,6 +11,8 @@ import pytest
 from clonesafe_testlib import require_module, run_module, run_playbook
 from helpers.agent_channel import AgentChannel
 
+from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import wire
+
 pytestmark = pytest.mark.lab
 libvirt = require_module("libvirt", "libvirt-python")
 
@@ -33,7 +35,7 @@ def test_golden_guest_reaches_userspace(lab):
     # Booted or restored (a memory snapshot restarts the log), a userspace service answers on the channel.
     with AgentChannel(lab["golden"]["channel_socket"]) as channel:
         hello = channel.call("hello", timeout=120)
-    assert hello["protocol"] == 1
+    assert hello["protocol"] == wire.PROTOCOL_VERSION
     assert hello["vcpus"]["online"], "the guest's agent reports its online vCPUs"
     conn = libvirt.open(lab["uri"])
     try:
