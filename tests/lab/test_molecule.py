@@ -13,7 +13,7 @@ import pytest
 
 from clonesafe_testlib import REPO_ROOT, ansible_env, require_module, run_playbook
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.slow_lab]
 libvirt = require_module("libvirt", "libvirt-python")
 
 LAB_SUMMARY = pathlib.Path("/var/lib/clonesafe/lab.json")
