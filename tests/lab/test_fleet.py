@@ -38,6 +38,28 @@ def sha256(path: pathlib.Path) -> str:
     return digest.hexdigest()
 
 
+def image_info(path: pathlib.Path) -> dict:
+    """qemu-img's view of one qcow2 file on its own (no backing file opened)."""
+    completed = subprocess.run(
+        ["qemu-img", "info", "-U", "-f", "qcow2", "--output=json", str(path)],
+        capture_output=True, text=True, timeout=120, check=True,
+    )
+    return json.loads(completed.stdout)
+
+
+def chain_options(host: str, path: str) -> str:
+    """--image-opts for a qcow2 chain as ``host`` resolves it: its /var/lib/clonesafe is its own directory."""
+    options, prefix, current = [], "", path
+    while current:
+        seen = host_path(host, current) if current.startswith("/var/lib/clonesafe/") else pathlib.Path(current)
+        options.append(f"{prefix}driver=qcow2,{prefix}file.driver=file,{prefix}file.filename={seen}")
+        named = image_info(seen).get("backing-filename")
+        current = named if not named or named.startswith("/") else str(pathlib.PurePosixPath(current).parent / named)
+        prefix += "backing."
+        assert len(options) < 8, f"backing chain of {path} on {host} too deep"
+    return ",".join(options)
+
+
 def remote_uri(host: str) -> str:
     index = HOSTS.index(host) + 1
     return f"qemu+ssh://root@10.231.88.{10 + index}/system?command={LAB_DIR}/ssh/ssh"
@@ -91,8 +113,22 @@ def test_the_template_arrives_identical_on_every_host(distributed):
         copy = json.loads(host_path(host, "/var/lib/clonesafe/templates/fleet/manifest.json").read_text())
         assert copy["distribution"]["mode"] == "memory"
         assert copy["created_at"] == manifest["created_at"]
-        for file, spec in (("base.qcow2", manifest["base"]), ("memory.save", manifest["memory"])):
-            assert sha256(host_path(host, f"/var/lib/clonesafe/templates/fleet/{file}")) == spec["sha256"]
+        template = "/var/lib/clonesafe/templates/fleet"
+        assert sha256(host_path(host, f"{template}/memory.save")) == manifest["memory"]["sha256"]
+        if copy["distribution"]["backing_chain"] == "in the template":
+            # The fleet lab's hosts each have their own /var/lib/clonesafe/golden, so the golden's overlay
+            # chain travels: the base's header names backing/<file> instead, and its bytes differ there.
+            # What a guest reads must not: qemu-img compares the two chains, each resolved on its own host.
+            assert image_info(host_path(host, f"{template}/base.qcow2"))["backing-filename"] == (
+                "backing/" + manifest["base"]["backing_chain"][0]["file"])
+            compared = subprocess.run(
+                ["qemu-img", "compare", "-U", "--image-opts",
+                 chain_options("fleet-h1", f"{template}/base.qcow2"), chain_options(host, f"{template}/base.qcow2")],
+                capture_output=True, text=True, timeout=600, check=False,
+            )
+            assert compared.returncode == 0, compared.stdout + compared.stderr
+        else:
+            assert sha256(host_path(host, f"{template}/base.qcow2")) == manifest["base"]["sha256"]
     again = run_playbook("playbooks/distribute_template.yml", "-i", str(INVENTORY), timeout=600)
     assert again.returncode == 0, again.stdout[-4000:]
     for host in HOSTS:
