@@ -78,6 +78,20 @@ class AnsibleRun(t.NamedTuple):
     stdout: str
     stderr: str
 
+    def failure(self, tail: int = 6000) -> str:
+        """What a failed run says, for an assertion message: the failed tasks' lines first, then the output's end.
+
+        CI shows the head and the end of a long message; the cause must be in the head.
+        """
+        lines = self.stdout.splitlines()
+        failed = [
+            "\n".join(lines[max(index - 2, 0):index + 12])
+            for index, line in enumerate(lines)
+            if line.startswith(("fatal:", "failed:")) or ("FAILED!" in line and not line.startswith("ok:"))
+        ]
+        head = "\n...\n".join(failed[:6]) or "(no failed task in the output)"
+        return f"{head}\n=== end of the output ===\n{self.stdout[-tail:]}\n=== stderr ===\n{self.stderr[-3000:]}"
+
     def recap(self, host: str = "localhost") -> dict[str, int]:
         """The PLAY RECAP counters of ``host``."""
         for line in self.stdout.splitlines():

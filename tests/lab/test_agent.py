@@ -29,7 +29,7 @@ FINGERPRINTED = {"identity": ("identity",), "ssh_host_keys": ("ssh_host_key.",),
 def lab_summary():
     """The lab playbook bakes the agent into the lab image; run it (a no-op when the lab is up)."""
     run = run_playbook("playbooks/lab.yml", timeout=3000)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    assert run.returncode == 0, run.failure()
     return json.loads(LAB_SUMMARY.read_text())
 
 

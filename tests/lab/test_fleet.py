@@ -68,7 +68,7 @@ def remote_uri(host: str) -> str:
 @pytest.fixture(scope="module")
 def fleet():
     run = run_playbook("playbooks/fleet_lab.yml", "-e", "fleet_lab_hosts=3", timeout=3000)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    assert run.returncode == 0, run.failure()
     return run
 
 
@@ -93,17 +93,17 @@ def test_every_host_is_its_own_hypervisor(fleet):
 
 def test_a_second_bring_up_changes_nothing(fleet):
     run = run_playbook("playbooks/fleet_lab.yml", "-e", "fleet_lab_hosts=3", timeout=1800)
-    assert run.returncode == 0, run.stdout[-6000:]
+    assert run.returncode == 0, run.failure()
     for host in ["localhost", *HOSTS]:
-        assert run.recap(host)["changed"] == 0, (host, run.stdout[-6000:])
+        assert run.recap(host)["changed"] == 0, (host, run.failure())
 
 
 @pytest.fixture(scope="module")
 def distributed(fleet):
     reset = run_playbook("tests/lab/playbooks/fleet_reset.yml", "-i", str(INVENTORY), timeout=600)
-    assert reset.returncode == 0, reset.stdout[-4000:]
+    assert reset.returncode == 0, reset.failure()
     run = run_playbook("playbooks/distribute_template.yml", "-i", str(INVENTORY), timeout=1200)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    assert run.returncode == 0, run.failure()
     return run
 
 
@@ -130,9 +130,9 @@ def test_the_template_arrives_identical_on_every_host(distributed):
         else:
             assert sha256(host_path(host, f"{template}/base.qcow2")) == manifest["base"]["sha256"]
     again = run_playbook("playbooks/distribute_template.yml", "-i", str(INVENTORY), timeout=600)
-    assert again.returncode == 0, again.stdout[-4000:]
+    assert again.returncode == 0, again.failure()
     for host in HOSTS:
-        assert again.recap(host)["changed"] == 0, again.stdout[-4000:]
+        assert again.recap(host)["changed"] == 0, again.failure()
 
 
 def test_six_clones_across_three_hosts_are_proven_unique(distributed, tmp_path):
@@ -143,7 +143,7 @@ def test_six_clones_across_three_hosts_are_proven_unique(distributed, tmp_path):
         timeout=2400,
     )
     try:
-        assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-3000:]
+        assert run.returncode == 0, run.failure()
         verdicts = json.loads(report.read_text())
         left_out, final = verdicts["planted"], verdicts["final"]
         # Clone 2 of fleet-h2 and fleet-h3 missed the multicast: both still hold the golden's secrets
@@ -173,7 +173,7 @@ def test_six_clones_across_three_hosts_are_proven_unique(distributed, tmp_path):
 def test_the_inventory_plugin_lists_every_clone_of_the_fleet(distributed, tmp_path):
     prepared = run_playbook("tests/lab/playbooks/fleet_clones.yml", "-i", str(INVENTORY), timeout=1200)
     try:
-        assert prepared.returncode == 0, prepared.stdout[-6000:]
+        assert prepared.returncode == 0, prepared.failure()
         config = tmp_path / "fleet.clones.yml"
         config.write_text("plugin: clonesafe.fleet.clones\nhypervisor_group: hypervisors\n")
         completed = subprocess.run(

@@ -27,7 +27,7 @@ SECRET_MARKERS = ("PRIVATE KEY", "BEGIN OPENSSH")
 @pytest.fixture(scope="module")
 def lab():
     run = run_playbook("playbooks/lab.yml", timeout=3000)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    assert run.returncode == 0, run.failure()
     return json.loads(LAB_SUMMARY.read_text())
 
 
@@ -47,7 +47,7 @@ def test_memory_clones_share_the_golden_secrets_until_one_multicast(lab, tmp_pat
             "-e", f"clonesafe_known_hosts_file={known_hosts}",
             timeout=2400,
         )
-        assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-3000:]
+        assert run.returncode == 0, run.failure()
         for marker in SECRET_MARKERS:
             assert marker not in run.stdout and marker not in run.stderr, "key material in the playbook output"
         report = json.loads(report_file.read_text())

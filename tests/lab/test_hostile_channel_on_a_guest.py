@@ -68,7 +68,7 @@ def lab_summary():
     """The lab as it is (the playbook brings it up when it is not)."""
     if not LAB_SUMMARY.exists():
         run = run_playbook("playbooks/lab.yml", timeout=3000)
-        assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+        assert run.returncode == 0, run.failure()
     return json.loads(LAB_SUMMARY.read_text())
 
 

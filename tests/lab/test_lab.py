@@ -23,7 +23,7 @@ LAB_SUMMARY = pathlib.Path("/var/lib/clonesafe/lab.json")
 def lab():
     """Run the lab playbook once (it builds the golden image on a fresh machine) and read its summary."""
     run = run_playbook("playbooks/lab.yml", timeout=3000)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    assert run.returncode == 0, run.failure()
     return json.loads(LAB_SUMMARY.read_text())
 
 
@@ -53,9 +53,9 @@ def test_golden_guest_reaches_userspace(lab):
 
 def test_second_lab_run_reports_no_change(lab):
     run = run_playbook("playbooks/lab.yml", timeout=1200)
-    assert run.returncode == 0, run.stdout[-6000:]
+    assert run.returncode == 0, run.failure()
     recap = run.recap()
-    assert recap["changed"] == 0, run.stdout[-6000:]
+    assert recap["changed"] == 0, run.failure()
     assert recap["failed"] == 0
 
 

@@ -41,7 +41,7 @@ def lab():
     """
     if not lab_image_is_there():
         run = run_playbook("playbooks/lab.yml", timeout=3000)
-        assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+        assert run.returncode == 0, run.failure()
     return json.loads(LAB_SUMMARY.read_text())
 
 

@@ -86,7 +86,7 @@ def test_a_verbose_fleet_run_leaks_no_private_key_material(tmp_path):
             "-e", "clonesafe_show_before=true", "-e", f"clonesafe_report_file={report_file}",
             timeout=2400, ANSIBLE_LOG_PATH=str(log_file),
         )
-        assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-3000:]
+        assert run.returncode == 0, run.failure()
         code, info = run_module("clonesafe.fleet.clone_info", {"uri": summary["uri"], "template": template})
         assert code == 0, info
         assert len(info["clones"]) == CLONES

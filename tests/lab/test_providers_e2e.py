@@ -45,7 +45,7 @@ KEPT = ("/var/lib/puppet/ssl/certs/ca.pem", "/var/lib/cloud/seed/nocloud/meta-da
 @pytest.fixture(scope="module")
 def lab():
     run = run_playbook("playbooks/lab.yml", timeout=3000)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    assert run.returncode == 0, run.failure()
     return json.loads(LAB_SUMMARY.read_text())
 
 
@@ -105,7 +105,7 @@ def test_each_identity_is_shared_before_the_multicast_and_the_clones_own_after(l
             "-e", "clonesafe_show_before=true", "-e", f"clonesafe_report_file={report_file}",
             timeout=2400,
         )
-        assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-3000:]
+        assert run.returncode == 0, run.failure()
         assert "PRIVATE KEY" not in run.stdout and "PrivateKey" not in run.stdout, "key material in the playbook output"
         report = json.loads(report_file.read_text())
 

@@ -48,7 +48,7 @@ VENV_BIN = pathlib.Path(sys.executable).parent
 def user_lab():
     require_tool("ssh-keyscan", "openssh-client")
     run = run_playbook("tests/lab/playbooks/user_vm_lab.yml", "-e", f"user_lab_hosts={len(HOSTS)}", timeout=5400)
-    assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-3000:]
+    assert run.returncode == 0, run.failure()
     return json.loads(SUMMARY.read_text())
 
 
@@ -277,7 +277,7 @@ def test_rotate_secrets_proves_the_existing_fleet_against_its_golden_and_renews_
     before = fleet["known_hosts"].read_text()
     run = run_playbook("playbooks/rotate_secrets.yml", "-i", str(INVENTORY), "-e", f"clonesafe_template={fleet['template']}",
                        "-e", f"clonesafe_known_hosts_file={fleet['known_hosts']}", timeout=1800)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    assert run.returncode == 0, run.failure()
     assert f"{CLONES_PER_HOST * len(HOSTS)} clone(s) proven unique" in run.stdout
     after = fleet["known_hosts"].read_text()
     old_keys = {" ".join(line.split()[1:3]) for line in before.splitlines()}

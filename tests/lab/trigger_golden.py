@@ -84,7 +84,7 @@ def lab_summary() -> dict[str, t.Any]:
     """Where the lab image is; the lab playbook brings the lab up first when it is not."""
     if not LAB_SUMMARY.exists():
         run = run_playbook("playbooks/lab.yml", timeout=3000)
-        assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+        assert run.returncode == 0, run.failure()
     return json.loads(LAB_SUMMARY.read_text())
 
 
@@ -144,7 +144,7 @@ def build_golden_disk(lab: dict[str, t.Any], work: pathlib.Path, role_vars: dict
     (work / "bake.yml").write_text(BAKE_PLAYBOOK)
     (work / "vars.json").write_text(json.dumps(variables))
     run = run_playbook(str(work / "bake.yml"), "-e", f"@{work / 'vars.json'}", timeout=1200)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    assert run.returncode == 0, run.failure()
     etc = root / "etc"
     _replace(etc / "clonesafe/hooks.d/90-record-rotation", ROTATION_HOOK, 0o755)
     _replace(etc / "systemd/system/clonesafe-test-events.service", EVENTS_UNIT)

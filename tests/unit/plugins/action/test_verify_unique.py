@@ -36,7 +36,7 @@ def verify(tmp_path, fleet_results, golden=None, **options):
     variables = {"verify_args": args, "verdict_file": str(tmp_path / "verdict.json")}
     (tmp_path / "vars.json").write_text(json.dumps(variables))
     run = run_playbook(tmp_path / "play.yml", "-e", f"@{tmp_path / 'vars.json'}")
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.returncode == 0, run.failure()
     assert RUN_SECRET not in run.stdout + run.stderr, "the run secret must never reach the output"
     return json.loads((tmp_path / "verdict.json").read_text())
 

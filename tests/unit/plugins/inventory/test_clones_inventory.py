@@ -176,7 +176,7 @@ def test_values_from_a_host_are_never_templated_on_the_controller(tmp_path):
             "msg": "T=[{{ clonesafe_template }}] C=[{{ composed_template | default('') }}] G=[{{ group_names | join(',') }}]"}}],
     }]))
     run = run_playbook(playbook, "-i", str(config), CLONESAFE_CANARY=CANARY)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.returncode == 0, run.failure()
     output = run.stdout + run.stderr
     assert CANARY not in output, "a lookup named by a domain ran on the controller"
     assert "T=[{{ lookup('env','CLONESAFE_CANARY') }}]" in output
