@@ -10,10 +10,14 @@ import typing as t
 from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
 
 
-def run_module(module: t.Any, body: t.Callable[[], dict[str, t.Any]]) -> None:
-    """Run ``body`` and exit with its result; a ClonesafeError becomes one clear failure."""
+def run_module(module: t.Any, body: t.Callable[[], dict[str, t.Any]], invocation: dict[str, t.Any] | None = None) -> None:
+    """Run ``body`` and exit with its result; a ClonesafeError becomes one clear failure.
+
+    ``invocation``, when given, is what the result shows as the module's arguments instead of all of them.
+    """
+    shown = {} if invocation is None else {"invocation": {"module_args": invocation}}
     try:
         result = body()
     except ClonesafeError as error:
-        module.fail_json(msg=error.msg, **error.details)
-    module.exit_json(**result)
+        module.fail_json(msg=error.msg, **error.details, **shown)
+    module.exit_json(**result, **shown)
