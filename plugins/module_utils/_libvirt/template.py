@@ -22,7 +22,7 @@ image becomes the template's base (hard-linked into the directory, so it costs n
 With memory, the golden is paused first, so RAM and base describe the same instant: pause ->
 disk-only snapshot -> save RAM (QEMU stops) -> restore the golden from that same image, running on
 its new overlay. The golden is down for the save and restore only, and gets a new genid from the
-restore, which is harmless to it.
+restore: its own agent then regenerates the golden's secrets as any copy's would (docs/your-hosts.md).
 """
 
 from __future__ import annotations
