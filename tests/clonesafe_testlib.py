@@ -126,3 +126,14 @@ def run_module(module: str, module_args: dict[str, t.Any], *args: str, python: s
         if line.startswith("localhost | ") and "=> {" in line:
             return completed.returncode, json.loads(line.split("=> ", 1)[1])
     raise AssertionError(f"no module result from ansible:\n{completed.stdout[-2000:]}\n{completed.stderr[-2000:]}")
+
+
+def plain(value: t.Any) -> t.Any:
+    """ansible-inventory's JSON with the values a plugin marked unsafe (not templates) unwrapped."""
+    if isinstance(value, dict):
+        if set(value) == {"__ansible_unsafe"}:
+            return value["__ansible_unsafe"]
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [plain(item) for item in value]
+    return value

@@ -165,9 +165,11 @@ import urllib.parse
 import xml.etree.ElementTree as ET
 
 from ansible.errors import AnsibleError, AnsibleParserError
+from ansible.inventory.helpers import get_group_vars
 from ansible.plugins.inventory import BaseInventoryPlugin, Cacheable, Constructable
 from ansible.utils.display import Display
 from ansible.utils.unsafe_proxy import wrap_var
+from ansible.utils.vars import combine_vars
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.attestation_record import read_record
@@ -332,7 +334,8 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
             for host in self.inventory.groups[group].get_hosts():
                 if host.name in uris:
                     continue
-                variables = host.get_vars()
+                # The host's effective variables: connection settings usually sit in group vars (all:vars included).
+                variables = combine_vars(get_group_vars(host.get_groups()), host.get_vars())
                 uri = variables.get(self.get_option("uri_var"))
                 if not uri:
                     uri = self.get_option("uri_pattern").format(

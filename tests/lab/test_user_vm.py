@@ -29,7 +29,7 @@ import uuid
 import pytest
 import yaml
 
-from clonesafe_testlib import REPO_ROOT, ansible_env, require_module, require_tool, run_playbook
+from clonesafe_testlib import REPO_ROOT, ansible_env, plain, require_module, require_tool, run_playbook
 
 # not_yet_green: the whole file has not passed once (its first run this stop failed on an agent installed from a
 # working tree mid-edit); make test leaves it out until it has.
@@ -314,7 +314,7 @@ def wait_for_addresses(config: pathlib.Path, timeout: float = 300) -> dict:
         completed = subprocess.run([str(VENV_BIN / "ansible-inventory"), "-i", str(INVENTORY), "-i", str(config), "--list"],
                                    cwd=REPO_ROOT, env=ansible_env(), capture_output=True, text=True, timeout=300, check=False)
         assert completed.returncode == 0, completed.stderr
-        listed = json.loads(completed.stdout)
+        listed = plain(json.loads(completed.stdout))
         clones = listed.get("clonesafe_clones", {}).get("hosts", [])
         if clones and all(listed["_meta"]["hostvars"][clone].get("ansible_host") for clone in clones):
             return listed

@@ -11,7 +11,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from clonesafe_testlib import ansible_env, require_module, run_playbook
+from clonesafe_testlib import ansible_env, plain, require_module, run_playbook
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet import attestation_record
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.clone_xml import CloneIdentity, clone_paths, rewrite_for_clone
@@ -50,17 +50,6 @@ def fleet(tmp_path):
         "hv1": node_file(tmp_path, "hv1", [clone_xml("web-001", "web", 1, record), clone_xml("web-002", "web", 2)]),
         "hv2": node_file(tmp_path, "hv2", [clone_xml("web-001", "web", 1), clone_xml("db-001", "db", 1)]),
     }
-
-
-def plain(value):
-    """ansible-inventory marks values that came from a plugin as unsafe (not templates): unwrap them."""
-    if isinstance(value, dict):
-        if set(value) == {"__ansible_unsafe"}:
-            return value["__ansible_unsafe"]
-        return {key: plain(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [plain(item) for item in value]
-    return value
 
 
 def inventory(tmp_path, config: dict, *sources: str) -> dict:
@@ -264,6 +253,26 @@ def test_clones_behind_their_hosts_nat_are_reached_through_it_with_verified_host
     plain_result = inventory(tmp_path, {"jump_host": "never"}, str(hosts))
     assert "ansible_ssh_common_args" not in plain_result["_meta"]["hostvars"]["web-001.hv1"]
     assert plain_result["_meta"]["hostvars"]["web-001.hv1"]["clonesafe_jump_host"] is None
+
+
+def test_the_jump_host_takes_the_hypervisors_group_vars(tmp_path):
+    """Connection settings in the hypervisors group's vars (as most inventories keep them) reach the ProxyCommand."""
+    node = tmp_path / "hv1.xml"
+    node.write_text(f"<node>{NAT_NETWORK}{nat_clone_xml('web-001', 1)}</node>")
+    hosts = tmp_path / "hosts.yml"
+    hosts.write_text(json.dumps({"all": {
+        "vars": {"ansible_user": "admin"},
+        "children": {"hypervisors": {
+            "hosts": {"hv1": {"clonesafe_libvirt_remote_uri": f"test://{node}", "ansible_host": "10.231.89.11"}},
+            "vars": {"ansible_user": "root", "ansible_ssh_private_key_file": "/lab/id_ed25519",
+                     "ansible_ssh_common_args": "-F /lab/config"},
+        }},
+    }}))
+    result = inventory(tmp_path, {"known_hosts_file": "/run/fleet_known_hosts"}, str(hosts))
+    args = shlex.split(result["_meta"]["hostvars"]["web-001.hv1"]["ansible_ssh_common_args"])
+    proxy = [arg for arg in args if arg.startswith("ProxyCommand=")]
+    assert proxy and shlex.split(proxy[0].split("=", 1)[1]) == [
+        "ssh", "-F", "/lab/config", "-i", "/lab/id_ed25519", "-l", "root", "-W", "%h:%p", "10.231.89.11"]
 
 
 def test_a_jump_host_from_a_qemu_ssh_uri():
