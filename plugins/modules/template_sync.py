@@ -154,6 +154,7 @@ import socket
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet import distribution
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.template_sources import DirectorySource, LibvirtSource
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt._libvirt_dep import assert_libvirt_available, libvirt
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.connection import LibvirtConnection
 from ansible_collections.clonesafe.fleet.plugins.module_utils._module import run_module
@@ -194,10 +195,10 @@ def main() -> None:
                 )
 
         if params["source_dir"]:
-            source = distribution.DirectorySource(params["source_dir"])
+            source = DirectorySource(params["source_dir"])
             return distribution.sync_template(source, request, module.run_command, capabilities, module.check_mode).as_dict()
         with LibvirtConnection(params["source_uri"]) as remote:
-            source = distribution.LibvirtSource(remote, params["source_templates_dir"], libvirt)
+            source = LibvirtSource(remote, params["source_templates_dir"], libvirt)
             return distribution.sync_template(source, request, module.run_command, capabilities, module.check_mode).as_dict()
 
     run_module(module, body)

@@ -3,9 +3,8 @@
 
 """Template distribution: bring a template made on one hypervisor host to this one.
 
-The destination pulls. A source is either another host's libvirt (its template directory read as a
-transient libvirt storage pool and downloaded through storage-volume streams, so nothing but
-libvirt is needed between the hosts) or a directory this host can read (shared storage).
+The destination pulls from a source (template_sources.py): the source's manifest is parsed and
+checked, the files it names are fetched and verified, and the base's backing chain is settled.
 
 Transfer, resumable and verified:
 
@@ -27,24 +26,28 @@ Transfer, resumable and verified:
   the chain resolves inside the templates directory. Nothing is ever written outside it: a source
   host cannot choose where this host writes.
 
-The memory state is QEMU's migration stream: only a QEMU at least as new, with the same machine
-type and domain type, can load it. The destination's capabilities are checked before anything is
-copied; where they do not fit, mode ``disk`` distributes the base disk only (clones then boot).
+With mode ``memory``, the destination's capabilities are checked before anything is copied
+(memory_compatibility.py); where they do not fit, mode ``disk`` distributes the base disk only
+(clones then boot).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
 import stat
 import time
 import typing as t
-import xml.etree.ElementTree as ET
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.memory_compatibility import (
+    require_memory_loadable,
+    saved_machine,
+    version_text,
+)
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.template_sources import CHUNK, Source
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt import storage
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.template import (
     BACKING_DIR,
@@ -53,6 +56,7 @@ from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.template 
     MANIFEST_FILE,
     MANIFEST_FORMAT,
     MAX_BACKING_CHAIN,
+    MAX_MANIFEST_BYTES,
     MEMORY_FILE,
     is_manifest_format,
     template_dir,
@@ -60,10 +64,7 @@ from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.template 
 )
 
 MODES = ("memory", "disk")
-CHUNK = 1 << 20
 PART_SUFFIX = ".part"
-# A manifest is the golden's XML and a few fields: anything near this size is not one.
-MAX_MANIFEST_BYTES = 16 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -155,250 +156,6 @@ def backing_specs(manifest: t.Mapping[str, t.Any], where: str) -> list[dict[str,
                 raise ClonesafeError(f"the manifest at {where} gives backing file {file} no {key}")
         names.add(file)
     return chain
-
-
-# --- can this host load the memory state? -------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class SavedMachine:
-    """What the memory state needs of the QEMU that loads it."""
-
-    domain_type: str
-    arch: str
-    machine: str
-    qemu_version: int | None = None
-
-    @property
-    def qemu_version_text(self) -> str:
-        """The QEMU version as x.y.z (libvirt encodes it as major * 1e6 + minor * 1e3 + micro)."""
-        return version_text(self.qemu_version)
-
-
-def version_text(version: int | None) -> str:
-    """A libvirt-encoded version number as x.y.z."""
-    if version is None:
-        return "unknown"
-    return f"{version // 1000000}.{version // 1000 % 1000}.{version % 1000}"
-
-
-def saved_machine(manifest: t.Mapping[str, t.Any], qemu_version: int | None = None) -> SavedMachine:
-    """The machine of the golden as recorded in the manifest (its domain XML at snapshot time)."""
-    source = manifest.get("source") or {}
-    try:
-        root = ET.fromstring(source.get("xml") or "")
-    except ET.ParseError as error:
-        raise ClonesafeError(f"the domain XML in the manifest of template '{manifest.get('name')}' does not parse: {error}") from error
-    os_type = root.find("os/type")
-    if os_type is None:
-        raise ClonesafeError(f"the domain XML in the manifest of template '{manifest.get('name')}' has no <os><type>")
-    recorded = (manifest.get("hypervisor") or {}).get("qemu_version")
-    return SavedMachine(
-        domain_type=root.get("type", ""),
-        arch=os_type.get("arch", ""),
-        machine=os_type.get("machine", ""),
-        qemu_version=qemu_version if qemu_version is not None else recorded,
-    )
-
-
-def host_machines(capabilities_xml: str, arch: str, domain_type: str) -> set[str]:
-    """Machine types (names and canonical names) this host offers for ``arch`` under ``domain_type``."""
-    root = ET.fromstring(capabilities_xml)
-    machines: set[str] = set()
-    for guest in root.findall("guest"):
-        arch_element = guest.find("arch")
-        if arch_element is None or arch_element.get("name") != arch:
-            continue
-        domains = {domain.get("type") for domain in arch_element.findall("domain")}
-        if domain_type not in domains:
-            continue
-        elements = list(arch_element.findall("machine"))
-        for domain in arch_element.findall("domain"):
-            if domain.get("type") == domain_type:
-                elements.extend(domain.findall("machine"))
-        for machine in elements:
-            if machine.text:
-                machines.add(machine.text.strip())
-            if machine.get("canonical"):
-                machines.add(machine.get("canonical", ""))
-    return machines
-
-
-def memory_problems(saved: SavedMachine, capabilities_xml: str, host_qemu_version: int) -> list[str]:
-    """Why this host could not load the memory state (empty when it can)."""
-    problems = []
-    machines = host_machines(capabilities_xml, saved.arch, saved.domain_type)
-    if not machines:
-        problems.append(f"it offers no {saved.arch} guests with domain type '{saved.domain_type}'")
-    elif saved.machine not in machines:
-        problems.append(f"its QEMU has no machine type '{saved.machine}' for {saved.arch}")
-    if saved.qemu_version is not None and host_qemu_version < saved.qemu_version:
-        problems.append(
-            f"its QEMU {version_text(host_qemu_version)} is older than the QEMU {saved.qemu_version_text} "
-            "that saved the memory state (QEMU loads state from the same or older versions only)"
-        )
-    return problems
-
-
-def require_memory_loadable(name: str, host: str, saved: SavedMachine, capabilities_xml: str, host_qemu_version: int) -> None:
-    """Refuse a memory state this host cannot load, saying what to do instead."""
-    problems = memory_problems(saved, capabilities_xml, host_qemu_version)
-    if problems:
-        raise ClonesafeError(
-            f"template '{name}' has a memory state saved by QEMU {saved.qemu_version_text} "
-            f"(domain type {saved.domain_type}, machine {saved.machine}) that {host} cannot load: "
-            f"{'; '.join(problems)}. Distribute it with mode: disk (the base disk only) and start the clones "
-            "on this host with start: boot",
-            template=name,
-            problems=problems,
-        )
-
-
-# --- sources -------------------------------------------------------------------------------------
-
-
-class Source(t.Protocol):
-    """Where a template is read from."""
-
-    description: str
-    templates_dir: str
-
-    def read_manifest(self, name: str) -> bytes | None:
-        """The manifest bytes of template ``name``, or None if the source has no such template."""
-
-    def read(self, path: str, offset: int) -> t.Iterator[bytes]:
-        """The bytes of the file at ``path`` (inside the source's template directory), from ``offset`` to its end."""
-
-    def qemu_version(self) -> int | None:
-        """The source host's QEMU version (libvirt encoding), when known."""
-
-
-class DirectorySource:
-    """Templates in a directory this host can read (shared storage, or the source host's own files)."""
-
-    def __init__(self, templates_dir: str) -> None:
-        self.templates_dir = templates_dir
-        self.description = templates_dir
-
-    def read_manifest(self, name: str) -> bytes | None:
-        path = os.path.join(template_dir(self.templates_dir, name), MANIFEST_FILE)
-        try:
-            with open(path, "rb") as handle:
-                return handle.read(MAX_MANIFEST_BYTES + 1)
-        except FileNotFoundError:
-            return None
-        except OSError as error:
-            raise ClonesafeError(f"cannot read {path}: {error.strerror}") from error
-
-    def read(self, path: str, offset: int) -> t.Iterator[bytes]:
-        try:
-            with open(path, "rb") as handle:
-                handle.seek(offset)
-                yield from iter(lambda: handle.read(CHUNK), b"")
-        except OSError as error:
-            raise ClonesafeError(f"reading {path} on {self.description} failed: {error.strerror}") from error
-
-    def qemu_version(self) -> int | None:
-        return None
-
-
-class LibvirtSource:
-    """Templates on another host, read through its libvirt daemon (storage-volume download streams).
-
-    Each directory read is a transient ``dir`` storage pool on the source; it is left running (it
-    disappears when that libvirtd restarts) so hosts pulling at the same time share it.
-    """
-
-    def __init__(self, conn: t.Any, templates_dir: str, libvirt_module: t.Any) -> None:
-        self.conn = conn
-        self.templates_dir = templates_dir
-        self.libvirt = libvirt_module
-        self.description = conn.uri
-        self._pools: dict[str, t.Any] = {}
-
-    def _pool(self, directory: str) -> t.Any:
-        if directory in self._pools:
-            return self._pools[directory]
-        pool = self._find_pool(directory)
-        if pool is None:
-            name = "clonesafe-sync-" + hashlib.sha256(directory.encode()).hexdigest()[:12]
-            xml = ET.Element("pool", type="dir")
-            ET.SubElement(xml, "name").text = name
-            ET.SubElement(ET.SubElement(xml, "target"), "path").text = directory
-            try:
-                pool = self.conn.conn.storagePoolCreateXML(ET.tostring(xml, encoding="unicode"), 0)
-            except self.libvirt.libvirtError as error:
-                # Another host pulling at the same time made it first.
-                pool = self._find_pool(directory)
-                if pool is None:
-                    raise ClonesafeError(f"reading {directory} through libvirt on {self.conn.uri} failed: {error}") from error
-        self.conn.call(f"refreshing the storage pool of {directory}", pool.refresh, 0)
-        self._pools[directory] = pool
-        return pool
-
-    def _find_pool(self, directory: str) -> t.Any | None:
-        for pool in self.conn.call("listing storage pools", self.conn.conn.listAllStoragePools, 0):
-            try:
-                path = ET.fromstring(pool.XMLDesc(0)).findtext("target/path")
-            except self.libvirt.libvirtError:
-                continue
-            if path and os.path.normpath(path) == os.path.normpath(directory):
-                if not pool.isActive():
-                    self.conn.call(f"starting the storage pool of {directory}", pool.create, 0)
-                return pool
-        return None
-
-    def _volume(self, path: str) -> t.Any | None:
-        pool = self._pool(os.path.dirname(path))
-        try:
-            return pool.storageVolLookupByName(os.path.basename(path))
-        except self.libvirt.libvirtError as error:
-            if error.get_error_code() == self.libvirt.VIR_ERR_NO_STORAGE_VOL:
-                return None
-            raise ClonesafeError(f"looking up {path} on {self.conn.uri} failed: {error}") from error
-
-    def read_manifest(self, name: str) -> bytes | None:
-        directory = template_dir(self.templates_dir, name)
-        try:
-            volume = self._volume(os.path.join(directory, MANIFEST_FILE))
-        except ClonesafeError:
-            return None  # no such template directory on the source
-        if volume is None:
-            return None
-        data = bytearray()
-        for block in self._download(volume, os.path.join(directory, MANIFEST_FILE), 0):
-            data += block
-            if len(data) > MAX_MANIFEST_BYTES:
-                break
-        return bytes(data)
-
-    def read(self, path: str, offset: int) -> t.Iterator[bytes]:
-        volume = self._volume(path)
-        if volume is None:
-            raise ClonesafeError(f"{path} not found on {self.conn.uri}")
-        yield from self._download(volume, path, offset)
-
-    def _download(self, volume: t.Any, path: str, offset: int) -> t.Iterator[bytes]:
-        stream = self.conn.call("opening a stream", self.conn.conn.newStream, 0)
-        finished = False
-        try:
-            self.conn.call(f"downloading {path}", volume.download, stream, offset, 0, 0)
-            while True:
-                data = self.conn.call(f"downloading {path}", stream.recv, CHUNK)
-                if not data:
-                    break
-                yield data
-            self.conn.call(f"downloading {path}", stream.finish)
-            finished = True
-        finally:
-            if not finished:
-                try:
-                    stream.abort()
-                except self.libvirt.libvirtError:
-                    pass
-
-    def qemu_version(self) -> int | None:
-        return int(self.conn.call("reading the QEMU version", self.conn.conn.getVersion))
 
 
 # --- the transfer --------------------------------------------------------------------------------

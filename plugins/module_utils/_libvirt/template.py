@@ -53,6 +53,8 @@ TEMPLATE_FILES = (BASE_FILE, MEMORY_FILE, MANIFEST_FILE)
 BACKING_DIR = "backing"
 BACKING_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
 MAX_BACKING_CHAIN = 16
+# A manifest is the golden's XML and a few fields: anything near this size is not one.
+MAX_MANIFEST_BYTES = 16 << 20
 # Room for libvirt's header and QEMU's device state on top of the guest RAM.
 MEMORY_STATE_MARGIN = 64 << 20
 

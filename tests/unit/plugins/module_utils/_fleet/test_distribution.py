@@ -14,6 +14,8 @@ from clonesafe_testlib import require_module, require_tool
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet import distribution
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.memory_compatibility import SavedMachine, memory_problems, version_text
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.template_sources import DirectorySource
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt import template
 
 require_tool("qemu-img", "qemu-utils")
@@ -92,7 +94,7 @@ def sync(source, dest, mode="memory", capabilities=None, check_mode=False, name=
 
 
 def test_template_arrives_verified_and_a_second_run_changes_nothing(source_dir, dest_dir):
-    outcome = sync(distribution.DirectorySource(str(source_dir)), dest_dir)
+    outcome = sync(DirectorySource(str(source_dir)), dest_dir)
     assert outcome.changed and outcome.status == "transferred"
     for file in ("base.qcow2", "memory.save"):
         assert sha256(dest_dir / "web" / file) == sha256(source_dir / "web" / file)
@@ -106,12 +108,12 @@ def test_template_arrives_verified_and_a_second_run_changes_nothing(source_dir, 
     assert "ab" * 32 not in json.dumps(result), "the comparison key is never returned"
     assert manifest["proof"]["hash_key"] == "ab" * 32, "secret_multicast on this host reads the key from the manifest"
 
-    again = sync(distribution.DirectorySource(str(source_dir)), dest_dir)
+    again = sync(DirectorySource(str(source_dir)), dest_dir)
     assert not again.changed and again.status == "present" and again.as_dict()["bytes_transferred"] == 0
 
 
 def test_an_interrupted_transfer_resumes_where_it_stopped(source_dir, dest_dir):
-    source = distribution.DirectorySource(str(source_dir))
+    source = DirectorySource(str(source_dir))
     work = dest_dir / ".web.incoming"
     work.mkdir()
     (work / "source-manifest.json").write_bytes((source_dir / "web" / "manifest.json").read_bytes())
@@ -136,12 +138,12 @@ def test_a_changed_source_template_restarts_the_incoming_directory(source_dir, d
     work.mkdir()
     (work / "source-manifest.json").write_text('{"format": 1, "name": "web", "created_at": "older"}')
     (work / "memory.save.part").write_bytes(b"x" * (3 << 20))
-    outcome = sync(distribution.DirectorySource(str(source_dir)), dest_dir)
+    outcome = sync(DirectorySource(str(source_dir)), dest_dir)
     assert all(transfer.resumed_from == 0 for transfer in outcome.transfers)
     assert sha256(dest_dir / "web" / "memory.save") == sha256(source_dir / "web" / "memory.save")
 
 
-class CorruptingSource(distribution.DirectorySource):
+class CorruptingSource(DirectorySource):
     """Flips one byte of memory.save on the way."""
 
     def read(self, path, offset):
@@ -158,7 +160,7 @@ def test_a_file_damaged_on_the_way_is_deleted_and_named(source_dir, dest_dir):
     assert not (work / "memory.save.part").exists() and not (work / "memory.save").exists()
     assert (work / "base.qcow2").exists(), "files verified before the damage are kept"
     assert not (dest_dir / "web").exists()
-    outcome = sync(distribution.DirectorySource(str(source_dir)), dest_dir)
+    outcome = sync(DirectorySource(str(source_dir)), dest_dir)
     assert outcome.changed and sha256(dest_dir / "web" / "memory.save") == sha256(source_dir / "web" / "memory.save")
 
 
@@ -171,7 +173,7 @@ def test_a_file_damaged_on_the_way_is_deleted_and_named(source_dir, dest_dir):
     ],
 )
 def test_a_memory_state_this_host_cannot_load_is_refused_before_copying(source_dir, dest_dir, capabilities, reason):
-    class Source72(distribution.DirectorySource):
+    class Source72(DirectorySource):
         def qemu_version(self):
             return QEMU_7_2
 
@@ -189,38 +191,38 @@ def test_the_test_driver_cannot_load_a_qemu_memory_state(source_dir, dest_dir):
     finally:
         conn.close()
     with pytest.raises(ClonesafeError, match="cannot load: it offers no x86_64 guests with domain type .qemu."):
-        sync(distribution.DirectorySource(str(source_dir)), dest_dir, capabilities=lambda: capabilities)
+        sync(DirectorySource(str(source_dir)), dest_dir, capabilities=lambda: capabilities)
 
 
 def test_disk_mode_copies_the_base_only_and_memory_mode_later_says_what_to_do(source_dir, dest_dir):
-    outcome = sync(distribution.DirectorySource(str(source_dir)), dest_dir, mode="disk",
+    outcome = sync(DirectorySource(str(source_dir)), dest_dir, mode="disk",
                    capabilities=lambda: pytest.fail("disk mode must not need the host's capabilities"))
     assert [transfer.file for transfer in outcome.transfers] == ["base.qcow2"]
     manifest = json.loads((dest_dir / "web" / "manifest.json").read_text())
     assert manifest["memory"] is None and manifest["distribution"]["mode"] == "disk"
     assert not (dest_dir / "web" / "memory.save").exists()
-    assert not sync(distribution.DirectorySource(str(source_dir)), dest_dir, mode="disk").changed
+    assert not sync(DirectorySource(str(source_dir)), dest_dir, mode="disk").changed
     with pytest.raises(ClonesafeError, match="without its memory state .* state=absent"):
-        sync(distribution.DirectorySource(str(source_dir)), dest_dir, mode="memory")
+        sync(DirectorySource(str(source_dir)), dest_dir, mode="memory")
 
 
 def test_a_different_template_of_the_same_name_is_never_overwritten(source_dir, dest_dir, tmp_path):
     make_template(dest_dir, created_at="2024-12-24T00:00:00.000000Z")
     before = sha256(dest_dir / "web" / "memory.save")
     with pytest.raises(ClonesafeError, match="already has a different template 'web'"):
-        sync(distribution.DirectorySource(str(source_dir)), dest_dir)
+        sync(DirectorySource(str(source_dir)), dest_dir)
     assert sha256(dest_dir / "web" / "memory.save") == before
 
 
 def test_check_mode_transfers_nothing(source_dir, dest_dir):
-    outcome = sync(distribution.DirectorySource(str(source_dir)), dest_dir, check_mode=True)
+    outcome = sync(DirectorySource(str(source_dir)), dest_dir, check_mode=True)
     assert outcome.changed and outcome.status == "would transfer"
     assert list(dest_dir.iterdir()) == []
 
 
 def test_a_missing_template_names_the_source(dest_dir, tmp_path):
     with pytest.raises(ClonesafeError, match="template 'nope' not found on .*golden_snapshot"):
-        sync(distribution.DirectorySource(str(tmp_path)), dest_dir, name="nope")
+        sync(DirectorySource(str(tmp_path)), dest_dir, name="nope")
 
 
 def qcow2(path: pathlib.Path, backing: pathlib.Path | None = None, backing_format: str = "qcow2") -> pathlib.Path:
@@ -253,7 +255,7 @@ def test_the_backing_chain_arrives_inside_the_templates_directory(tmp_path, dest
     (tmp_path / "images").rename(tmp_path / "images-moved")
     (tmp_path / "golden").rename(tmp_path / "golden-moved")
 
-    outcome = sync(distribution.DirectorySource(str(tmp_path / "source")), dest_dir)
+    outcome = sync(DirectorySource(str(tmp_path / "source")), dest_dir)
     files = {transfer.file: transfer for transfer in outcome.transfers}
     assert set(files) == {"base.qcow2", "memory.save", "backing/1-golden.qcow2", "backing/2-debian.qcow2"}
     web = dest_dir / "web"
@@ -265,7 +267,7 @@ def test_the_backing_chain_arrives_inside_the_templates_directory(tmp_path, dest
     # A clone's overlay on this host's base resolves its whole chain.
     overlay = qcow2(tmp_path / "clone" / "disk.qcow2", backing=web / "base.qcow2")
     assert len(chain_of(overlay)) == 4
-    assert not sync(distribution.DirectorySource(str(tmp_path / "source")), dest_dir).changed
+    assert not sync(DirectorySource(str(tmp_path / "source")), dest_dir).changed
     removed = template.remove_template(template.require_template(str(dest_dir), "web"))
     assert len(removed) == 5 and not web.exists()
 
@@ -275,7 +277,7 @@ def test_a_chain_this_host_already_has_byte_for_byte_is_used_where_it_is(tmp_pat
     image = qcow2(tmp_path / "images" / "debian.qcow2")
     golden = qcow2(tmp_path / "golden" / "golden.qcow2", backing=image)
     manifest = make_template(tmp_path / "source", backing=golden)
-    outcome = sync(distribution.DirectorySource(str(tmp_path / "source")), dest_dir)
+    outcome = sync(DirectorySource(str(tmp_path / "source")), dest_dir)
     assert [transfer.file for transfer in outcome.transfers] == ["base.qcow2", "memory.save"]
     web = dest_dir / "web"
     assert sha256(web / "base.qcow2") == manifest["base"]["sha256"] and not (web / "backing").exists()
@@ -294,14 +296,14 @@ def test_a_local_file_that_differs_from_the_manifest_is_left_alone_and_the_chain
         handle.seek(0, 2)
         handle.write(b"this host's own data")
     before = sha256(golden)
-    outcome = sync(distribution.DirectorySource(str(tmp_path / "source")), dest_dir)
+    outcome = sync(DirectorySource(str(tmp_path / "source")), dest_dir)
     assert {"backing/1-golden.qcow2", "backing/2-debian.qcow2"} <= {transfer.file for transfer in outcome.transfers}
     web = dest_dir / "web"
     assert chain_of(web / "base.qcow2")[1:] == [str(web / "backing" / "1-golden.qcow2"), str(web / "backing" / "2-debian.qcow2")]
     assert sha256(golden) == before, "a file outside the templates directory is never written"
 
 
-class MovedBackingSource(distribution.DirectorySource):
+class MovedBackingSource(DirectorySource):
     """A source that serves any path it is asked for (a compromised host answers what it likes)."""
 
     def __init__(self, templates_dir, backing_path, real_path):
@@ -338,7 +340,7 @@ def test_a_backing_file_name_must_stay_inside_the_template(tmp_path, dest_dir, f
     manifest["base"]["backing_chain"][0]["file"] = file
     write_manifest(tmp_path / "source" / "web", manifest)
     with pytest.raises(ClonesafeError, match="must be a distinct plain file name"):
-        sync(distribution.DirectorySource(str(tmp_path / "source")), dest_dir)
+        sync(DirectorySource(str(tmp_path / "source")), dest_dir)
     assert list(dest_dir.iterdir()) == []
 
 
@@ -351,7 +353,7 @@ def test_a_header_naming_another_backing_file_than_the_manifest_is_refused(tmp_p
     manifest["base"] |= {"size": base.stat().st_size, "sha256": sha256(base)}
     write_manifest(tmp_path / "source" / "web", manifest)
     with pytest.raises(ClonesafeError, match="names the backing file '/etc/passwd', but the manifest says"):
-        sync(distribution.DirectorySource(str(tmp_path / "source")), dest_dir)
+        sync(DirectorySource(str(tmp_path / "source")), dest_dir)
     assert not (dest_dir / "web").exists()
 
 
@@ -363,7 +365,7 @@ def test_a_backing_file_that_names_a_further_file_the_manifest_does_not_is_refus
     manifest["base"]["backing_chain"][0] |= {"size": linked.stat().st_size, "sha256": sha256(linked)}
     write_manifest(tmp_path / "source" / "web", manifest)
     with pytest.raises(ClonesafeError, match="names a backing file .*/var/lib/x.qcow2.* that the manifest does not"):
-        sync(distribution.DirectorySource(str(tmp_path / "source")), dest_dir)
+        sync(DirectorySource(str(tmp_path / "source")), dest_dir)
 
 
 def test_a_backing_file_that_does_not_match_its_checksum_is_deleted(tmp_path, dest_dir):
@@ -372,7 +374,7 @@ def test_a_backing_file_that_does_not_match_its_checksum_is_deleted(tmp_path, de
     manifest["base"]["backing_chain"][0]["sha256"] = "0" * 64
     write_manifest(tmp_path / "source" / "web", manifest)
     with pytest.raises(ClonesafeError, match="1-golden.qcow2 from .* arrived damaged"):
-        sync(distribution.DirectorySource(str(tmp_path / "source")), dest_dir)
+        sync(DirectorySource(str(tmp_path / "source")), dest_dir)
     assert not (dest_dir / ".web.incoming" / "backing" / "1-golden.qcow2").exists()
 
 
@@ -384,7 +386,7 @@ def test_a_qcow2_keeping_its_data_in_another_file_is_refused(tmp_path, dest_dir)
     manifest["base"] |= {"size": base.stat().st_size, "sha256": sha256(base)}
     write_manifest(tmp_path / "source" / "web", manifest)
     with pytest.raises(ClonesafeError, match="keeps its data in an external file"):
-        sync(distribution.DirectorySource(str(tmp_path / "source")), dest_dir)
+        sync(DirectorySource(str(tmp_path / "source")), dest_dir)
 
 
 def test_every_image_is_opened_as_qcow2_never_probed(tmp_path, dest_dir):
@@ -397,7 +399,7 @@ def test_every_image_is_opened_as_qcow2_never_probed(tmp_path, dest_dir):
         return runner(argv)
 
     request = distribution.Request(name="web", templates_dir=str(dest_dir), mode="disk", host="hv2")
-    distribution.sync_template(distribution.DirectorySource(str(tmp_path / "source")), request, recording, lambda: None)
+    distribution.sync_template(DirectorySource(str(tmp_path / "source")), request, recording, lambda: None)
     assert calls, "the chain is checked with qemu-img"
     for argv in calls:
         assert argv[0] == "qemu-img" and argv[argv.index("-f") + 1] == "qcow2", argv
@@ -410,7 +412,7 @@ def test_the_distributed_manifest_is_readable_by_root_only(source_dir, dest_dir)
     with pytest.raises(ClonesafeError):
         sync(CorruptingSource(str(source_dir)), dest_dir)
     assert (dest_dir / ".web.incoming" / "source-manifest.json").stat().st_mode & 0o777 == 0o600
-    sync(distribution.DirectorySource(str(source_dir)), dest_dir)
+    sync(DirectorySource(str(source_dir)), dest_dir)
     assert (dest_dir / "web" / "manifest.json").stat().st_mode & 0o777 == 0o600
 
 
@@ -420,7 +422,7 @@ def test_the_manifest_format_is_the_integer_itself(source_dir, dest_dir, version
     path = source_dir / "web" / "manifest.json"
     path.write_text(json.dumps(json.loads(path.read_text()) | {"format": version}))
     with pytest.raises(ClonesafeError, match="this collection reads format 1"):
-        sync(distribution.DirectorySource(str(source_dir)), dest_dir)
+        sync(DirectorySource(str(source_dir)), dest_dir)
     with pytest.raises(ClonesafeError, match="this collection reads format 1"):
         template.load_template(str(source_dir), "web")
 
@@ -442,7 +444,7 @@ def test_every_file_a_manifest_names_has_a_size_and_a_checksum(source_dir, dest_
     change(manifest)
     path.write_text(json.dumps(manifest))
     with pytest.raises(ClonesafeError, match=message):
-        sync(distribution.DirectorySource(str(source_dir)), dest_dir)
+        sync(DirectorySource(str(source_dir)), dest_dir)
     assert list(dest_dir.iterdir()) == []
 
 
@@ -450,14 +452,14 @@ def test_a_deeply_nested_or_huge_manifest_is_an_error_not_a_crash(source_dir, de
     path = source_dir / "web" / "manifest.json"
     path.write_text("[" * 100000 + "]" * 100000)
     with pytest.raises(ClonesafeError, match="is not JSON"):
-        sync(distribution.DirectorySource(str(source_dir)), dest_dir)
-    path.write_bytes(b" " * (distribution.MAX_MANIFEST_BYTES + 10))
+        sync(DirectorySource(str(source_dir)), dest_dir)
+    path.write_bytes(b" " * (template.MAX_MANIFEST_BYTES + 10))
     with pytest.raises(ClonesafeError, match="is not a template manifest"):
-        sync(distribution.DirectorySource(str(source_dir)), dest_dir)
+        sync(DirectorySource(str(source_dir)), dest_dir)
 
 
 def test_memory_problems_accept_the_canonical_machine_name():
-    saved = distribution.SavedMachine("qemu", "x86_64", "pc-i440fx-7.2", QEMU_7_2)
-    assert distribution.memory_problems(saved, caps(), QEMU_7_2) == []
-    assert distribution.memory_problems(saved, caps(), 8000000) == []
-    assert distribution.version_text(7002022) == "7.2.22"
+    saved = SavedMachine("qemu", "x86_64", "pc-i440fx-7.2", QEMU_7_2)
+    assert memory_problems(saved, caps(), QEMU_7_2) == []
+    assert memory_problems(saved, caps(), 8000000) == []
+    assert version_text(7002022) == "7.2.22"
