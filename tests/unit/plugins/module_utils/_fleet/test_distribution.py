@@ -463,3 +463,9 @@ def test_memory_problems_accept_the_canonical_machine_name():
     assert memory_problems(saved, caps(), QEMU_7_2) == []
     assert memory_problems(saved, caps(), 8000000) == []
     assert version_text(7002022) == "7.2.22"
+    # The saved machine named only as the canonical name of an alias ("pc"), not listed on its own.
+    alias_only = ("<capabilities><host/><guest><os_type>hvm</os_type><arch name='x86_64'><wordsize>64</wordsize>"
+                  "<machine canonical='pc-i440fx-7.2'>pc</machine><domain type='qemu'/></arch></guest></capabilities>")
+    assert memory_problems(saved, alias_only, QEMU_7_2) == []
+    elsewhere = SavedMachine("qemu", "x86_64", "pc-i440fx-6.2", QEMU_7_2)
+    assert memory_problems(elsewhere, alias_only, QEMU_7_2) != []
