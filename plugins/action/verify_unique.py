@@ -97,8 +97,10 @@ class ActionModule(ActionBase):
                 "the clones with each other only"
             )
 
-        proofs = uniqueness.collect_proofs(results_by_host(args["results"]))
+        by_host = results_by_host(args["results"])
+        proofs = uniqueness.collect_proofs(by_host)
         verdict = uniqueness.judge(proofs, golden, args["run_secret"])
+        verdict.hosts_without_results = uniqueness.hosts_without_results(by_host)
         result.update(
             changed=False,
             unique=verdict.unique,
@@ -110,6 +112,7 @@ class ActionModule(ActionBase):
             same_as_golden=verdict.same_as_golden,
             bad_proofs=verdict.bad_proofs,
             incomplete=verdict.incomplete,
+            hosts_without_results=verdict.hosts_without_results,
             golden_compared=bool(golden),
             verified=verdict.verified,
         )
@@ -132,7 +135,8 @@ class ActionModule(ActionBase):
             ]
             result["changed"] = write_known_hosts(args["known_hosts"], lines, bool(self._play_context.check_mode))
         if not verdict.clones_checked:
-            result.update(failed=True, msg="verify_unique found no clone proofs in results: did secret_multicast run and select any clone?")
+            missing = f": {verdict.failure_message()}" if verdict.hosts_without_results else ""
+            result.update(failed=True, msg=f"verify_unique found no clone proofs in results: did secret_multicast run and select any clone?{missing}")
         elif not verdict.unique and args["fail_on_duplicate"]:
             result.update(failed=True, msg=f"clones are not proven unique: {verdict.failure_message()}")
         else:

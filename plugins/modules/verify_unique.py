@@ -42,6 +42,8 @@ options:
     description:
       - The C(clonesafe.fleet.secret_multicast) results, as a dict of host name to result
         (for example built from C(hostvars)) or a list of results (each names its C(hypervisor)).
+      - A host given null or a skipped task's result (its run failed before the multicast) fails the verdict, naming
+        it; build the dict with C(hostvars[host].var | default(none)) for every host (see EXAMPLES) so that such a host is named.
     type: raw
     required: true
     version_added: 0.1.0
@@ -101,7 +103,13 @@ EXAMPLES = r"""
 # (registered as clonesafe_snapshot on the first hypervisor host).
 - name: Prove the new fleet unique
   clonesafe.fleet.verify_unique:
-    results: "{{ dict(groups['hypervisors'] | zip(groups['hypervisors'] | map('extract', hostvars, 'clonesafe_multicast'))) }}"
+    # A host whose run failed before the multicast has no result: it is given as null, and the verdict names it.
+    results: >-
+      {%- set found = namespace(results={}) -%}
+      {%- for host in groups['hypervisors'] -%}
+      {%-   set found.results = found.results | combine({host: hostvars[host].clonesafe_multicast | default(none)}) -%}
+      {%- endfor -%}
+      {{ found.results }}
     run_secret: "{{ hostvars['localhost'].clonesafe_run_secret }}"
     golden_fingerprints: "{{ hostvars[groups['hypervisors'][0]].clonesafe_snapshot.template.golden_fingerprints }}"
   run_once: true
@@ -111,7 +119,13 @@ EXAMPLES = r"""
 # clonesafe_template_info on the first hypervisor host).
 - name: Prove the existing fleet unique against its golden
   clonesafe.fleet.verify_unique:
-    results: "{{ dict(groups['hypervisors'] | zip(groups['hypervisors'] | map('extract', hostvars, 'clonesafe_multicast'))) }}"
+    # A host whose run failed before the multicast has no result: it is given as null, and the verdict names it.
+    results: >-
+      {%- set found = namespace(results={}) -%}
+      {%- for host in groups['hypervisors'] -%}
+      {%-   set found.results = found.results | combine({host: hostvars[host].clonesafe_multicast | default(none)}) -%}
+      {%- endfor -%}
+      {{ found.results }}
     run_secret: "{{ hostvars['localhost'].clonesafe_run_secret }}"
     golden_fingerprints: "{{ hostvars[groups['hypervisors'][0]].clonesafe_template_info.templates[0].golden_fingerprints }}"
   run_once: true
@@ -184,6 +198,14 @@ incomplete:
   elements: dict
   sample:
     - {host: hv1, clone: web-2, missing: [ssh_host_key.ecdsa]}
+hosts_without_results:
+  description:
+    - Hosts in O(results) whose entry is no C(clonesafe.fleet.secret_multicast) result (null, or a skipped task), typically
+      because their run failed before the multicast. Any such host fails the verdict, naming it.
+  returned: always
+  type: list
+  elements: str
+  sample: [hv2]
 golden_compared:
   description: Whether the clones were compared with golden fingerprints (false only with O(allow_missing_golden=true)).
   returned: always

@@ -75,6 +75,8 @@ class Verdict:
     bad_proofs: list[dict[str, str]] = dataclasses.field(default_factory=list)
     incomplete: list[dict[str, t.Any]] = dataclasses.field(default_factory=list)
     clones_checked: int = 0
+    # Hosts that were to answer and gave no multicast result (their run failed before it): none of their clones is proven.
+    hosts_without_results: list[str] = dataclasses.field(default_factory=list)
     # Lines for people below the table: facts about the clones that are no secret and not in the proof.
     notes: list[str] = dataclasses.field(default_factory=list)
     # (host, clone) -> (domain UUID, fingerprint name -> public key line) of every clone whose proof verified.
@@ -92,7 +94,7 @@ class Verdict:
     @property
     def unique(self) -> bool:
         """True when every proof verified, covers the golden's secrets, and no secret is shared."""
-        return not (self.duplicates or self.same_as_golden or self.bad_proofs or self.incomplete)
+        return not (self.duplicates or self.same_as_golden or self.bad_proofs or self.incomplete or self.hosts_without_results)
 
     @property
     def verified(self) -> dict[str, list[str]]:
@@ -107,7 +109,10 @@ class Verdict:
 
     def failure_message(self) -> str:
         """One sentence per problem, naming clones, hosts and secrets."""
-        lines = []
+        lines = [
+            f"hypervisor host {host} gave no multicast result (its run failed before the multicast): none of its clones is proven"
+            for host in self.hosts_without_results
+        ]
         for problem in self.bad_proofs:
             lines.append(f"clone {problem['clone']} on {problem['host']}: not verified: {problem['reason']}")
         for gap in self.incomplete:
@@ -155,8 +160,14 @@ def smbios_uuid_note(verified: t.Sequence[CloneProof]) -> str | None:
     )
 
 
+def hosts_without_results(host_results: t.Mapping[str, t.Any]) -> list[str]:
+    """The hosts whose entry is no multicast result (None, a skipped task): the verdict fails naming them."""
+    return sorted(host for host, result in host_results.items()
+                  if not isinstance(result, t.Mapping) or not isinstance(result.get("clones"), list))
+
+
 def collect_proofs(host_results: t.Mapping[str, t.Mapping[str, t.Any]]) -> list[CloneProof]:
-    """Every clone found in the per-host multicast results, whatever its status (hosts without results are skipped)."""
+    """Every clone found in the per-host multicast results, whatever its status (see hosts_without_results)."""
     proofs = []
     for host in sorted(host_results):
         result = host_results[host] or {}

@@ -124,6 +124,60 @@ def test_a_clone_whose_multicast_failed_stays_held_and_is_named(tmp_path):
     assert verdict["verified"] == {"hv1": ["a"]}
 
 
+def test_a_host_without_a_multicast_result_fails_the_verdict_naming_it(tmp_path):
+    """A host whose run failed before the multicast is no host with nothing to prove: its clones are unproven."""
+    for missing in (None, {"skipped": True, "changed": False}):
+        verdict = verify(tmp_path, {"hv1": {"clones": [clone_result("a")]}, "hv2": missing})
+        assert verdict["failed"] is True and verdict["unique"] is False, verdict
+        assert verdict["hosts_without_results"] == ["hv2"]
+        assert "hypervisor host hv2 gave no multicast result" in verdict["msg"]
+        assert verdict["verified"] == {"hv1": ["a"]}
+
+
+FLEET_PLAYBOOK = """
+- hosts: hypervisors
+  gather_facts: false
+  tasks:
+    - name: The multicast of every host but hv2, whose run failed before it
+      ansible.builtin.set_fact:
+        clonesafe_multicast: "{{ multicast_results[inventory_hostname] }}"
+      when: inventory_hostname != 'hv2'
+
+- hosts: localhost
+  gather_facts: false
+  vars:
+    clonesafe_hypervisors: "{{ groups['hypervisors'] }}"
+  tasks:
+    - name: Verify as clone_fleet.yml builds the results
+      clonesafe.fleet.verify_unique:
+        # A host whose run failed before the multicast has no clonesafe_multicast: it is given as null, and named.
+        results: >-
+          {%- set found = namespace(results={}) -%}{%- for host in clonesafe_hypervisors -%}{%- set found.results = found.results | combine({host: hostvars[host].clonesafe_multicast | default(none)}) -%}{%- endfor -%}{{ found.results }}
+        run_secret: "{{ run_secret }}"
+        golden_fingerprints: "{{ golden }}"
+      register: verdict
+      ignore_errors: true
+    - name: Save the verdict
+      ansible.builtin.copy:
+        content: "{{ verdict | to_json }}"
+        dest: "{{ verdict_file }}"
+        mode: "0600"
+"""
+
+
+def test_the_fleet_playbooks_results_name_a_host_that_never_reached_the_multicast(tmp_path):
+    (tmp_path / "play.yml").write_text(FLEET_PLAYBOOK)
+    (tmp_path / "hosts.yml").write_text(json.dumps({"all": {"children": {"hypervisors": {"hosts": {
+        name: {"ansible_connection": "local"} for name in ("hv1", "hv2")}}}}}))
+    variables = {"multicast_results": {"hv1": {"clones": [clone_result("a")]}}, "run_secret": RUN_SECRET,
+                 "golden": GOLDEN, "verdict_file": str(tmp_path / "verdict.json")}
+    (tmp_path / "vars.json").write_text(json.dumps(variables))
+    run = run_playbook(tmp_path / "play.yml", "-i", str(tmp_path / "hosts.yml"), "-e", f"@{tmp_path / 'vars.json'}")
+    assert run.returncode == 0, run.failure()
+    verdict = json.loads((tmp_path / "verdict.json").read_text())
+    assert verdict["failed"] is True and verdict["hosts_without_results"] == ["hv2"], verdict
+
+
 def test_known_hosts_has_no_entry_for_a_clone_that_attested_no_host_keys(tmp_path):
     known = tmp_path / "ssh" / "known_hosts"
     verdict = verify(tmp_path, {"hv1": {"clones": [clone_result("a")]}}, known_hosts=str(known))
