@@ -8,7 +8,9 @@ import os
 import secrets
 import subprocess
 
-from clonesafe_testlib import run_playbook
+import yaml
+
+from clonesafe_testlib import REPO_ROOT, run_playbook
 from proof_oracle import RUN_SECRET, clone_result, fingerprint
 
 PLAYBOOK = """
@@ -148,11 +150,9 @@ FLEET_PLAYBOOK = """
   vars:
     clonesafe_hypervisors: "{{ groups['hypervisors'] }}"
   tasks:
-    - name: Verify as clone_fleet.yml builds the results
+    - name: Verify with the results clone_fleet.yml builds
       clonesafe.fleet.verify_unique:
-        # A host whose run failed before the multicast has no clonesafe_multicast: it is given as null, and named.
-        results: >-
-          {%- set found = namespace(results={}) -%}{%- for host in clonesafe_hypervisors -%}{%- set found.results = found.results | combine({host: hostvars[host].clonesafe_multicast | default(none)}) -%}{%- endfor -%}{{ found.results }}
+        results: RESULTS
         run_secret: "{{ run_secret }}"
         golden_fingerprints: "{{ golden }}"
       register: verdict
@@ -165,8 +165,16 @@ FLEET_PLAYBOOK = """
 """
 
 
+def clone_fleet_results_template() -> str:
+    """The results expression of playbooks/clone_fleet.yml's final verify_unique task, as the playbook has it."""
+    plays = yaml.safe_load((REPO_ROOT / "playbooks" / "clone_fleet.yml").read_text())
+    [task] = [task for play in plays for task in play.get("tasks", [])
+              if "clonesafe.fleet.verify_unique" in task and task["name"].startswith("Verify every signature")]
+    return task["clonesafe.fleet.verify_unique"]["results"]
+
+
 def test_the_fleet_playbooks_results_name_a_host_that_never_reached_the_multicast(tmp_path):
-    (tmp_path / "play.yml").write_text(FLEET_PLAYBOOK)
+    (tmp_path / "play.yml").write_text(FLEET_PLAYBOOK.replace("RESULTS", json.dumps(clone_fleet_results_template())))
     (tmp_path / "hosts.yml").write_text(json.dumps({"all": {"children": {"hypervisors": {"hosts": {
         name: {"ansible_connection": "local"} for name in ("hv1", "hv2")}}}}}))
     variables = {"multicast_results": {"hv1": {"clones": [clone_result("a")]}}, "run_secret": RUN_SECRET,
