@@ -142,7 +142,12 @@ def write_result(name: str, data: dict[str, t.Any]) -> pathlib.Path:
 
 def qemu_pid(domain_name: str) -> int:
     """The pid of the QEMU process libvirt runs for ``domain_name`` (its pid file)."""
-    return int(pathlib.Path(f"/run/libvirt/qemu/{domain_name}.pid").read_text().strip())
+    return qemu_pid_in(pathlib.Path("/run/libvirt/qemu"), domain_name)
+
+
+def qemu_pid_in(run_dir: pathlib.Path, domain_name: str) -> int:
+    """The same for a libvirtd whose /run/libvirt/qemu is ``run_dir`` (a lab host's, seen from this machine)."""
+    return int((run_dir / f"{domain_name}.pid").read_text().strip())
 
 
 def process_cpu_ns(pid: int) -> int:
