@@ -19,9 +19,10 @@ description:
   - Every path is a path in the guest, taken under O(root). Paths are resolved one directory at a time
     without following symlinks; a symlink at a target or at any directory below O(root) is refused, so
     nothing is ever written outside O(root).
-  - The module does not log its arguments on the target (they hold every file's content), and its
-    result's C(invocation) shows each content as its size and sha256. Runs under Python 3.9 or later
-    with the standard library only.
+  - The target's log and the result's C(invocation) show each content as its size only, never its text or a
+    checksum. The diff (C(--diff)) shows each changed file's sha256 before and after: do not use this module for
+    secret files, where a checksum of a short secret could be guessed offline from a job log.
+  - Runs under Python 3.9 or later with the standard library only.
 author:
   - clonesafe developers (@clonesafe)
 extends_documentation_fragment:
@@ -136,6 +137,8 @@ directories:
   sample: [/usr/lib/clonesafe-agent/clonesafe_agent/providers]
 """
 
+import json
+
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._guest.files import (
@@ -147,9 +150,20 @@ from ansible_collections.clonesafe.fleet.plugins.module_utils._guest.files impor
 from ansible_collections.clonesafe.fleet.plugins.module_utils._module import run_module
 
 
+class ContentsNotLoggedModule(AnsibleModule):
+    """An AnsibleModule whose line in the target's log shows each content as its size, never the text.
+
+    AnsibleModule(no_log=True) is not enough: the task's own no_log setting, which every action sends, replaces it
+    before the arguments are logged.
+    """
+
+    def _log_invocation(self) -> None:
+        self.log(f"Invoked with {json.dumps(logged_arguments(self.params), sort_keys=True)}")
+
+
 def main() -> None:
     """Entry point."""
-    module = AnsibleModule(
+    module = ContentsNotLoggedModule(
         argument_spec={
             "root": {"type": "str", "default": ""},
             "directories": {
@@ -170,8 +184,6 @@ def main() -> None:
             },
         },
         supports_check_mode=True,
-        # Not in the target's log: the arguments hold every file's content.
-        no_log=True,
     )
     params = module.params
 

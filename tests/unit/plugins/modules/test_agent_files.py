@@ -40,9 +40,9 @@ def test_check_mode_reports_the_difference_writes_nothing_and_shows_no_content(t
     assert list(tmp_path.iterdir()) == []
     assert result["diff"]["after"]["files"]["/usr/lib/example/pkg/main.py"]["mode"] == "0600"
     assert result["diff"]["before"]["files"]["/usr/lib/example/pkg/main.py"] is None
-    # -vvv prints the invocation: each content is its size and checksum, never the text.
+    # -vvv prints the invocation: each content is its size, never the text or a checksum.
     shown = result["invocation"]["module_args"]["files"]
-    assert [entry["content"].split(",")[0] for entry in shown] == ["(0 bytes", f"({len(CONTENT.encode())} bytes"]
+    assert [entry["content"] for entry in shown] == ["(0 bytes)", f"({len(CONTENT.encode())} bytes)"]
     assert "dich" not in json.dumps(result)
 
 
@@ -67,3 +67,24 @@ def test_a_refusal_names_the_file_and_shows_no_content(tmp_path, bare_python):
     assert code != 0
     assert result["msg"].startswith(f"/usr/lib/example under the root {tmp_path} is a symlink (to '/usr/lib')")
     assert "dich" not in json.dumps(result)
+
+
+def test_the_targets_log_shows_sizes_never_contents(tmp_path, monkeypatch, capsys):
+    """Every action sends _ansible_no_log (false unless the task says no_log), which overrides AnsibleModule(no_log=True):
+    the module's own log line must hold no content whatever the task says."""
+    from ansible.module_utils import basic
+    from ansible_collections.clonesafe.fleet.plugins.modules import agent_files
+
+    logged: list[str] = []
+    monkeypatch.setattr(basic.AnsibleModule, "log", lambda self, message, *args, **kwargs: logged.append(message))
+    arguments = {**ARGS, "root": str(tmp_path), "_ansible_no_log": False, "_ansible_check_mode": True}
+    monkeypatch.setattr(basic, "_ANSIBLE_ARGS", json.dumps({"ANSIBLE_MODULE_ARGS": arguments}).encode())
+    if hasattr(basic, "_ANSIBLE_PROFILE"):
+        monkeypatch.setattr(basic, "_ANSIBLE_PROFILE", "legacy")
+    try:
+        agent_files.main()
+    except SystemExit:
+        pass
+    capsys.readouterr()
+    assert logged and logged[0].startswith("Invoked with "), logged
+    assert "dich" not in "\n".join(logged) and f"({len(CONTENT.encode())} bytes)" in logged[0]

@@ -273,6 +273,5 @@ def test_text_content_becomes_its_utf8_bytes_and_surrogate_escapes_the_original_
 def test_the_logged_arguments_hold_no_content():
     params = {"root": "", "directories": [], "files": [{"path": "/a", "content": "secret-looking text\n", "mode": "0644"}]}
     logged = logged_arguments(params)
-    assert logged["files"] == [{"path": "/a", "mode": "0644", "content": "(20 bytes, sha256 "
-                                + hashlib.sha256(b"secret-looking text\n").hexdigest() + ")"}]
+    assert logged["files"] == [{"path": "/a", "mode": "0644", "content": "(20 bytes)"}]
     assert params["files"][0]["content"] == "secret-looking text\n", "the module's own parameters are left alone"
