@@ -16,9 +16,10 @@ description:
     differ (or that is missing) is written to a temporary file in its directory, synced, given its mode
     and owner, and renamed over the old one; a file whose bytes are right only gets its mode and owner
     set. Every directory whose entries changed is synced. Nothing else is touched.
-  - Every path is a path in the guest, taken under O(root). Paths are resolved one directory at a time
-    without following symlinks; a symlink at a target or at any directory below O(root) is refused, so
-    nothing is ever written outside O(root).
+  - Every path is a path in the guest, taken under O(root). Paths are resolved one directory at a time. A symlink
+    at a file or at a listed directory is refused. Under an image's root (O(root) not V(/)) a symlinked directory on
+    the way is refused too, so nothing is ever written outside O(root); on the running system it is followed, as
+    M(ansible.builtin.copy) follows it (V(/var/lib) on a data disk, an ostree system's V(/opt)).
   - The target's log and the result's C(invocation) show each content as its size only, never its text or a
     checksum. The diff (C(--diff)) shows each changed file's sha256 before and after: do not use this module for
     secret files, where a checksum of a short secret could be guessed offline from a job log.

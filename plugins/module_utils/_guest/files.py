@@ -178,8 +178,13 @@ def _mode_text(mode: int) -> str:
 class _Tree:
     """Directories below one root, opened one component at a time without following symlinks."""
 
-    def __init__(self, root: str, owner: Owner, check_mode: bool, outcome: Outcome) -> None:
+    def __init__(self, root: str, owner: Owner, check_mode: bool, outcome: Outcome, follow_ancestor_links: bool = False) -> None:
         self.root = root
+        # A running system's own layout may link a directory the agent's paths pass through (/var/lib on a data disk,
+        # ostree's /opt -> var/opt): followed there, as ansible.builtin.copy does. Never under an image's root, where
+        # an absolute link would lead out of the image, and never at a listed directory or a file.
+        self.follow_ancestor_links = follow_ancestor_links
+        self._followed: set[tuple[str, ...]] = set()
         self.owner = owner
         self.check_mode = check_mode
         self.outcome = outcome
@@ -245,16 +250,21 @@ class _Tree:
         recorded and None returned: everything below it is missing too.
         """
         if parts not in self._fds:
-            self._fds[parts] = self._open_or_make(parts, DEFAULT_DIRECTORY_MODE if mode is None else mode)
+            self._fds[parts] = self._open_or_make(parts, DEFAULT_DIRECTORY_MODE if mode is None else mode, listed=mode is not None)
+        if mode is not None and parts in self._followed:
+            raise ClonesafeError(f"{self.where(parts)} is a symlink: clonesafe.fleet.agent_files does not follow a listed directory")
         fd = self._fds[parts]
         if mode is not None and fd is not None:
             self._settle(parts, fd, mode)
         return fd
 
-    def _open_or_make(self, parts: tuple[str, ...], mode: int) -> int | None:
+    def _open_or_make(self, parts: tuple[str, ...], mode: int, listed: bool) -> int | None:
         parent = self.directory(parts[:-1])
         found = None if parent is None else self._lstat(parent, parts)
         if parent is not None and found is not None:
+            if stat.S_ISLNK(found.st_mode) and self.follow_ancestor_links and not listed:
+                self._followed.add(parts)
+                return self._open(parent, parts, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, "directory")
             if not stat.S_ISDIR(found.st_mode):
                 raise self._refuse(parent, parts, found, "directory")
             return self._open(parent, parts, _OPEN_DIRECTORY, "directory")
@@ -375,10 +385,11 @@ class _Tree:
 
 
 def install(root: str, directories: t.Sequence[DirectorySpec], files: t.Sequence[FileSpec], check_mode: bool,
-            owner: Owner = ROOT) -> Outcome:
+            owner: Owner = ROOT, follow_ancestor_links: bool | None = None) -> Outcome:
     """Make ``directories`` and ``files`` exist under ``root`` as specified, owned by ``owner``; change only the difference.
 
-    In check mode nothing is written and the outcome says what would change.
+    In check mode nothing is written and the outcome says what would change. Symlinked directories that lead to
+    the listed paths are followed only on the running system (root ``/``; ``follow_ancestor_links`` overrides).
     """
     # A file cannot also be a directory, listed or needed as the parent of another path.
     directory_paths = {spec.path for spec in directories}
@@ -389,7 +400,9 @@ def install(root: str, directories: t.Sequence[DirectorySpec], files: t.Sequence
         if spec.path in directory_paths:
             raise ClonesafeError(f"{spec.path} is listed as a file and is a directory of the other paths: list it once")
     outcome = Outcome()
-    with _Tree(root_directory(root), owner, check_mode, outcome) as tree:
+    top = root_directory(root)
+    follow = top == "/" if follow_ancestor_links is None else follow_ancestor_links
+    with _Tree(top, owner, check_mode, outcome, follow_ancestor_links=follow) as tree:
         # A parent before its children: a listed directory is made with its own mode, never as a parent of another.
         for directory in sorted(directories, key=lambda spec: spec.path.split("/")):
             tree.directory(tuple(directory.path.strip("/").split("/")), directory.mode)

@@ -192,6 +192,25 @@ def test_a_symlinked_directory_below_the_root_is_refused_and_never_followed(tmp_
     assert list(outside.iterdir()) == []
 
 
+def test_on_the_running_system_a_linked_directory_on_the_way_is_followed_a_listed_one_is_not(tmp_path):
+    """Root / (follow_ancestor_links): /usr -> a data disk is the system's own layout, as copy followed it."""
+    root = tmp_path / "root"
+    (tmp_path / "data/usr/lib").mkdir(parents=True)
+    root.mkdir()
+    (root / "usr").symlink_to(tmp_path / "data/usr")
+    install(str(root), DIRECTORIES, files(), False, ME, follow_ancestor_links=True)
+    assert (tmp_path / "data/usr/lib/example/pkg/main.py").read_bytes() == CONTENTS[f"{LIB}/pkg/main.py"]
+    # A listed directory that is a link is still refused, and a file that is a link too.
+    (tmp_path / "elsewhere").mkdir()
+    second = tmp_path / "second"
+    (second / "var/lib").mkdir(parents=True)
+    (second / "var/lib/example").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ClonesafeError) as error:
+        install(str(second), DIRECTORIES, files(), False, ME, follow_ancestor_links=True)
+    assert "/var/lib/example" in error.value.msg and "symlink" in error.value.msg
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
 def test_a_symlink_as_the_root_itself_is_followed(tmp_path):
     (tmp_path / "image").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "image")
