@@ -21,7 +21,7 @@ description:
     the way is refused too, so nothing is ever written outside O(root); on the running system it is followed, as
     M(ansible.builtin.copy) follows it (V(/var/lib) on a data disk, an ostree system's V(/opt)).
   - The target's log and the result's C(invocation) show each content as its size only, never its text or a
-    checksum. The diff (C(--diff)) shows each changed file's sha256 before and after: do not use this module for
+    checksum. The diff (C(--diff)) shows each changed file's sha256 before and after, so do not use this module for
     secret files, where a checksum of a short secret could be guessed offline from a job log.
   - Runs under Python 3.9 or later with the standard library only.
 author:
