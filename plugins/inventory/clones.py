@@ -112,6 +112,8 @@ options:
       - The jump connection is C(ssh -W %h:%p) to the hypervisor host with its inventory variables (C(ansible_host),
         C(ansible_user), C(ansible_port), C(ansible_ssh_private_key_file), C(ansible_ssh_common_args)), or the
         user, host and port of its C(qemu+ssh) URI.
+      - Those variables are the host's own over its groups' and the C(group_vars/) and C(host_vars/) files beside the
+        inventory sources read before this one. Values are used as they are, not templated.
     type: str
     choices: [auto, always, never]
     default: auto
@@ -170,6 +172,7 @@ from ansible.plugins.inventory import BaseInventoryPlugin, Cacheable, Constructa
 from ansible.utils.display import Display
 from ansible.utils.unsafe_proxy import wrap_var
 from ansible.utils.vars import combine_vars
+from ansible.vars.plugins import get_vars_from_inventory_sources
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.attestation_record import read_record
@@ -334,8 +337,7 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
             for host in self.inventory.groups[group].get_hosts():
                 if host.name in uris:
                     continue
-                # The host's effective variables: connection settings usually sit in group vars (all:vars included).
-                variables = combine_vars(get_group_vars(host.get_groups()), host.get_vars())
+                variables = self.hypervisor_variables(host)
                 uri = variables.get(self.get_option("uri_var"))
                 if not uri:
                     uri = self.get_option("uri_pattern").format(
@@ -356,6 +358,19 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
                         "common_args": variables.get("ansible_ssh_common_args"),
                     }
         return uris
+
+    def hypervisor_variables(self, host: t.Any) -> dict[str, t.Any]:
+        """A hypervisor host's variables as its connection sees them: its groups' (all included), then group_vars/ and
+        host_vars/ beside the inventory sources read so far, then its own. Connection settings usually sit in group vars."""
+        sources = getattr(self.inventory, "processed_sources", None) or []
+        groups = host.get_groups()
+        variables = get_group_vars(groups)
+        if sources:
+            # Stage "all", as constructed's use_vars_plugins: under the default RUN_VARS_PLUGINS=demand the vars plugins
+            # (host_group_vars reads group_vars/ and host_vars/) do not run at the inventory stage.
+            variables = combine_vars(variables, get_vars_from_inventory_sources(self.loader, sources, groups, "all"))
+            variables = combine_vars(variables, get_vars_from_inventory_sources(self.loader, sources, [host], "all"))
+        return combine_vars(variables, host.get_vars())
 
     def fetch(self, uris: t.Mapping[str, str]) -> list[dict[str, t.Any]]:
         """Query every hypervisor host, in parallel; unreachable ones per the option O(unreachable)."""

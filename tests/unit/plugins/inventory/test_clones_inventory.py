@@ -275,6 +275,23 @@ def test_the_jump_host_takes_the_hypervisors_group_vars(tmp_path):
         "ssh", "-F", "/lab/config", "-i", "/lab/id_ed25519", "-l", "root", "-W", "%h:%p", "10.231.89.11"]
 
 
+def test_the_jump_host_takes_group_vars_files_beside_the_inventory(tmp_path):
+    """group_vars/hypervisors.yml next to the hosts file, as most people keep ansible_user and the key."""
+    node = tmp_path / "hv1.xml"
+    node.write_text(f"<node>{NAT_NETWORK}{nat_clone_xml('web-001', 1)}</node>")
+    (tmp_path / "group_vars").mkdir()
+    (tmp_path / "group_vars" / "hypervisors.yml").write_text(json.dumps({
+        "ansible_user": "root", "ansible_ssh_private_key_file": "/lab/id_ed25519", "ansible_ssh_common_args": "-F /lab/config"}))
+    hosts = tmp_path / "hosts.yml"
+    hosts.write_text(json.dumps({"all": {"children": {"hypervisors": {"hosts": {
+        "hv1": {"clonesafe_libvirt_remote_uri": f"test://{node}", "ansible_host": "10.231.89.11"}}}}}}))
+    result = inventory(tmp_path, {"known_hosts_file": "/run/fleet_known_hosts"}, str(hosts))
+    args = shlex.split(result["_meta"]["hostvars"]["web-001.hv1"]["ansible_ssh_common_args"])
+    proxy = [arg for arg in args if arg.startswith("ProxyCommand=")]
+    assert proxy and shlex.split(proxy[0].split("=", 1)[1]) == [
+        "ssh", "-F", "/lab/config", "-i", "/lab/id_ed25519", "-l", "root", "-W", "%h:%p", "10.231.89.11"]
+
+
 def test_a_jump_host_from_a_qemu_ssh_uri():
     from ansible_collections.clonesafe.fleet.plugins.inventory.clones import jump_command, jump_from_uri
 
