@@ -65,7 +65,13 @@ def results_by_host(results: t.Any) -> dict[str, t.Mapping[str, t.Any]]:
                     f"results[{index}] is not a clonesafe.fleet.secret_multicast result naming its hypervisor; "
                     "pass a dict {host: result} instead"
                 )
-            by_host[str(value["hypervisor"])] = value
+            host = str(value["hypervisor"])
+            if host in by_host:
+                # Two hosts answering to one name (hypervisors cloned from one image): one's clones would go unjudged.
+                raise AnsibleActionFail(
+                    f"results name hypervisor {host!r} twice: give each host's result under its own name (a dict {{host: result}})"
+                )
+            by_host[host] = value
         return by_host
     raise AnsibleActionFail(f"results must be a dict of host -> secret_multicast result or a list of results, got {type(results).__name__}")
 

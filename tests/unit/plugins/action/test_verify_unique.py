@@ -68,6 +68,12 @@ def test_results_as_a_list_need_a_hypervisor_name(tmp_path):
     assert "results[0] is not a clonesafe.fleet.secret_multicast result naming its hypervisor" in verdict["msg"]
 
 
+def test_results_as_a_list_naming_one_hypervisor_twice_are_refused(tmp_path):
+    verdict = verify(tmp_path, [{"hypervisor": "hv1", "clones": [clone_result("a")]},
+                                {"hypervisor": "hv1", "clones": [clone_result("b")]}])
+    assert verdict["failed"] is True and "results name hypervisor 'hv1' twice" in verdict["msg"]
+
+
 def test_no_proofs_at_all_is_an_error(tmp_path):
     verdict = verify(tmp_path, {"hv1": {"clones": []}})
     assert verdict["failed"] is True
