@@ -62,7 +62,11 @@ def parse(output: str, where: str) -> dict:
 
 
 def guest_ssh(lab: dict) -> list[str]:
-    """ssh to the golden as root, through its hypervisor host, with the host keys the lab image recorded."""
+    """ssh to the golden as root, through its hypervisor host.
+
+    Its host key is not checked: the golden's agent rotates it after every memory snapshot (docs/your-hosts.md), and
+    the lab's golden is reachable only inside the lab host's own network namespace. Nothing secret is sent.
+    """
     inventory = (USER_LAB / "inventory.yml").read_text()
     host = lab["golden"]["host"]
     address = re.search(rf"{re.escape(host)}:\s*\n\s*ansible_host: (\S+)", inventory)
