@@ -324,7 +324,8 @@ class _Tree:
             self.outcome.record("files", spec.path, before, wanted)
             if self.check_mode:
                 return
-            if digest == wanted["sha256"]:
+            # A hard-linked file is replaced, not changed in place: its mode and owner are its other names' too.
+            if digest == wanted["sha256"] and current.st_nlink == 1:
                 self._set_attributes(parts, fd, spec.mode)
                 return
         finally:

@@ -211,6 +211,17 @@ def test_on_the_running_system_a_linked_directory_on_the_way_is_followed_a_liste
     assert list((tmp_path / "elsewhere").iterdir()) == []
 
 
+def test_a_hard_linked_target_is_replaced_and_its_other_name_keeps_its_mode(tmp_path):
+    run(tmp_path)
+    target = tmp_path / LIB.strip("/") / "pkg/main.py"
+    other = tmp_path / "other-name"
+    os.link(target, other)
+    os.chmod(other, 0o600)
+    run(tmp_path)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644 and target.stat().st_nlink == 1
+    assert stat.S_IMODE(other.stat().st_mode) == 0o600 and other.read_bytes() == CONTENTS[f"{LIB}/pkg/main.py"]
+
+
 def test_a_symlink_as_the_root_itself_is_followed(tmp_path):
     (tmp_path / "image").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "image")
