@@ -121,6 +121,8 @@ def test_the_template_arrives_identical_on_every_host(distributed):
             # What a guest reads must not: qemu-img compares the two chains, each resolved on its own host.
             assert image_info(host_path(host, f"{template}/base.qcow2"))["backing-filename"] == (
                 "backing/" + manifest["base"]["backing_chain"][0]["file"])
+            sizes = {image_info(host_path(where, f"{template}/base.qcow2"))["virtual-size"] for where in ("fleet-h1", host)}
+            assert len(sizes) == 1, f"virtual sizes differ: {sizes}"  # compare alone passes a zero-filled extra area
             compared = subprocess.run(
                 ["qemu-img", "compare", "-U", "--image-opts",
                  chain_options("fleet-h1", f"{template}/base.qcow2"), chain_options(host, f"{template}/base.qcow2")],
