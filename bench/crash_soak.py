@@ -21,7 +21,9 @@ Each trial then:
 3. SIGKILLs the QEMU process at a random moment (seeded, uniform in [0, --max-kill-delay] s after
    the first acknowledgement, so among rotations running back to back): the guest loses its page
    cache, as in a power cut; a request sent and not answered is the one in flight;
-4. reads the disk from the host (`qemu-img convert -U` + debugfs), runs the guest's own agent (read
+4. reads the disk from the host (`qemu-img convert -U`; ext4's journal replayed with `e2fsck -E
+   journal_only`, as the guest's next mount would: without it debugfs reads blocks in place, where a
+   flushed rename can still show an empty file; then debugfs), runs the guest's own agent (read
    from that disk) over the copy the way the guest would at its next start, as `/` in a private
    mount namespace with the host's /usr read-only (its journal names guest paths), and checks it:
    every secret file whole (machine-id 32 hex digits and a newline, every key parses, each SSH
@@ -104,10 +106,16 @@ def checked(fingerprints: dict[str, str]) -> dict[str, str]:
 # -- reading the disk -------------------------------------------------------------------------------
 
 
-def read_disk(disk: pathlib.Path, root: pathlib.Path) -> None:
-    """Copy the files a rotation touches out of the guest disk (as the host sees it after the kill)."""
-    with lab_vm.raw_copy(disk, root.parent) as raw:
+def read_disk(disk: pathlib.Path, root: pathlib.Path) -> bool:
+    """Copy the files a rotation touches out of the guest disk, as the guest's next mount would see it after the kill.
+
+    Returns whether ext4's journal held transactions not yet in place (replayed first, as a mount does).
+    """
+    with lab_vm.raw_copy(disk, root.parent, replay=False) as raw:
+        replayed = lab_vm.needs_journal_replay(raw)
+        lab_vm.replay_journal(raw)
         lab_vm.extract(raw, EXTRACTED, root)
+    return replayed
 
 
 def journal_summary(root: pathlib.Path) -> dict[str, t.Any] | None:
@@ -372,9 +380,9 @@ class Soak:
             self.wait_dead()
             lap("rotations")
             root = directory / "root"
-            read_disk(self.vm.disk, root)
+            replayed = read_disk(self.vm.disk, root)
             lap("read_disk")
-            before = {"journal": journal_summary(root), "temps": temp_files(root)}
+            before = {"ext4_journal_replayed": replayed, "journal": journal_summary(root), "temps": temp_files(root)}
             recovery = recover(root, self.agent_lib)
             lap("recover")
             if recovery["exit_code"] != 0:
@@ -409,6 +417,7 @@ def summarise(trials: list[dict[str, t.Any]]) -> dict[str, t.Any]:
         "ok_in_flight": sum(1 for trial in trials if trial["verdict"] == "ok" and trial["why"] == "the rotation in flight"),
         "acks": sum(trial["acks"] for trial in trials),
         "killed_with_request_in_flight": sum(1 for trial in trials if trial["in_flight"]),
+        "ext4_journal_replayed": sum(1 for trial in trials if trial["disk_before_recovery"]["ext4_journal_replayed"]),
         "journal_at_crash": sum(1 for trial in trials if trial["disk_before_recovery"]["journal"]),
         "temps_at_crash": sum(1 for trial in trials if trial["disk_before_recovery"]["temps"]),
         "recovery_finished": sum(1 for trial in trials if any("was finished" in line for line in trial["recovery"]["log"])),
@@ -452,6 +461,7 @@ def main() -> int:
                 oracle = trial["oracle_self_check"]
             trials.append(trial)
             print(f"trial {index:3d}: kill at {trial['kill_delay_s']:.3f} s, {trial['acks']:2d} acks, in flight {trial['in_flight']!s:5}, "
+                  f"ext4 replay {'yes' if trial['disk_before_recovery']['ext4_journal_replayed'] else 'no '}, "
                   f"journal {'yes' if trial['disk_before_recovery']['journal'] else 'no '}, temps {len(trial['disk_before_recovery']['temps'])}, "
                   f"disk generation {trial['disk_generation']} (last ack {trial['last_ack_generation']}): {trial['verdict']} "
                   f"({trial['why']}){' ERRORS ' + '; '.join(trial['errors']) if trial['errors'] else ''} [{trial['total_s']} s]", flush=True)
@@ -473,7 +483,8 @@ def main() -> int:
     output.write_text(json.dumps({"command": command, "seed": seed, "summary": summary, "trials": trials}, indent=1, sort_keys=True) + "\n")
     print(f"{summary['trials']} trials: {summary['torn']} torn, {summary['lost_acks']} lost acknowledgements, "
           f"{summary['unexplained']} unexplained, {summary['errors']} with errors; {summary['acks']} acknowledged rotations, "
-          f"{summary['killed_with_request_in_flight']} kills with a request in flight, a journal left by {summary['journal_at_crash']} "
+          f"{summary['killed_with_request_in_flight']} kills with a request in flight, ext4 journal replayed on "
+          f"{summary['ext4_journal_replayed']}, a journal left by {summary['journal_at_crash']} "
           f"(recovery finished {summary['recovery_finished']}, rolled back {summary['recovery_rolled_back']}); "
           f"oracle self-check {oracle}; per trial {summary['trial_s']} s, total {summary['total_s']} s -> {output}", flush=True)
     return 0 if passed else 1

@@ -183,19 +183,21 @@ def lab_vm(prefix: str, config: dict[str, t.Any], vcpus: int = 1, memory_mib: in
 
 
 @contextlib.contextmanager
-def raw_copy(disk: str | os.PathLike, work: pathlib.Path) -> t.Iterator[pathlib.Path]:
+def raw_copy(disk: str | os.PathLike, work: pathlib.Path, replay: bool = True) -> t.Iterator[pathlib.Path]:
     """A raw copy of a qcow2 disk (and its backing chain) as the guest's next mount would see it now.
 
     Also while a VM runs it, or after its QEMU was killed: the copy is what a power cut would leave,
     and its ext4 journal is replayed first, as mounting it does. Without that, debugfs reads the
     blocks in place, where metadata a flush put in the journal may not have landed yet: a file
-    replaced and flushed can still read as an empty file or as the one before.
+    replaced and flushed can still read as an empty file or as the one before. ``replay`` False
+    leaves that to the caller (replay_journal).
     """
     fd, name = tempfile.mkstemp(suffix=".raw", dir=work)
     os.close(fd)
     try:
         subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(disk), name], check=True, timeout=600)
-        replay_journal(pathlib.Path(name))
+        if replay:
+            replay_journal(pathlib.Path(name))
         yield pathlib.Path(name)
     finally:
         os.unlink(name)
