@@ -83,7 +83,13 @@ options:
     default: false
     version_added: 0.1.0
   agent_timeout:
-    description: Seconds to wait for the golden's agent to answer (its fingerprints, or the erase with O(seal)).
+    description:
+      - Seconds to wait for the golden's agent to answer (its fingerprints, or the erase with O(seal)).
+      - The proof is taken just before the freeze and confirmed just after it. The agent must still be at the generation
+        it proved, or have regenerated only for the VM Generation ID change the restore of O(memory=true) gave the golden.
+        Otherwise the template may hold other secrets than the recorded ones, so it is removed and the task fails.
+      - That confirmation may wait for the golden's own regeneration (with the role's default triggers): under emulation
+        (TCG) with RSA host keys, allow minutes.
     type: float
     default: 30
     version_added: 0.1.0
@@ -194,7 +200,7 @@ clones:
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
-from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.golden_proof import golden_proof_for_domain
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.golden_proof import confirm_proof_for_domain, golden_proof_for_domain
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt._libvirt_dep import assert_libvirt_available
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.clones import find_clones, remove_clone
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.connection import LibvirtConnection
@@ -255,7 +261,13 @@ def main() -> None:
                         proof = golden_proof_for_domain(conn, params["golden"], params["seal"], params["agent_timeout"])
                         if proof.get("warning"):
                             module.warn(proof.pop("warning"))
-                        after = create_template(conn, module.run_command, templates_dir, plan, proof).summary()
+                        created = create_template(conn, module.run_command, templates_dir, plan, proof)
+                        try:
+                            confirm_proof_for_domain(conn, params["golden"], proof, params["agent_timeout"])
+                        except ClonesafeError:
+                            remove_template(created)
+                            raise
+                        after = created.summary()
             else:
                 after = {}
                 if clones and not params["force"]:

@@ -8,6 +8,11 @@ manifest, so ``verify_unique`` fails a clone that still has one, or whose proof 
 with ``seal``, erases them so the template holds none. Either way the template gets the fleet's
 comparison key for keyed hashes, and ``fingerprint_names``: every secret name the golden's agent
 reported.
+
+The proof is taken before the golden is frozen, so it is confirmed after: the golden's agent must
+still be at the generation it proved, or have rotated only after the freeze (its own regeneration
+for the VM Generation ID change the memory snapshot's restore gave it). Any other rotation in
+between means the template may hold secrets other than the recorded ones, and the snapshot fails.
 """
 
 from __future__ import annotations
@@ -16,7 +21,14 @@ import secrets
 import typing as t
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
-from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.multicast import CloneOutcome, Settings, Target, multicast
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.fanout import ChannelCall, call_all
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.multicast import (
+    CloneOutcome,
+    Settings,
+    Target,
+    multicast,
+    regenerated_after_restore,
+)
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.domain_xml import read_channel_socket
 from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, wire
 
@@ -104,6 +116,48 @@ def check_sealed(name: str, before: t.Iterable[str], outcome: CloneOutcome) -> N
         raise ClonesafeError(f"golden '{name}' is not sealed: {'; '.join(problems)}", domain=name)
 
 
+def _integer(value: t.Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def confirm_proof_still_holds(name: str, socket_path: str | None, proof_section: t.Mapping[str, t.Any], timeout: float = 30.0) -> None:
+    """Fail unless the golden's secrets when it was frozen were the ones ``proof_section`` recorded.
+
+    Asked once the template exists (the golden runs again): the agent's generation must be the one
+    it proved, or one more from a regeneration after the freeze (a "generation" trigger counting more
+    VM Generation ID events than at the proof: the restore that ends a memory snapshot). Without a
+    recorded proof (no agent, warned already) there is nothing to confirm.
+    """
+    proven = _integer(proof_section.get("golden_generation"))
+    if proven is None or socket_path is None:
+        return
+    call = ChannelCall(name, socket_path, "hello", {})
+    call_all([call], timeout)
+    hello = call.result
+    if hello is None:
+        raise ClonesafeError(
+            f"cannot confirm that the template of golden '{name}' holds the secrets it proved: its agent did not answer "
+            f"after the freeze ({call.error or 'no reply'}); raise agent_timeout if it is only slow",
+            domain=name,
+        )
+    generation = _integer(hello.get("generation"))
+    if generation == proven:
+        return
+    trigger = hello.get("last_trigger")
+    events = _integer(proof_section.get("golden_vmgenid_events"))
+    if (generation == proven + 1 and isinstance(trigger, dict) and trigger.get("trigger") == "generation"
+            and _integer(trigger.get("generation")) == generation and events is not None
+            and regenerated_after_restore(trigger, events)):
+        return
+    raise ClonesafeError(
+        f"golden '{name}' rotated its secrets while the template was taken (its agent proved generation {proven}, "
+        f"and is at generation {generation!r} after the freeze, last trigger "
+        f"{trigger.get('trigger') if isinstance(trigger, dict) else None!r}): the template may hold secrets other "
+        "than the recorded ones, so it was not kept. Take it again once the golden's agent is idle",
+        domain=name,
+    )
+
+
 def golden_proof_for_domain(conn: t.Any, golden: str, seal: bool, timeout: float = 30.0) -> dict[str, t.Any]:
     """golden_proof for a libvirt domain: its agent channel socket and state come from libvirt."""
     domain = conn.get_domain(golden)
@@ -115,3 +169,9 @@ def golden_proof_for_domain(conn: t.Any, golden: str, seal: bool, timeout: float
         )
     return golden_proof(golden, read_channel_socket(conn.domain_xml(domain)), state, seal, timeout,
                         domain_uuid=conn.call(f"reading the UUID of domain '{golden}'", domain.UUIDString))
+
+
+def confirm_proof_for_domain(conn: t.Any, golden: str, proof_section: t.Mapping[str, t.Any], timeout: float = 30.0) -> None:
+    """confirm_proof_still_holds for a libvirt domain, its agent channel socket read from its live definition."""
+    domain = conn.get_domain(golden)
+    confirm_proof_still_holds(golden, read_channel_socket(conn.domain_xml(domain)), proof_section, timeout)

@@ -280,7 +280,7 @@ def _attach_attestation(
     outcome.nonce_salt = salt
 
 
-def _after_own_restore(trigger: dict[str, t.Any], template_events: int) -> bool:
+def regenerated_after_restore(trigger: dict[str, t.Any], template_events: int) -> bool:
     """Whether a "generation" regeneration followed a VM Generation ID change the template had not seen.
 
     A clone inherits its golden's record of the golden's own earlier regenerations; only a record
@@ -303,7 +303,7 @@ def _wait_for_own_regeneration(
         still = []
         for name in waiting:
             trigger = outcomes[name].hello.get("last_trigger") or {}
-            if trigger.get("trigger") == "generation" and _after_own_restore(trigger, t.cast(int, settings.template_vmgenid_events)):
+            if trigger.get("trigger") == "generation" and regenerated_after_restore(trigger, t.cast(int, settings.template_vmgenid_events)):
                 outcomes[name].trigger = "generation"
                 outcomes[name].generation = trigger.get("generation")
             else:

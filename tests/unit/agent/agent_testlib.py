@@ -57,6 +57,15 @@ def agent_module():
     return load_agent_module()
 
 
+VMGENID_GPE = "sys/firmware/acpi/interrupts/gpe05"
+
+
+def vmgenid_event(root: pathlib.Path) -> None:
+    """What a restore does to a guest root's GPE counter: one more VM Generation ID event."""
+    count = int((root / VMGENID_GPE).read_text().split()[0])
+    (root / VMGENID_GPE).write_text(f"       {count + 1}     enabled      unmasked\n")
+
+
 def make_guest_root(root: pathlib.Path, config: dict | None = None) -> pathlib.Path:
     """A miniature guest: SSH host keys, machine-id, DMI UUID, virtio port, /proc and /sys files."""
     (root / "etc/ssh").mkdir(parents=True)
@@ -75,7 +84,7 @@ def make_guest_root(root: pathlib.Path, config: dict | None = None) -> pathlib.P
     (root / "sys/devices/system/cpu").mkdir(parents=True)
     (root / "sys/devices/system/cpu/online").write_text("0-1\n")
     (root / "sys/firmware/acpi/interrupts").mkdir(parents=True)
-    (root / "sys/firmware/acpi/interrupts/gpe05").write_text("       2     enabled      unmasked\n")
+    (root / VMGENID_GPE).write_text("       2     enabled      unmasked\n")
     device = root / "sys/devices/pci0000:00/0000:00:05.0/virtio1"
     device.mkdir(parents=True)
     (root / "sys/class/virtio-ports/vport1p1").mkdir(parents=True)

@@ -9,17 +9,10 @@ import secrets
 import shutil
 import time
 
+from agent_testlib import vmgenid_event
+
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.golden_proof import golden_proof
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.multicast import Settings, multicast
-
-GPE = "sys/firmware/acpi/interrupts/gpe05"
-
-
-def vmgenid_event(root: pathlib.Path) -> None:
-    """What a restore does to the guest's GPE counter: one more VM Generation ID event."""
-    count = int((root / GPE).read_text().split()[0])
-    (root / GPE).write_text(f"       {count + 1}     enabled      unmasked\n")
-
 
 def settings(template_events):
     return Settings(hash_key=secrets.token_hex(32), trigger="generation", operation="regenerate", timeout=10,
