@@ -18,7 +18,9 @@ from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.known_hosts
 from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof
 
 ARGUMENT_SPEC = {
-    "results": {"type": "raw", "required": True},
+    "results": {"type": "raw"},
+    "hosts": {"type": "list", "elements": "str"},
+    "result_variable": {"type": "str", "default": "clonesafe_multicast"},
     "run_secret": {"type": "str", "required": True, "no_log": True},
     "golden_fingerprints": {"type": "dict", "default": {}},
     "allow_missing_golden": {"type": "bool", "default": False},
@@ -76,6 +78,20 @@ def results_by_host(results: t.Any) -> dict[str, t.Mapping[str, t.Any]]:
     raise AnsibleActionFail(f"results must be a dict of host -> secret_multicast result or a list of results, got {type(results).__name__}")
 
 
+def results_of_hosts(hostvars: t.Any, hosts: list[str], variable: str) -> dict[str, t.Any]:
+    """``{host: its variable}`` for every host in ``hosts``: None for a host that never set it (its run failed before).
+
+    A host the inventory does not know is refused: a misspelt name must not shrink the fleet being judged.
+    """
+    found: dict[str, t.Any] = {}
+    for host in hosts:
+        if host not in hostvars:
+            raise AnsibleActionFail(f"verify_unique: hosts names {host!r}, which is not in the inventory")
+        host_vars = hostvars[host]
+        found[host] = host_vars[variable] if variable in host_vars else None
+    return found
+
+
 class ActionModule(ActionBase):
     """Verify every clone's signed proof and fail, naming them, if any secret is shared."""
 
@@ -103,7 +119,15 @@ class ActionModule(ActionBase):
                 "the clones with each other only"
             )
 
-        by_host = results_by_host(args["results"])
+        if (args["results"] is None) == (args["hosts"] is None):
+            raise AnsibleActionFail(
+                "verify_unique: give either hosts (the hypervisor hosts, whose result_variable holds their multicast "
+                "result) or results (a dict {host: result} or a list of results), not both and not neither"
+            )
+        if args["hosts"] is not None:
+            by_host = results_by_host(results_of_hosts((task_vars or {}).get("hostvars", {}), args["hosts"], args["result_variable"]))
+        else:
+            by_host = results_by_host(args["results"])
         proofs = uniqueness.collect_proofs(by_host)
         verdict = uniqueness.judge(proofs, golden, args["run_secret"])
         verdict.hosts_without_results = uniqueness.hosts_without_results(by_host)

@@ -269,6 +269,12 @@ clones:
       description: Time from sending the instruction to its answer.
       type: float
       sample: 41.7
+    hello_attempts:
+      description:
+        - How many times the first C(hello) was sent. An agent that sends not a byte back for 10 s is asked again on a
+          new connection (its guest may have dropped the first asking); 0 when the channel could not be opened.
+      type: int
+      sample: 1
     agent_ms:
       description:
         - Of C(latency_ms), the time the agent spent on the request inside the guest, by its own clock

@@ -38,14 +38,29 @@ attributes:
     support: full
     description: Runs on the controller as an action plugin.
 options:
+  hosts:
+    description:
+      - The hypervisor hosts of the run; each one's O(result_variable) (its registered
+        C(clonesafe.fleet.secret_multicast) result) is read from C(hostvars).
+      - A host that never set it (its run failed before the multicast) or whose task was skipped fails the verdict,
+        naming it. A host the inventory does not know is an error.
+      - Give either O(hosts) or O(results).
+    type: list
+    elements: str
+    version_added: 0.1.0
+  result_variable:
+    description: The variable each host of O(hosts) registered its C(clonesafe.fleet.secret_multicast) result in.
+    type: str
+    default: clonesafe_multicast
+    version_added: 0.1.0
   results:
     description:
       - The C(clonesafe.fleet.secret_multicast) results, as a dict of host name to result
-        (for example built from C(hostvars)) or a list of results (each names its C(hypervisor)).
-      - A host given null or a skipped task's result (its run failed before the multicast) fails the verdict, naming
-        it; build the dict with C(hostvars[host].var | default(none)) for every host (see EXAMPLES) so that such a host is named.
+        or a list of results (each names its C(hypervisor)).
+      - A host given null or a skipped task's result fails the verdict, naming it. Prefer O(hosts), which names every
+        host of the run even when its result is missing.
+      - Give either O(hosts) or O(results).
     type: raw
-    required: true
     version_added: 0.1.0
   run_secret:
     description:
@@ -103,13 +118,8 @@ EXAMPLES = r"""
 # (registered as clonesafe_snapshot on the first hypervisor host).
 - name: Prove the new fleet unique
   clonesafe.fleet.verify_unique:
-    # A host whose run failed before the multicast has no result: it is given as null, and the verdict names it.
-    results: >-
-      {%- set found = namespace(results={}) -%}
-      {%- for host in groups['hypervisors'] -%}
-      {%-   set found.results = found.results | combine({host: hostvars[host].clonesafe_multicast | default(none)}) -%}
-      {%- endfor -%}
-      {{ found.results }}
+    # Each host's registered clonesafe_multicast; a host whose run failed before the multicast fails the verdict, named.
+    hosts: "{{ groups['hypervisors'] }}"
     run_secret: "{{ hostvars['localhost'].clonesafe_run_secret }}"
     golden_fingerprints: "{{ hostvars[groups['hypervisors'][0]].clonesafe_snapshot.template.golden_fingerprints }}"
   run_once: true
@@ -119,13 +129,8 @@ EXAMPLES = r"""
 # clonesafe_template_info on the first hypervisor host).
 - name: Prove the existing fleet unique against its golden
   clonesafe.fleet.verify_unique:
-    # A host whose run failed before the multicast has no result: it is given as null, and the verdict names it.
-    results: >-
-      {%- set found = namespace(results={}) -%}
-      {%- for host in groups['hypervisors'] -%}
-      {%-   set found.results = found.results | combine({host: hostvars[host].clonesafe_multicast | default(none)}) -%}
-      {%- endfor -%}
-      {{ found.results }}
+    # Each host's registered clonesafe_multicast; a host whose run failed before the multicast fails the verdict, named.
+    hosts: "{{ groups['hypervisors'] }}"
     run_secret: "{{ hostvars['localhost'].clonesafe_run_secret }}"
     golden_fingerprints: "{{ hostvars[groups['hypervisors'][0]].clonesafe_template_info.templates[0].golden_fingerprints }}"
   run_once: true

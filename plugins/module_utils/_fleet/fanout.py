@@ -27,6 +27,13 @@ MAX_STALE_REPLIES = 16
 READ_CHUNK = 65536
 # The most characters of a guest's own words (an error message) that reach the module's output.
 MAX_GUEST_TEXT = 512
+# A request the host may ask again, on a new connection, after this long with not a byte in reply.
+# The guest's virtio console learns "host connected" in a work queue after the request's bytes
+# arrive; in a loaded guest (just restored, regenerating) that can come too late, and the agent then
+# takes the request for what a departed host left and drops it: the host would wait for nothing.
+# Only hello, which changes nothing, is asked again (with the same id: a late reply to the first
+# asking is as good); the first hello after a restore is the one that waits longest.
+RESEND_AFTER_SILENCE_SECONDS = {"hello": 10.0}
 
 
 @dataclasses.dataclass
@@ -41,6 +48,8 @@ class ChannelCall:
     reply: dict[str, t.Any] | None = None
     error: str | None = None
     latency_ms: float | None = None
+    # How many times the request was sent (a silent agent is asked hello again, see RESEND_AFTER_SILENCE_SECONDS).
+    attempts: int = 0
 
     @property
     def result(self) -> dict[str, t.Any] | None:
@@ -70,6 +79,9 @@ class _Pending:
     lines: wire.LineBuffer
     started: float
     stale: int = 0
+    # When this connection's request was sent, and whether any byte came back on it.
+    sent_at: float = 0.0
+    heard: bool = False
 
 
 def _connect(call: ChannelCall) -> socket.socket | None:
@@ -122,18 +134,15 @@ def call_all(calls: t.Sequence[ChannelCall], timeout: float) -> None:
             except wire.ProtocolError as error:
                 call.error = f"request {call.op} for clone '{call.clone}' is invalid: {error.message}"
                 continue
-            sock = _connect(call)
-            if sock is None:
-                continue
-            pending = _Pending(call, sock, request, wire.LineBuffer(), time.monotonic())
-            open_calls[sock.fileno()] = pending
-            selector.register(sock, selectors.EVENT_WRITE, pending)
+            _open(selector, open_calls, call, request, time.monotonic())
 
         while open_calls:
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            remaining = deadline - now
             if remaining <= 0:
                 break
-            for key, events in selector.select(remaining):
+            _ask_silent_again(selector, open_calls, now)
+            for key, events in selector.select(min(remaining, _next_resend(open_calls, now))):
                 pending = key.data
                 finished = _step(pending, events)
                 if finished:
@@ -142,8 +151,9 @@ def call_all(calls: t.Sequence[ChannelCall], timeout: float) -> None:
                 elif not pending.outgoing:
                     selector.modify(pending.sock, selectors.EVENT_READ, pending)
         for pending in list(open_calls.values()):
+            asked = f", asked {pending.call.attempts} times" if pending.call.attempts > 1 else ""
             pending.call.error = (
-                f"clone '{pending.call.clone}' did not answer {pending.call.op} within {timeout:g} s "
+                f"clone '{pending.call.clone}' did not answer {pending.call.op} within {timeout:g} s{asked} "
                 "(is its agent running?)"
             )
             _close(selector, open_calls, pending)
@@ -151,6 +161,36 @@ def call_all(calls: t.Sequence[ChannelCall], timeout: float) -> None:
         for pending in list(open_calls.values()):
             _close(selector, open_calls, pending)
         selector.close()
+
+
+def _open(selector: selectors.BaseSelector, open_calls: dict[int, _Pending], call: ChannelCall, request: bytes,
+          started: float) -> None:
+    """Connect to the call's agent and queue its request (a failure to connect is the call's error)."""
+    sock = _connect(call)
+    if sock is None:
+        return
+    call.attempts += 1
+    pending = _Pending(call, sock, request, wire.LineBuffer(), started, sent_at=time.monotonic())
+    open_calls[sock.fileno()] = pending
+    selector.register(sock, selectors.EVENT_WRITE, pending)
+
+
+def _ask_silent_again(selector: selectors.BaseSelector, open_calls: dict[int, _Pending], now: float) -> None:
+    """Ask again, on a new connection, every request that may be and got no byte back for long enough."""
+    for pending in list(open_calls.values()):
+        after = RESEND_AFTER_SILENCE_SECONDS.get(pending.call.op)
+        if after is None or pending.heard or now - pending.sent_at < after:
+            continue
+        _close(selector, open_calls, pending)
+        request = wire.encode_request(pending.call.op, pending.call.args, pending.call.request_id)
+        _open(selector, open_calls, pending.call, request, pending.started)
+
+
+def _next_resend(open_calls: dict[int, _Pending], now: float) -> float:
+    """Seconds until the next request may be asked again (a long wait when none may)."""
+    waits = [pending.sent_at + RESEND_AFTER_SILENCE_SECONDS[pending.call.op] - now for pending in open_calls.values()
+             if pending.call.op in RESEND_AFTER_SILENCE_SECONDS and not pending.heard]
+    return max(0.0, min(waits, default=3600.0))
 
 
 def _step(pending: _Pending, events: int) -> bool:
@@ -163,6 +203,7 @@ def _step(pending: _Pending, events: int) -> bool:
             return False
         if events & selectors.EVENT_READ:
             data = pending.sock.recv(READ_CHUNK)
+            pending.heard = pending.heard or bool(data)
             if not data:
                 call.error = f"the agent channel of clone '{call.clone}' closed before a reply to {call.op}"
                 return True

@@ -120,6 +120,8 @@ class CloneOutcome:
     attestation: dict[str, t.Any] | None = None
     entropy_source: str | None = None
     latency_ms: float | None = None
+    # How many times the first hello was sent before an answer (a silent agent is asked again).
+    hello_attempts: int = 0
     agent_ms: int | None = None
     agent_phases_ms: dict[str, int] = dataclasses.field(default_factory=dict)
     hello: dict[str, t.Any] = dataclasses.field(default_factory=dict)
@@ -238,6 +240,7 @@ def _hello_all(outcomes: dict[str, CloneOutcome], targets: t.Sequence[Target], s
     hellos = {}
     for call in calls:
         outcome = outcomes[call.clone]
+        outcome.hello_attempts = call.attempts
         failure = call.failure()
         if failure:
             _fail_or_skip(outcome, f"no agent answered: {failure}", settings.missing_agent)

@@ -158,9 +158,10 @@ FLEET_PLAYBOOK = """
   vars:
     clonesafe_hypervisors: "{{ groups['hypervisors'] }}"
   tasks:
-    - name: Verify with the results clone_fleet.yml builds
+    - name: Verify as the playbook's task does
       clonesafe.fleet.verify_unique:
-        results: RESULTS
+        hosts: HOSTS
+        result_variable: RESULT_VARIABLE
         run_secret: "{{ run_secret }}"
         golden_fingerprints: "{{ golden }}"
       register: verdict
@@ -173,24 +174,32 @@ FLEET_PLAYBOOK = """
 """
 
 
-def results_expressions() -> list[tuple[str, str]]:
-    """(where, expression) of every verify_unique task's results in the playbooks a user or the lab runs."""
+def verify_unique_tasks() -> list[tuple[str, dict]]:
+    """(where, arguments) of every verify_unique task in the playbooks a user or the lab runs."""
     found = []
     for playbook in ("playbooks/clone_fleet.yml", "playbooks/rotate_secrets.yml", "tests/lab/playbooks/fleet_e2e.yml"):
         for play in yaml.safe_load((REPO_ROOT / playbook).read_text()):
             for task in play.get("tasks", []):
                 if "clonesafe.fleet.verify_unique" in task:
-                    found.append((f"{playbook}: {task['name']}", task["clonesafe.fleet.verify_unique"]["results"]))
+                    found.append((f"{playbook}: {task['name']}", task["clonesafe.fleet.verify_unique"]))
     assert len(found) == 5, found
     return found
 
 
-@pytest.mark.parametrize("where,expression", results_expressions(), ids=lambda value: str(value)[:60])
-def test_the_fleet_playbooks_results_name_a_host_that_never_reached_the_multicast(tmp_path, where, expression):
-    hosts_var = re.search(r"for host in (\w+)", expression)[1]
-    result_var = re.search(r"hostvars\[host\]\.(\w+)", expression)[1]
-    playbook = (FLEET_PLAYBOOK.replace("RESULTS", json.dumps(expression)).replace("clonesafe_hypervisors:", f"{hosts_var}:")
-                .replace("clonesafe_multicast:", f"{result_var}:"))
+@pytest.mark.parametrize("where,arguments", verify_unique_tasks(), ids=lambda value: str(value)[:60])
+def test_the_fleet_playbooks_name_a_host_that_never_reached_the_multicast(tmp_path, where, arguments):
+    assert "results" not in arguments, f"{where}: the hosts are named by hosts, so a missing result is named too"
+    hosts_var = re.fullmatch(r"\{\{ (\w+) \}\}", arguments["hosts"])[1]
+    result_var = arguments.get("result_variable", "clonesafe_multicast")
+    playbook = (FLEET_PLAYBOOK.replace("HOSTS", json.dumps(arguments["hosts"])).replace("RESULT_VARIABLE", result_var)
+                .replace("clonesafe_hypervisors:", f"{hosts_var}:").replace("clonesafe_multicast:", f"{result_var}:"))
+    verdict = run_fleet_playbook(tmp_path, playbook)
+    assert verdict["hosts_without_results"] == ["hv2"] and verdict["unique"] is False, (where, verdict)
+    assert verdict["verified"] == {"hv1": ["a"]}, (where, verdict)
+
+
+def run_fleet_playbook(tmp_path, playbook: str) -> dict:
+    """Run ``playbook`` on an inventory of hv1 (with a multicast result) and hv2 (without); the verdict it saved."""
     (tmp_path / "play.yml").write_text(playbook)
     (tmp_path / "hosts.yml").write_text(json.dumps({"all": {"children": {"hypervisors": {"hosts": {
         name: {"ansible_connection": "local"} for name in ("hv1", "hv2")}}}}}))
@@ -199,8 +208,27 @@ def test_the_fleet_playbooks_results_name_a_host_that_never_reached_the_multicas
     (tmp_path / "vars.json").write_text(json.dumps(variables))
     run = run_playbook(tmp_path / "play.yml", "-i", str(tmp_path / "hosts.yml"), "-e", f"@{tmp_path / 'vars.json'}")
     assert run.returncode == 0, run.failure()
-    verdict = json.loads((tmp_path / "verdict.json").read_text())
-    assert verdict["hosts_without_results"] == ["hv2"] and verdict["unique"] is False, (where, verdict)
+    return json.loads((tmp_path / "verdict.json").read_text())
+
+
+def test_hosts_naming_a_host_the_inventory_does_not_know_is_an_error(tmp_path):
+    playbook = FLEET_PLAYBOOK.replace("HOSTS", json.dumps("{{ clonesafe_hypervisors + ['hv3'] }}")).replace(
+        "RESULT_VARIABLE", "clonesafe_multicast")
+    verdict = run_fleet_playbook(tmp_path, playbook)
+    assert verdict["failed"] is True and "hosts names 'hv3', which is not in the inventory" in verdict["msg"], verdict
+
+
+def test_hosts_and_results_together_or_neither_are_refused(tmp_path):
+    for extra, drop_results in (({}, True), ({"hosts": ["localhost"]}, False)):
+        args = {"results": {"hv1": {"clones": [clone_result("a")]}}, "run_secret": RUN_SECRET, "golden_fingerprints": GOLDEN, **extra}
+        if drop_results:
+            del args["results"]
+        (tmp_path / "play.yml").write_text(PLAYBOOK)
+        (tmp_path / "vars.json").write_text(json.dumps({"verify_args": args, "verdict_file": str(tmp_path / "verdict.json")}))
+        run = run_playbook(tmp_path / "play.yml", "-e", f"@{tmp_path / 'vars.json'}")
+        assert run.returncode == 0, run.failure()
+        verdict = json.loads((tmp_path / "verdict.json").read_text())
+        assert verdict["failed"] is True and "give either hosts" in verdict["msg"], verdict
 
 
 def test_known_hosts_has_no_entry_for_a_clone_that_attested_no_host_keys(tmp_path):

@@ -1,0 +1,143 @@
+"""A hello that gets not a byte back is asked again on a new connection; nothing else is.
+
+A just-restored, loaded guest can take a new host's first request for what a departed host left
+and drop it (its "host connected" comes from a work queue, after the bytes). Against fake agents on
+real unix sockets that ignore the first connections' requests.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+from agent_testlib import make_guest_root
+
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet import fanout
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.fanout import ChannelCall, call_all
+
+
+class ForgetfulAgent:
+    """Reads every connection's request; the real agent (``agent``) answers only from connection number ``answer_from`` on."""
+
+    def __init__(self, path: str, answer_from: int, agent=None) -> None:
+        self.answer_from = answer_from
+        self.agent = agent
+        self.requests: list[dict] = []
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(path)
+        self.server.listen(1)
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn = self.server.accept()[0]
+            except OSError:
+                return
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            if not data.endswith(b"\n"):
+                conn.close()
+                continue
+            self.requests.append(json.loads(data))
+            if len(self.requests) >= self.answer_from:
+                conn.sendall(self.agent.handle_line(data.rstrip(b"\n")))
+            self.held.append(conn)  # an unanswered connection stays open, as a port with a deaf agent does
+
+    def close(self) -> None:
+        self.server.close()
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.fixture
+def quick_resend(monkeypatch):
+    monkeypatch.setattr(fanout, "RESEND_AFTER_SILENCE_SECONDS", {"hello": 0.3})
+
+
+@pytest.fixture
+def agent(agent_module, tmp_path):
+    """The real agent on a guest root of its own, answering whatever a fake port hands it."""
+    served = agent_module.Agent(str(make_guest_root(tmp_path / "guest")))
+    served.start()
+    return served
+
+
+def test_a_hello_dropped_by_the_guest_is_asked_again_and_answered(tmp_path, quick_resend, agent):
+    port = ForgetfulAgent(str(tmp_path / "a.sock"), answer_from=3, agent=agent)
+    try:
+        call = ChannelCall("clone-a", str(tmp_path / "a.sock"), "hello", {})
+        started = time.monotonic()
+        call_all([call], timeout=10)
+        assert call.result is not None and call.result["generation"] == 0, call.error
+        assert call.attempts == 3 and len(port.requests) == 3
+        assert {request["id"] for request in port.requests} == {call.request_id}, "asked again with the same id"
+        assert 0.5 < time.monotonic() - started < 5
+        assert call.latency_ms > 500, "latency counts from the first asking"
+    finally:
+        port.close()
+
+
+def test_a_silent_agent_is_named_with_how_often_it_was_asked(tmp_path, quick_resend):
+    port = ForgetfulAgent(str(tmp_path / "a.sock"), answer_from=10**6)
+    try:
+        call = ChannelCall("clone-a", str(tmp_path / "a.sock"), "hello", {})
+        call_all([call], timeout=1.0)
+        assert call.result is None
+        assert call.attempts >= 3
+        assert f"did not answer hello within 1 s, asked {call.attempts} times" in call.error
+    finally:
+        port.close()
+
+
+ASKED = {"nonce": "ab" * 32, "hash_key": "cd" * 32, "domain_uuid": "3c1b2a4e-5d6f-4a7b-8c9d-0e1f2a3b4c5d"}
+
+
+@pytest.mark.parametrize("op,args", [("rotate", {"operation": "regenerate", "entropy_source": "guest", **ASKED}), ("attest", ASKED)])
+def test_requests_that_change_or_sign_something_are_asked_once(tmp_path, quick_resend, agent, op, args):
+    port = ForgetfulAgent(str(tmp_path / "a.sock"), answer_from=2, agent=agent)
+    try:
+        call = ChannelCall("clone-a", str(tmp_path / "a.sock"), op, args)
+        call_all([call], timeout=1.0)
+        assert call.result is None and call.attempts == 1 and len(port.requests) == 1, call.error
+        assert f"did not answer {op} within 1 s (is its agent running?)" in call.error
+    finally:
+        port.close()
+
+
+def test_an_agent_that_is_answering_slowly_is_not_asked_again(tmp_path, quick_resend, agent):
+    """Bytes of a reply came: the agent heard this asking, so a second one would only be dropped."""
+    path = str(tmp_path / "slow.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+    connections = []
+
+    def serve() -> None:
+        conn = server.accept()[0]
+        connections.append(conn)
+        reply = agent.handle_line(conn.recv(65536).rstrip(b"\n"))
+        conn.sendall(reply[:5])
+        time.sleep(1.0)
+        conn.sendall(reply[5:])
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        call = ChannelCall("clone-a", path, "hello", {})
+        call_all([call], timeout=5)
+        assert call.result is not None, call.error
+        assert call.attempts == 1 and len(connections) == 1
+    finally:
+        thread.join(5)
+        server.close()
+        for conn in connections:
+            conn.close()
