@@ -41,6 +41,10 @@ from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt._libvirt_
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.clone_xml import disk_target, single_disk_source
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.connection import LibvirtConnection
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.domain_xml import parse_domain_xml, read_identity
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.interrupted_freeze import (
+    require_no_interrupted_freeze,
+    signals_deferred,
+)
 
 MANIFEST_FORMAT = 1
 DEFAULT_TEMPLATES_DIR = "/var/lib/clonesafe/templates"
@@ -345,6 +349,7 @@ def plan_template(conn: LibvirtConnection, templates_dir: str, name: str, golden
     require_genid(live_xml, golden, conn.uri)
     disk = single_disk_source(live_xml, f"domain '{golden}'")
     state = conn.domain_state(domain)
+    require_no_interrupted_freeze(templates_dir, golden, str(read_identity(live_xml)["uuid"]), state, conn.uri)
     if memory and state not in ("running", "paused"):
         raise ClonesafeError(
             f"memory: true needs the golden '{golden}' running (it is {state}): start it, or use memory: false"
@@ -362,6 +367,13 @@ def plan_template(conn: LibvirtConnection, templates_dir: str, name: str, golden
 
 
 def _freeze_running(conn: LibvirtConnection, domain: t.Any, plan: Plan, work: str) -> dict[str, t.Any]:
+    # Between the pause and the restore the golden is not running (with memory its RAM is only in the
+    # save): a stop request waits until it runs again.
+    with signals_deferred():
+        return _freeze_running_now(conn, domain, plan, work)
+
+
+def _freeze_running_now(conn: LibvirtConnection, domain: t.Any, plan: Plan, work: str) -> dict[str, t.Any]:
     flags = (
         libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
         | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC

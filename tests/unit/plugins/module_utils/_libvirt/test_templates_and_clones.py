@@ -14,7 +14,7 @@ import pytest
 from clonesafe_testlib import require_module, require_tool
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
-from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt import clones, template
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt import clones, save_image, template
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.connection import LibvirtConnection
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.domain_xml import DomainSpec, build_domain_xml
 
@@ -98,6 +98,22 @@ def test_missing_golden_and_memory_of_shut_off_golden(conn, golden, tmp_path):
         template.plan_template(conn, str(tmp_path), "t", "nope", memory=False)
     with pytest.raises(ClonesafeError, match="memory: true needs the golden .* running"):
         template.plan_template(conn, str(tmp_path), "t", golden, memory=True)
+
+
+def test_a_shut_off_golden_beside_its_interrupted_memory_snapshot_is_explained(conn, golden, tmp_path):
+    """Its RAM is in the save a killed run left: the error says how to bring it back, and when not to."""
+    templates = tmp_path / "templates"
+    partial = templates / ".web.partial"
+    partial.mkdir(parents=True)
+    xml = conn.domain_xml(conn.get_domain(golden))
+    (partial / "memory.save").write_bytes(save_image.build_header(xml, "", was_running=True) + b"QEVM")
+    for memory in (False, True):
+        with pytest.raises(ClonesafeError) as raised:
+            template.plan_template(conn, str(templates), "other", golden, memory=memory)
+        message = raised.value.msg
+        assert f"virsh -c test:///default restore {partial / 'memory.save'}" in message
+        assert "if it has been started since, only remove" in message
+    assert (partial / "memory.save").exists(), "nothing is restored or removed by itself"
 
 
 def test_unwritable_templates_dir_and_no_space(conn, golden, tmp_path, monkeypatch):

@@ -1,0 +1,83 @@
+# Copyright (c) clonesafe developers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+"""A memory snapshot interrupted between saving the golden's RAM and restoring it.
+
+For that moment the golden is not running: its RAM is only in ``.<template>.partial/memory.save``.
+An exit there (a controller that went away, a Ctrl-C, a kill) would leave the user's golden shut off.
+So the catchable signals wait until the golden runs again (signals_deferred), and a run that finds
+the golden shut off beside such a save says what happened and how to bring it back, rather than
+failing on "the golden is shut off" (require_no_interrupted_freeze). It never restores by itself:
+if the golden booted since, its disk moved on, and an older RAM restored over it corrupts it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import typing as t
+
+from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt import save_image
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.domain_xml import read_identity
+
+PARTIAL_SUFFIX = ".partial"
+MEMORY_FILE = "memory.save"
+# What asks a process to stop and can be held back; SIGKILL cannot, hence require_no_interrupted_freeze.
+DEFERRED_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
+
+@contextlib.contextmanager
+def signals_deferred() -> t.Iterator[None]:
+    """Hold SIGTERM, SIGINT and SIGHUP until the block ends; one that came meanwhile is delivered then."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, DEFERRED_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def interrupted_freezes(templates_dir: str, golden_uuid: str) -> list[str]:
+    """The RAM saves of the golden (by UUID) that unfinished template directories hold, oldest name first."""
+    try:
+        entries = sorted(os.listdir(templates_dir))
+    except FileNotFoundError:
+        return []
+    except OSError as error:
+        raise ClonesafeError(f"cannot list the templates directory {templates_dir}: {error.strerror}") from error
+    found = []
+    for entry in entries:
+        if not (entry.startswith(".") and entry.endswith(PARTIAL_SUFFIX)):
+            continue
+        path = os.path.join(templates_dir, entry, MEMORY_FILE)
+        if not os.path.isfile(path):
+            continue
+        try:
+            image = save_image.read_save_image(path)
+            uuid = read_identity(image.xml)["uuid"]
+        except ClonesafeError:
+            continue  # cut off before its header was whole: there is no RAM to bring back
+        if (uuid or "").lower() == golden_uuid.lower():
+            found.append(path)
+    return found
+
+
+def require_no_interrupted_freeze(templates_dir: str, golden: str, golden_uuid: str, state: str, uri: str) -> None:
+    """Fail, saying how to bring the golden back, when it is not running and a freeze of it was interrupted."""
+    if state in ("running", "paused"):
+        return
+    saves = interrupted_freezes(templates_dir, golden_uuid)
+    if not saves:
+        return
+    save = saves[-1]
+    directory = os.path.dirname(save)
+    raise ClonesafeError(
+        f"golden '{golden}' is {state}, and a snapshot of it was interrupted between saving its RAM and restoring it: "
+        f"its RAM is in {save}. If the golden has not been started since, bring it back with "
+        f"'virsh -c {uri} restore {save}' (then 'virsh resume {golden}' if it comes back paused) and remove {directory}; "
+        f"if it has been started since, only remove {directory}: restoring an older RAM over a disk that moved on "
+        "corrupts it",
+        domain=golden,
+        interrupted_saves=saves,
+    )

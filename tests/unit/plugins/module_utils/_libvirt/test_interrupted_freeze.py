@@ -1,0 +1,48 @@
+"""A memory snapshot interrupted between saving the golden's RAM and restoring it: held signals, found saves."""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt import save_image
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.interrupted_freeze import interrupted_freezes, signals_deferred
+
+GOLDEN_UUID = str(uuid.uuid4())
+
+
+def domain_xml(domain_uuid: str) -> str:
+    return f"<domain type='qemu'><name>golden</name><uuid>{domain_uuid}</uuid><memory>1024</memory></domain>"
+
+
+def partial_save(templates, name: str, domain_uuid: str, whole: bool = True):
+    directory = templates / f".{name}.partial"
+    directory.mkdir(parents=True)
+    image = save_image.build_header(domain_xml(domain_uuid), "", was_running=True) + b"QEVM" + b"\0" * 64
+    (directory / "memory.save").write_bytes(image if whole else image[:40])
+    return str(directory / "memory.save")
+
+
+def test_a_stop_request_waits_until_the_block_is_done_then_arrives():
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: received.append(signum))
+    try:
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert received == [], "delivered inside the block"
+        assert received == [signal.SIGTERM], "held, then delivered once the block ended"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_the_goldens_saves_in_unfinished_templates_are_found_and_nothing_else(tmp_path):
+    templates = tmp_path / "templates"
+    mine = partial_save(templates, "web", GOLDEN_UUID.upper())
+    partial_save(templates, "other", str(uuid.uuid4()))
+    partial_save(templates, "cut", GOLDEN_UUID, whole=False)
+    finished = templates / "done"
+    finished.mkdir()
+    (finished / "memory.save").write_bytes(save_image.build_header(domain_xml(GOLDEN_UUID), ""))
+    assert interrupted_freezes(str(templates), GOLDEN_UUID) == [mine]
+    assert interrupted_freezes(str(tmp_path / "none"), GOLDEN_UUID) == []
