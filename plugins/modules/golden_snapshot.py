@@ -88,7 +88,7 @@ options:
       - The proof is taken just before the freeze and confirmed just after it. The agent must still be at the generation
         it proved, or have regenerated only for the VM Generation ID change the restore of O(memory=true) gave the golden.
         Otherwise the template may hold other secrets than the recorded ones, so it is removed and the task fails.
-      - That confirmation may wait for the golden's own regeneration (with the role's default triggers): under emulation
+      - That confirmation may wait for the golden's own regeneration (with the role's default triggers); under emulation
         (TCG) with RSA host keys, allow minutes.
     type: float
     default: 30

@@ -4,7 +4,6 @@ Generation ID change that the template had not seen, never the golden's record a
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 import secrets
 import shutil
 import time
@@ -13,6 +12,7 @@ from agent_testlib import vmgenid_event
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.golden_proof import golden_proof
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.multicast import Settings, multicast
+
 
 def settings(template_events):
     return Settings(hash_key=secrets.token_hex(32), trigger="generation", operation="regenerate", timeout=10,

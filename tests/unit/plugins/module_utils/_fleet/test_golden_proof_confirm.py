@@ -91,9 +91,14 @@ def test_a_hostile_hello_cannot_pass_for_a_confirmation(golden, monkeypatch):
         {"generation": proven + 1, "last_trigger": ["generation"]},
     ]
     for hello in hellos:
-        def answer(calls, _timeout, hello=hello):
-            calls[0].reply = {"ok": True, "result": hello}
-
-        monkeypatch.setattr(golden_proof_module, "call_all", answer)
+        monkeypatch.setattr(golden_proof_module, "call_all", answering(hello))
         with pytest.raises(ClonesafeError, match="rotated its secrets while the template was taken"):
             confirm(served, recorded)
+
+
+def answering(hello: dict):
+    """A call_all whose one call gets ``hello`` as its result."""
+    def answer(calls, _timeout):
+        calls[0].reply = {"ok": True, "result": hello}
+
+    return answer
