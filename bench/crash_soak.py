@@ -65,7 +65,6 @@ import typing as t
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "build" / "collections"), str(REPO / "tests"), str(REPO / "tests" / "lab")]
 
-import yaml  # noqa: E402  pylint: disable=wrong-import-position,wrong-import-order
 import libvirt  # noqa: E402  pylint: disable=wrong-import-position,wrong-import-order
 from cryptography.hazmat.primitives import serialization  # noqa: E402  pylint: disable=wrong-import-position,wrong-import-order
 from cryptography.hazmat.primitives.asymmetric import ed25519  # noqa: E402  pylint: disable=wrong-import-position,wrong-import-order
@@ -92,7 +91,7 @@ class HarnessError(Exception):
 
 def soak_config() -> dict[str, t.Any]:
     """The role's agent configuration with every trigger off (only this script rotates) and no RSA (seconds per key under TCG)."""
-    triggers = yaml.safe_load((lab_vm.ROLE / "defaults" / "main.yml").read_text())["guest_agent_triggers"]
+    triggers = lab_vm.role_defaults()["guest_agent_triggers"]
     with tempfile.TemporaryDirectory() as work:
         return lab_vm.role_agent_config(pathlib.Path(work) / "agent.json", guest_agent_triggers={name: False for name in triggers},
                                         guest_agent_ssh_host_key_types=["ed25519", "ecdsa"])

@@ -201,6 +201,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.golden_proof import confirm_proof_for_domain, golden_proof_for_domain
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.interrupted_freeze import stop_requests_raise
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt._libvirt_dep import assert_libvirt_available
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.clones import find_clones, remove_clone
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.connection import LibvirtConnection
@@ -261,12 +262,13 @@ def main() -> None:
                         proof = golden_proof_for_domain(conn, params["golden"], params["seal"], params["agent_timeout"])
                         if proof.get("warning"):
                             module.warn(proof.pop("warning"))
-                        created = create_template(conn, module.run_command, templates_dir, plan, proof)
-                        try:
-                            confirm_proof_for_domain(conn, params["golden"], proof, params["agent_timeout"])
-                        except ClonesafeError:
-                            remove_template(created)
-                            raise
+                        with stop_requests_raise(f"taking template '{name}' of golden '{params['golden']}'"):
+                            created = create_template(conn, module.run_command, templates_dir, plan, proof)
+                            try:
+                                confirm_proof_for_domain(conn, params["golden"], proof, params["agent_timeout"])
+                            except ClonesafeError:
+                                remove_template(created)
+                                raise
                         after = created.summary()
             else:
                 after = {}

@@ -44,6 +44,11 @@ def lab() -> dict[str, t.Any]:
     return json.loads(LAB_SUMMARY.read_text())
 
 
+def role_defaults() -> dict[str, t.Any]:
+    """The guest_agent role's defaults (defaults/main.yml)."""
+    return yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
+
+
 def role_agent_config(dest: pathlib.Path, **role_vars: t.Any) -> dict[str, t.Any]:
     """agent.json as the guest_agent role writes it: its template, its defaults, then ``role_vars``."""
     code, result = run_module(

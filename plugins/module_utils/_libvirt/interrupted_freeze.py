@@ -5,7 +5,8 @@
 
 For that moment the golden is not running: its RAM is only in ``.<template>.partial/memory.save``.
 An exit there (a controller that went away, a Ctrl-C, a kill) would leave the user's golden shut off.
-So the catchable signals wait until the golden runs again (signals_deferred), and a run that finds
+So the catchable signals wait until the golden runs again (signals_deferred) and then end the run
+with an error its cleanup sees (stop_requests_raise: no unfinished template is left), and a run that finds
 the golden shut off beside such a save says what happened and how to bring it back, rather than
 failing on "the golden is shut off" (require_no_interrupted_freeze). It never restores by itself:
 if the golden booted since, its disk moved on, and an older RAM restored over it corrupts it.
@@ -36,6 +37,25 @@ def signals_deferred() -> t.Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextlib.contextmanager
+def stop_requests_raise(what: str) -> t.Iterator[None]:
+    """While the block runs, SIGTERM, SIGINT and SIGHUP raise ClonesafeError (so cleanup code runs) instead of ending the process.
+
+    Meant around a whole operation whose critical part is in signals_deferred(): a request held there
+    raises once it is let through, still inside this block.
+    """
+
+    def stop(signum: int, _frame: t.Any) -> None:
+        raise ClonesafeError(f"stopped by {signal.Signals(signum).name} while {what}; nothing was left half made")
+
+    previous = {number: signal.signal(number, stop) for number in DEFERRED_SIGNALS}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def interrupted_freezes(templates_dir: str, golden_uuid: str) -> list[str]:

@@ -6,8 +6,15 @@ import os
 import signal
 import uuid
 
+import pytest
+
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt import save_image
-from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.interrupted_freeze import interrupted_freezes, signals_deferred
+from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.interrupted_freeze import (
+    interrupted_freezes,
+    signals_deferred,
+    stop_requests_raise,
+)
 
 GOLDEN_UUID = str(uuid.uuid4())
 
@@ -34,6 +41,23 @@ def test_a_stop_request_waits_until_the_block_is_done_then_arrives():
         assert received == [signal.SIGTERM], "held, then delivered once the block ended"
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_stop_request_held_in_the_critical_part_raises_when_let_through_so_cleanup_runs():
+    cleaned = []
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(ClonesafeError, match="stopped by SIGTERM while taking a template"):
+        with stop_requests_raise("taking a template"):
+            try:
+                with signals_deferred():
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    cleaned.append("critical part finished")
+                for _ in range(1000):  # the handler runs at the next bytecode boundary
+                    pass
+            finally:
+                cleaned.append("cleanup ran")
+    assert cleaned == ["critical part finished", "cleanup ran"]
+    assert signal.getsignal(signal.SIGTERM) == before, "the process's own handler is back"
 
 
 def test_the_goldens_saves_in_unfinished_templates_are_found_and_nothing_else(tmp_path):
