@@ -88,8 +88,8 @@ options:
       - The proof is taken just before the freeze and confirmed just after it. The agent must still be at the generation
         it proved, or have regenerated only for the VM Generation ID change the restore of O(memory=true) gave the golden.
         Otherwise the template may hold other secrets than the recorded ones, so it is removed and the task fails.
-      - That confirmation may wait for the golden's own regeneration (with the role's default triggers); under emulation
-        (TCG) with RSA host keys, allow minutes.
+      - That confirmation may wait for the golden's own regeneration (with the role's default triggers), so it gets at
+        least 180 seconds whatever this says.
     type: float
     default: 30
     version_added: 0.1.0
@@ -214,6 +214,11 @@ from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.template 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._module import run_module
 
 
+# The confirmation after the freeze may wait for the golden's own regeneration (role default triggers),
+# minutes under emulation with RSA host keys.
+CONFIRM_MIN_TIMEOUT = 180.0
+
+
 def main() -> None:
     """Entry point."""
     module = AnsibleModule(
@@ -262,14 +267,12 @@ def main() -> None:
                         proof = golden_proof_for_domain(conn, params["golden"], params["seal"], params["agent_timeout"])
                         if proof.get("warning"):
                             module.warn(proof.pop("warning"))
+                        def confirm() -> None:
+                            confirm_proof_for_domain(conn, params["golden"], proof, plan.memory,
+                                                     max(params["agent_timeout"], CONFIRM_MIN_TIMEOUT))
+
                         with stop_requests_raise(f"taking template '{name}' of golden '{params['golden']}'"):
-                            created = create_template(conn, module.run_command, templates_dir, plan, proof)
-                            try:
-                                confirm_proof_for_domain(conn, params["golden"], proof, params["agent_timeout"])
-                            except ClonesafeError:
-                                remove_template(created)
-                                raise
-                        after = created.summary()
+                            after = create_template(conn, module.run_command, templates_dir, plan, proof, confirm).summary()
             else:
                 after = {}
                 if clones and not params["force"]:

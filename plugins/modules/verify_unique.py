@@ -42,7 +42,7 @@ options:
     description:
       - The hypervisor hosts of the run; each one's O(result_variable) (its registered
         C(clonesafe.fleet.secret_multicast) result) is read from C(hostvars).
-      - A host that never set it (its run failed before the multicast) or whose task was skipped fails the verdict,
+      - A host that never set it (unreachable, or its run failed before the multicast) or whose task was skipped fails the verdict,
         naming it. A host the inventory does not know is an error.
       - Give either O(hosts) or O(results).
     type: list

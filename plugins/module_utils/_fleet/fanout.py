@@ -31,9 +31,12 @@ MAX_GUEST_TEXT = 512
 # The guest's virtio console learns "host connected" in a work queue after the request's bytes
 # arrive; in a loaded guest (just restored, regenerating) that can come too late, and the agent then
 # takes the request for what a departed host left and drops it: the host would wait for nothing.
-# Only hello, which changes nothing, is asked again (with the same id: a late reply to the first
-# asking is as good); the first hello after a restore is the one that waits longest.
-RESEND_AFTER_SILENCE_SECONDS = {"hello": 10.0}
+# Only what changes nothing is asked again (with the same id: a late reply to the first asking is as
+# good): hello, the one that waits longest after a restore, and attest (a signature over the same
+# nonce). Never rotate.
+RESEND_AFTER_SILENCE_SECONDS = {"hello": 10.0, "attest": 10.0}
+# A channel whose previous client QEMU has not let go of yet is tried again this often, until the deadline.
+BUSY_RETRY_SECONDS = 0.5
 
 
 @dataclasses.dataclass
@@ -84,23 +87,26 @@ class _Pending:
     heard: bool = False
 
 
-def _connect(call: ChannelCall) -> socket.socket | None:
+def _connect(call: ChannelCall) -> tuple[socket.socket | None, bool]:
+    """A connected socket to the call's agent, or (None, whether trying again later may work) with call.error set."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
         sock.connect(call.socket_path)
-    except BlockingIOError:
-        return sock
     except OSError as error:
         sock.close()
+        # On a unix socket a non-blocking connect is never "in progress": EAGAIN means the listener's
+        # queue is full (QEMU takes one client at a time and has not let go of the previous one yet).
+        busy = isinstance(error, BlockingIOError)
         hint = ""
         if error.errno in (errno.ENOENT, errno.ECONNREFUSED):
             hint = " (is the clone running, and does its domain XML have the org.clonesafe.agent.0 channel?)"
-        elif error.errno == errno.EAGAIN:
+        elif busy:
             hint = " (another client holds the channel: one client at a time)"
         call.error = f"cannot open the agent channel of clone '{call.clone}' at {call.socket_path}: {error.strerror}{hint}"
-        return None
-    return sock
+        return None, busy
+    call.error = None
+    return sock, False
 
 
 def _handle_line(pending: _Pending, line: bytes | wire.OversizedLine) -> bool:
@@ -127,6 +133,8 @@ def call_all(calls: t.Sequence[ChannelCall], timeout: float) -> None:
     selector = selectors.DefaultSelector()
     deadline = time.monotonic() + timeout
     open_calls: dict[int, _Pending] = {}
+    # Calls whose channel was busy: (when to try again, call, request, when it was first tried).
+    busy: list[tuple[float, ChannelCall, bytes, float]] = []
     try:
         for call in calls:
             try:
@@ -134,15 +142,19 @@ def call_all(calls: t.Sequence[ChannelCall], timeout: float) -> None:
             except wire.ProtocolError as error:
                 call.error = f"request {call.op} for clone '{call.clone}' is invalid: {error.message}"
                 continue
-            _open(selector, open_calls, call, request, time.monotonic())
+            _open(selector, open_calls, busy, call, request, time.monotonic())
 
-        while open_calls:
+        while open_calls or busy:
             now = time.monotonic()
             remaining = deadline - now
             if remaining <= 0:
                 break
-            _ask_silent_again(selector, open_calls, now)
-            for key, events in selector.select(min(remaining, _next_resend(open_calls, now))):
+            _ask_silent_again(selector, open_calls, busy, now)
+            due, busy[:] = [entry for entry in busy if entry[0] <= now], [entry for entry in busy if entry[0] > now]
+            for _when, call, request, started in due:
+                _open(selector, open_calls, busy, call, request, started)
+            wake = min([_next_resend(open_calls, now)] + [entry[0] - now for entry in busy])
+            for key, events in selector.select(max(0.0, min(remaining, wake))):
                 pending = key.data
                 finished = _step(pending, events)
                 if finished:
@@ -157,17 +169,21 @@ def call_all(calls: t.Sequence[ChannelCall], timeout: float) -> None:
                 "(is its agent running?)"
             )
             _close(selector, open_calls, pending)
+        for _when, call, _request, _started in busy:
+            call.error = f"{call.error}; still so after {timeout:g} s"
     finally:
         for pending in list(open_calls.values()):
             _close(selector, open_calls, pending)
         selector.close()
 
 
-def _open(selector: selectors.BaseSelector, open_calls: dict[int, _Pending], call: ChannelCall, request: bytes,
-          started: float) -> None:
-    """Connect to the call's agent and queue its request (a failure to connect is the call's error)."""
-    sock = _connect(call)
+def _open(selector: selectors.BaseSelector, open_calls: dict[int, _Pending], busy: list[tuple[float, ChannelCall, bytes, float]],
+          call: ChannelCall, request: bytes, started: float) -> None:
+    """Connect to the call's agent and queue its request; a busy channel is tried again shortly, any other failure is the call's error."""
+    sock, retry = _connect(call)
     if sock is None:
+        if retry:
+            busy.append((time.monotonic() + BUSY_RETRY_SECONDS, call, request, started))
         return
     call.attempts += 1
     pending = _Pending(call, sock, request, wire.LineBuffer(), started, sent_at=time.monotonic())
@@ -175,7 +191,8 @@ def _open(selector: selectors.BaseSelector, open_calls: dict[int, _Pending], cal
     selector.register(sock, selectors.EVENT_WRITE, pending)
 
 
-def _ask_silent_again(selector: selectors.BaseSelector, open_calls: dict[int, _Pending], now: float) -> None:
+def _ask_silent_again(selector: selectors.BaseSelector, open_calls: dict[int, _Pending],
+                      busy: list[tuple[float, ChannelCall, bytes, float]], now: float) -> None:
     """Ask again, on a new connection, every request that may be and got no byte back for long enough."""
     for pending in list(open_calls.values()):
         after = RESEND_AFTER_SILENCE_SECONDS.get(pending.call.op)
@@ -183,7 +200,7 @@ def _ask_silent_again(selector: selectors.BaseSelector, open_calls: dict[int, _P
             continue
         _close(selector, open_calls, pending)
         request = wire.encode_request(pending.call.op, pending.call.args, pending.call.request_id)
-        _open(selector, open_calls, pending.call, request, pending.started)
+        _open(selector, open_calls, busy, pending.call, request, pending.started)
 
 
 def _next_resend(open_calls: dict[int, _Pending], now: float) -> float:

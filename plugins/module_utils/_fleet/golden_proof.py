@@ -22,13 +22,7 @@ import typing as t
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.fanout import ChannelCall, call_all
-from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.multicast import (
-    CloneOutcome,
-    Settings,
-    Target,
-    multicast,
-    regenerated_after_restore,
-)
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.multicast import CloneOutcome, Settings, Target, multicast
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.domain_xml import read_channel_socket
 from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, wire
 
@@ -120,13 +114,16 @@ def _integer(value: t.Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def confirm_proof_still_holds(name: str, socket_path: str | None, proof_section: t.Mapping[str, t.Any], timeout: float = 30.0) -> None:
+def confirm_proof_still_holds(
+    name: str, socket_path: str | None, proof_section: t.Mapping[str, t.Any], memory: bool, timeout: float = 30.0
+) -> None:
     """Fail unless the golden's secrets when it was frozen were the ones ``proof_section`` recorded.
 
-    Asked once the template exists (the golden runs again): the agent's generation must be the one
-    it proved, or one more from a regeneration after the freeze (a "generation" trigger counting more
-    VM Generation ID events than at the proof: the restore that ends a memory snapshot). Without a
-    recorded proof (no agent, warned already) there is nothing to confirm.
+    Asked once the golden runs again: its agent must be at the generation it proved. With ``memory``
+    (the golden was restored from its RAM save, with a new VM Generation ID) one more is accepted when
+    the rotation that made it was the agent's "generation" trigger for exactly that one new event,
+    and the golden has seen no other since the proof. Without a recorded proof (no agent, warned
+    already) there is nothing to confirm.
     """
     proven = _integer(proof_section.get("golden_generation"))
     if proven is None or socket_path is None:
@@ -145,9 +142,11 @@ def confirm_proof_still_holds(name: str, socket_path: str | None, proof_section:
         return
     trigger = hello.get("last_trigger")
     events = _integer(proof_section.get("golden_vmgenid_events"))
-    if (generation == proven + 1 and isinstance(trigger, dict) and trigger.get("trigger") == "generation"
-            and _integer(trigger.get("generation")) == generation and events is not None
-            and regenerated_after_restore(trigger, events)):
+    interrupts = hello.get("interrupts")
+    events_now = _integer(interrupts.get("gpe_vmgenid")) if isinstance(interrupts, dict) else None
+    if (memory and events is not None and generation == proven + 1 and events_now == events + 1
+            and isinstance(trigger, dict) and trigger.get("trigger") == "generation"
+            and _integer(trigger.get("generation")) == generation and _integer(trigger.get("vmgenid_events")) == events + 1):
         return
     raise ClonesafeError(
         f"golden '{name}' rotated its secrets while the template was taken (its agent proved generation {proven}, "
@@ -156,6 +155,14 @@ def confirm_proof_still_holds(name: str, socket_path: str | None, proof_section:
         "than the recorded ones, so it was not kept. Take it again once the golden's agent is idle",
         domain=name,
     )
+
+
+def confirm_proof_for_domain(
+    conn: t.Any, golden: str, proof_section: t.Mapping[str, t.Any], memory: bool, timeout: float = 30.0
+) -> None:
+    """confirm_proof_still_holds for a libvirt domain, its agent channel socket read from its live definition."""
+    domain = conn.get_domain(golden)
+    confirm_proof_still_holds(golden, read_channel_socket(conn.domain_xml(domain)), proof_section, memory, timeout)
 
 
 def golden_proof_for_domain(conn: t.Any, golden: str, seal: bool, timeout: float = 30.0) -> dict[str, t.Any]:
@@ -170,8 +177,3 @@ def golden_proof_for_domain(conn: t.Any, golden: str, seal: bool, timeout: float
     return golden_proof(golden, read_channel_socket(conn.domain_xml(domain)), state, seal, timeout,
                         domain_uuid=conn.call(f"reading the UUID of domain '{golden}'", domain.UUIDString))
 
-
-def confirm_proof_for_domain(conn: t.Any, golden: str, proof_section: t.Mapping[str, t.Any], timeout: float = 30.0) -> None:
-    """confirm_proof_still_holds for a libvirt domain, its agent channel socket read from its live definition."""
-    domain = conn.get_domain(golden)
-    confirm_proof_still_holds(golden, read_channel_socket(conn.domain_xml(domain)), proof_section, timeout)

@@ -110,7 +110,7 @@ class Verdict:
     def failure_message(self) -> str:
         """One sentence per problem, naming clones, hosts and secrets."""
         lines = [
-            f"hypervisor host {host} gave no multicast result (its run failed before the multicast): none of its clones is proven"
+            f"hypervisor host {host} gave no multicast result (unreachable, or its run failed before the multicast): none of its clones is proven"
             for host in self.hosts_without_results
         ]
         for problem in self.bad_proofs:

@@ -31,12 +31,24 @@ DEFERRED_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 @contextlib.contextmanager
 def signals_deferred() -> t.Iterator[None]:
-    """Hold SIGTERM, SIGINT and SIGHUP until the block ends; one that came meanwhile is delivered then."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, DEFERRED_SIGNALS)
+    """Hold SIGTERM, SIGINT and SIGHUP until the block ends; each one that came meanwhile is delivered then, once.
+
+    By handlers that only note the signal, not by a blocked mask: a mask is per thread, and a signal
+    the kernel hands to another thread would reach the main thread's handler at once.
+    """
+    held: list[int] = []
+
+    def note(signum: int, _frame: t.Any) -> None:
+        held.append(signum)
+
+    previous = {number: signal.signal(number, note) for number in DEFERRED_SIGNALS}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(held):
+            signal.raise_signal(number)
 
 
 @contextlib.contextmanager
@@ -59,7 +71,7 @@ def stop_requests_raise(what: str) -> t.Iterator[None]:
 
 
 def interrupted_freezes(templates_dir: str, golden_uuid: str) -> list[str]:
-    """The RAM saves of the golden (by UUID) that unfinished template directories hold, oldest name first."""
+    """The RAM saves of the golden (by UUID) that unfinished template directories hold, newest last."""
     try:
         entries = sorted(os.listdir(templates_dir))
     except FileNotFoundError:
@@ -80,7 +92,7 @@ def interrupted_freezes(templates_dir: str, golden_uuid: str) -> list[str]:
             continue  # cut off before its header was whole: there is no RAM to bring back
         if (uuid or "").lower() == golden_uuid.lower():
             found.append(path)
-    return found
+    return sorted(found, key=os.path.getmtime)
 
 
 def require_no_interrupted_freeze(templates_dir: str, golden: str, golden_uuid: str, state: str, uri: str) -> None:
@@ -90,7 +102,16 @@ def require_no_interrupted_freeze(templates_dir: str, golden: str, golden_uuid: 
     saves = interrupted_freezes(templates_dir, golden_uuid)
     if not saves:
         return
-    save = saves[-1]
+    if len(saves) > 1:
+        raise ClonesafeError(
+            f"golden '{golden}' is {state}, and {len(saves)} snapshots of it were interrupted between saving its RAM and "
+            f"restoring it: {', '.join(saves)} (newest last). Only the newest can match its disk, and only if the golden has not been "
+            f"started since: bring it back with 'virsh -c {uri} restore <that file>' and remove the others' directories; "
+            "restoring an older RAM over a disk that moved on corrupts it",
+            domain=golden,
+            interrupted_saves=saves,
+        )
+    save = saves[0]
     directory = os.path.dirname(save)
     raise ClonesafeError(
         f"golden '{golden}' is {state}, and a snapshot of it was interrupted between saving its RAM and restoring it: "

@@ -390,15 +390,17 @@ def _freeze_running_now(conn: LibvirtConnection, domain: t.Any, plan: Plan, work
             snapshot_xml(plan.name, plan.target, plan.overlay_after),
             flags,
         )
-    except ClonesafeError:
-        if paused_here:
+        base_method = storage.link_or_copy(plan.disk, os.path.join(work, BASE_FILE))
+        if plan.memory:
+            conn.call(f"saving the memory of domain '{plan.golden}'", domain.save, os.path.join(work, MEMORY_FILE))
+    except (ClonesafeError, OSError):
+        # No save of the golden's RAM exists (or libvirt says it failed): the golden is still there, paused by us.
+        if paused_here and conn.domain_state(domain) == "paused":
             conn.call(f"resuming domain '{plan.golden}'", domain.resume)
         raise
-    base_method = storage.link_or_copy(plan.disk, os.path.join(work, BASE_FILE))
     memory = None
     if plan.memory:
         memory_path = os.path.join(work, MEMORY_FILE)
-        conn.call(f"saving the memory of domain '{plan.golden}'", domain.save, memory_path)
         restore_flags = libvirt.VIR_DOMAIN_SAVE_RUNNING if plan.golden_state == "running" else libvirt.VIR_DOMAIN_SAVE_PAUSED
         try:
             conn.call(f"restoring domain '{plan.golden}'", conn.conn.restoreFlags, memory_path, None, restore_flags)
@@ -426,11 +428,14 @@ def create_template(
     templates_dir: str,
     plan: Plan,
     proof: dict[str, t.Any] | None = None,
+    confirm: t.Callable[[], None] | None = None,
 ) -> Template:
     """Freeze the golden into a new template directory (see the module docstring for the order).
 
     ``proof`` is what the golden's agent said just before (its fingerprints or its seal, the names of its
     secrets, and the fleet's comparison key); the manifest keeps it for the multicast and for verify_unique.
+    ``confirm`` is called once the golden runs again and before the template gets its name: a
+    ClonesafeError from it leaves no template.
     """
     domain = conn.get_domain(plan.golden)
     source_xml = conn.domain_xml(domain, inactive=True)
@@ -484,6 +489,8 @@ def create_template(
         with os.fdopen(manifest_fd, "w", encoding="utf-8") as handle:
             json.dump(manifest, handle, indent=2, sort_keys=True)
             handle.write("\n")
+        if confirm is not None:
+            confirm()
         os.rename(work, plan.directory)
     except ClonesafeError as error:
         keep_work = bool(error.details.pop("keep_partial", False))
@@ -491,9 +498,21 @@ def create_template(
     except OSError as error:
         raise ClonesafeError(f"building template '{plan.name}' in {work} failed: {error}") from error
     finally:
+        # Whatever ended the run (an error, a stop request), a save that is the golden's only RAM stays.
+        keep_work = keep_work or _golden_needs_its_save(conn, domain, work)
         if not keep_work and os.path.isdir(work):
             _remove_template_files(work, None)
     return Template(plan.name, plan.directory, manifest)
+
+
+def _golden_needs_its_save(conn: LibvirtConnection, domain: t.Any, work: str) -> bool:
+    """Whether ``work`` holds a RAM save and the golden is not running: that save may be all there is of it."""
+    if not os.path.isfile(os.path.join(work, MEMORY_FILE)):
+        return False
+    try:
+        return conn.domain_state(domain) not in ("running", "paused")
+    except ClonesafeError:
+        return True  # libvirt cannot say: keep it
 
 
 def remove_template(template: Template) -> list[str]:

@@ -60,7 +60,7 @@ class ForgetfulAgent:
 
 @pytest.fixture
 def quick_resend(monkeypatch):
-    monkeypatch.setattr(fanout, "RESEND_AFTER_SILENCE_SECONDS", {"hello": 0.3})
+    monkeypatch.setattr(fanout, "RESEND_AFTER_SILENCE_SECONDS", {op: 0.3 for op in fanout.RESEND_AFTER_SILENCE_SECONDS})
 
 
 @pytest.fixture
@@ -69,6 +69,13 @@ def agent(agent_module, tmp_path):
     served = agent_module.Agent(str(make_guest_root(tmp_path / "guest")))
     served.start()
     return served
+
+
+ASKED = {"nonce": "ab" * 32, "hash_key": "cd" * 32, "domain_uuid": "3c1b2a4e-5d6f-4a7b-8c9d-0e1f2a3b4c5d"}
+
+
+def test_the_requests_that_change_nothing_are_hello_and_attest():
+    assert set(fanout.RESEND_AFTER_SILENCE_SECONDS) == {"hello", "attest"}
 
 
 def test_a_hello_dropped_by_the_guest_is_asked_again_and_answered(tmp_path, quick_resend, agent):
@@ -98,19 +105,73 @@ def test_a_silent_agent_is_named_with_how_often_it_was_asked(tmp_path, quick_res
         port.close()
 
 
-ASKED = {"nonce": "ab" * 32, "hash_key": "cd" * 32, "domain_uuid": "3c1b2a4e-5d6f-4a7b-8c9d-0e1f2a3b4c5d"}
-
-
-@pytest.mark.parametrize("op,args", [("rotate", {"operation": "regenerate", "entropy_source": "guest", **ASKED}), ("attest", ASKED)])
-def test_requests_that_change_or_sign_something_are_asked_once(tmp_path, quick_resend, agent, op, args):
+def test_an_attest_dropped_by_the_guest_is_asked_again_over_the_same_nonce(tmp_path, quick_resend, agent):
     port = ForgetfulAgent(str(tmp_path / "a.sock"), answer_from=2, agent=agent)
     try:
-        call = ChannelCall("clone-a", str(tmp_path / "a.sock"), op, args)
-        call_all([call], timeout=1.0)
-        assert call.result is None and call.attempts == 1 and len(port.requests) == 1, call.error
-        assert f"did not answer {op} within 1 s (is its agent running?)" in call.error
+        call = ChannelCall("clone-a", str(tmp_path / "a.sock"), "attest", ASKED)
+        call_all([call], timeout=10)
+        assert call.result is not None and call.result["nonce"] == ASKED["nonce"], call.error
+        assert call.attempts == 2 and [request["args"]["nonce"] for request in port.requests] == [ASKED["nonce"]] * 2
     finally:
         port.close()
+
+
+def test_a_rotate_is_asked_once(tmp_path, quick_resend, agent):
+    port = ForgetfulAgent(str(tmp_path / "a.sock"), answer_from=2, agent=agent)
+    try:
+        call = ChannelCall("clone-a", str(tmp_path / "a.sock"), "rotate", {"operation": "regenerate", "entropy_source": "guest", **ASKED})
+        call_all([call], timeout=1.0)
+        assert call.result is None and call.attempts == 1 and len(port.requests) == 1, call.error
+        assert "did not answer rotate within 1 s (is its agent running?)" in call.error
+    finally:
+        port.close()
+
+
+def test_a_channel_still_held_by_the_previous_client_is_tried_again_until_it_is_free(tmp_path, agent):
+    """QEMU takes one client at a time: a connect while its queue is full fails at once (EAGAIN), it is not in progress."""
+    path = str(tmp_path / "held.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(0)
+    blocker = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    blocker.connect(path)  # queued: the listener's queue is now full
+
+    def serve() -> None:
+        time.sleep(1.2)
+        server.accept()[0].close()  # the previous client, let go
+        conn = server.accept()[0]
+        with conn:
+            conn.sendall(agent.handle_line(conn.recv(65536).rstrip(b"\n")))
+            time.sleep(0.5)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        call = ChannelCall("clone-a", path, "rotate", {"operation": "regenerate", "entropy_source": "guest", **ASKED})
+        call_all([call], timeout=10)
+        assert call.result is not None, call.error
+        assert call.attempts == 1 and call.latency_ms > 1000
+    finally:
+        thread.join(5)
+        blocker.close()
+        server.close()
+
+
+def test_a_channel_held_past_the_deadline_is_named_busy(tmp_path):
+    path = str(tmp_path / "held.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(0)
+    blocker = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    blocker.connect(path)
+    try:
+        call = ChannelCall("clone-a", path, "hello", {})
+        call_all([call], timeout=1.5)
+        assert call.result is None and call.attempts == 0
+        assert "another client holds the channel" in call.error and "still so after 1.5 s" in call.error, call.error
+    finally:
+        blocker.close()
+        server.close()
 
 
 def test_an_agent_that_is_answering_slowly_is_not_asked_again(tmp_path, quick_resend, agent):

@@ -26,8 +26,8 @@ def golden(fleet, agent_module):
     return served, recorded, agent
 
 
-def confirm(served, recorded):
-    confirm_proof_still_holds(served.name, served.socket_path, recorded, timeout=10)
+def confirm(served, recorded, memory=True):
+    confirm_proof_still_holds(served.name, served.socket_path, recorded, memory, timeout=10)
 
 
 def test_a_golden_that_did_not_rotate_is_confirmed(golden):
@@ -53,6 +53,25 @@ def test_the_goldens_own_regeneration_after_the_restore_is_confirmed(fleet, gold
     confirm(served, recorded)
 
 
+def test_without_a_memory_snapshot_no_regeneration_is_taken_for_the_restore(fleet, golden):
+    """A disk-only snapshot restores nothing: the golden must still be at the generation it proved."""
+    served, recorded, agent = golden
+    vmgenid_event(fleet.golden_root)
+    agent.on_trigger("generation")
+    with pytest.raises(ClonesafeError, match="rotated its secrets while the template was taken"):
+        confirm(served, recorded, memory=False)
+
+
+def test_a_regeneration_for_more_than_the_restores_one_event_is_not_taken_for_it(fleet, golden):
+    """Two VM Generation ID events since the proof: one came before the freeze, so the template may hold its secrets."""
+    served, recorded, agent = golden
+    vmgenid_event(fleet.golden_root)
+    vmgenid_event(fleet.golden_root)
+    agent.on_trigger("generation")
+    with pytest.raises(ClonesafeError, match="rotated its secrets while the template was taken"):
+        confirm(served, recorded)
+
+
 def test_a_generation_trigger_without_a_new_vm_generation_id_event_is_not_taken_for_the_restore(golden):
     served, recorded, agent = golden
     agent.on_trigger("generation")  # a regeneration the restore did not cause: the event count did not move
@@ -72,11 +91,11 @@ def test_a_rotation_before_the_freeze_is_not_hidden_by_a_regeneration_after_it(f
 def test_a_golden_that_does_not_answer_after_the_freeze_fails_loudly(golden, tmp_path):
     served, recorded, _agent = golden
     with pytest.raises(ClonesafeError, match="did not answer after the freeze"):
-        confirm_proof_still_holds(served.name, str(tmp_path / "gone.sock"), recorded, timeout=1)
+        confirm_proof_still_holds(served.name, str(tmp_path / "gone.sock"), recorded, True, timeout=1)
 
 
 def test_without_a_recorded_proof_there_is_nothing_to_confirm(tmp_path):
-    confirm_proof_still_holds("golden", str(tmp_path / "gone.sock"), {"golden_fingerprints": {}, "fingerprint_names": []}, timeout=1)
+    confirm_proof_still_holds("golden", str(tmp_path / "gone.sock"), {"golden_fingerprints": {}, "fingerprint_names": []}, True, timeout=1)
 
 
 def test_a_hostile_hello_cannot_pass_for_a_confirmation(golden, monkeypatch):

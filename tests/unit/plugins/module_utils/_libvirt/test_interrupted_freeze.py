@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
 import uuid
 
 import pytest
@@ -41,6 +43,26 @@ def test_a_stop_request_waits_until_the_block_is_done_then_arrives():
         assert received == [signal.SIGTERM], "held, then delivered once the block ended"
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_stop_request_is_held_with_other_threads_alive():
+    """A signal mask is per thread: with another thread the kernel may hand it the signal. Held all the same."""
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, daemon=True)
+    other.start()
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: received.append(signum))
+    try:
+        with signals_deferred():
+            for _ in range(20):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.005)
+            assert received == []
+        assert received == [signal.SIGTERM], "delivered once, after the block"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        stop.set()
+        other.join()
 
 
 def test_a_stop_request_held_in_the_critical_part_raises_when_let_through_so_cleanup_runs():

@@ -81,6 +81,22 @@ def test_template_of_a_shut_off_golden_freezes_its_disk(conn, golden, made, tmp_
     assert template.load_template(str(tmp_path / "templates"), "web").manifest == manifest
 
 
+def test_a_failed_confirmation_leaves_no_template_and_nothing_unfinished(conn, golden, tmp_path):
+    """golden_snapshot's check that the golden did not rotate during the freeze runs before the template gets its name."""
+    templates = tmp_path / "templates"
+    plan = template.plan_template(conn, str(templates), "web", golden, memory=False)
+    seen = []
+
+    def confirm():
+        seen.append(sorted(path.name for path in (templates / ".web.partial").iterdir()))
+        raise ClonesafeError("golden rotated while the template was taken")
+
+    with pytest.raises(ClonesafeError, match="golden rotated"):
+        template.create_template(conn, runner, str(templates), plan, confirm=confirm)
+    assert seen == [["base.qcow2", "manifest.json"]], "asked with the template whole but not yet named"
+    assert sorted(path.name for path in templates.iterdir()) == []
+
+
 def test_golden_without_genid_is_explained(conn, tmp_path):
     xml = build_domain_xml(DomainSpec(name="nogenid", disk="/d.qcow2", kernel="/k", initrd="/i", cmdline="c",
                                       console_log="/c.log", channel_socket="/a.sock"))
