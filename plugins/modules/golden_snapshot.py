@@ -267,6 +267,7 @@ def main() -> None:
                         proof = golden_proof_for_domain(conn, params["golden"], params["seal"], params["agent_timeout"])
                         if proof.get("warning"):
                             module.warn(proof.pop("warning"))
+
                         def confirm() -> None:
                             confirm_proof_for_domain(conn, params["golden"], proof, plan.memory,
                                                      max(params["agent_timeout"], CONFIRM_MIN_TIMEOUT))

@@ -176,4 +176,3 @@ def golden_proof_for_domain(conn: t.Any, golden: str, seal: bool, timeout: float
         )
     return golden_proof(golden, read_channel_socket(conn.domain_xml(domain)), state, seal, timeout,
                         domain_uuid=conn.call(f"reading the UUID of domain '{golden}'", domain.UUIDString))
-
