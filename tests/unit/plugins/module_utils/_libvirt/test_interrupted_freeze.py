@@ -54,7 +54,7 @@ def test_a_stop_request_is_held_with_other_threads_alive():
     previous = signal.signal(signal.SIGTERM, lambda signum, _frame: received.append(signum))
     try:
         with signals_deferred():
-            for _ in range(20):
+            for _attempt in range(20):
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(0.005)
             assert received == []
@@ -74,7 +74,7 @@ def test_a_stop_request_held_in_the_critical_part_raises_when_let_through_so_cle
                 with signals_deferred():
                     os.kill(os.getpid(), signal.SIGTERM)
                     cleaned.append("critical part finished")
-                for _ in range(1000):  # the handler runs at the next bytecode boundary
+                for _step in range(1000):  # the handler runs at the next bytecode boundary
                     pass
             finally:
                 cleaned.append("cleanup ran")
