@@ -148,11 +148,14 @@ def confirm_proof_still_holds(
             and isinstance(trigger, dict) and trigger.get("trigger") == "generation"
             and _integer(trigger.get("generation")) == generation and _integer(trigger.get("vmgenid_events")) == events + 1):
         return
+    unknown = ("; its agent counts no VM Generation ID events, so a regeneration for the restore cannot be told from "
+               "one before the freeze: turn its generation triggers off, or take the template without memory") if (
+        memory and (events is None or events_now is None)) else ""
     raise ClonesafeError(
         f"golden '{name}' rotated its secrets while the template was taken (its agent proved generation {proven}, "
         f"and is at generation {generation!r} after the freeze, last trigger "
         f"{trigger.get('trigger') if isinstance(trigger, dict) else None!r}): the template may hold secrets other "
-        "than the recorded ones, so it was not kept. Take it again once the golden's agent is idle",
+        f"than the recorded ones, so it was not kept. Take it again once the golden's agent is idle{unknown}",
         domain=name,
     )
 

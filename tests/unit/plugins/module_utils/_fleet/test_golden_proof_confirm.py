@@ -115,6 +115,16 @@ def test_a_hostile_hello_cannot_pass_for_a_confirmation(golden, monkeypatch):
             confirm(served, recorded)
 
 
+def test_a_golden_without_a_vm_generation_id_event_count_is_told_why_it_cannot_be_confirmed(golden, monkeypatch):
+    served, recorded, _agent = golden
+    proven = recorded["golden_generation"]
+    monkeypatch.setattr(golden_proof_module, "call_all", answering({
+        "generation": proven + 1, "interrupts": {"gpe_vmgenid": None},
+        "last_trigger": {"trigger": "generation", "generation": proven + 1, "vmgenid_events": None}}))
+    with pytest.raises(ClonesafeError, match="counts no VM Generation ID events"):
+        confirm(served, recorded)
+
+
 def answering(hello: dict):
     """A call_all whose one call gets ``hello`` as its result."""
     def answer(calls, _timeout):
