@@ -86,8 +86,9 @@ options:
     description:
       - Seconds to wait for the golden's agent to answer (its fingerprints, or the erase with O(seal)).
       - The proof is taken just before the freeze and confirmed just after it. The agent must still be at the generation
-        it proved, or have regenerated only for the VM Generation ID change the restore of O(memory=true) gave the golden.
-        Otherwise the template may hold other secrets than the recorded ones, so it is removed and the task fails.
+        it proved or, with O(memory=true), have rotated only after the restore (its last rotation recorded after the
+        restore's one new VM Generation ID event). Otherwise the template may hold other secrets than the recorded ones,
+        so none is kept and the task fails.
       - That confirmation may wait for the golden's own regeneration (with the role's default triggers), so it gets at
         least 180 seconds whatever this says.
     type: float

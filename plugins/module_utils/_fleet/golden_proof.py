@@ -120,10 +120,12 @@ def confirm_proof_still_holds(
     """Fail unless the golden's secrets when it was frozen were the ones ``proof_section`` recorded.
 
     Asked once the golden runs again: its agent must be at the generation it proved. With ``memory``
-    (the golden was restored from its RAM save, with a new VM Generation ID) one more is accepted when
-    the rotation that made it was the agent's "generation" trigger for exactly that one new event,
-    and the golden has seen no other since the proof. Without a recorded proof (no agent, warned
-    already) there is nothing to confirm.
+    (the golden was restored from its RAM save, with a new VM Generation ID) a later generation is
+    accepted when the agent's last rotation is recorded after exactly that one new event (whatever
+    its trigger: the restore's new genid, or the link the restore brings back) and the golden has
+    seen no other event since the proof. The limit: the agent reports its last rotation only, so a
+    rotation in the moment between the proof and the pause, followed by one after the restore, is
+    not told apart. Without a recorded proof (no agent, warned already) there is nothing to confirm.
     """
     proven = _integer(proof_section.get("golden_generation"))
     if proven is None or socket_path is None:
@@ -144,9 +146,9 @@ def confirm_proof_still_holds(
     events = _integer(proof_section.get("golden_vmgenid_events"))
     interrupts = hello.get("interrupts")
     events_now = _integer(interrupts.get("gpe_vmgenid")) if isinstance(interrupts, dict) else None
-    if (memory and events is not None and generation == proven + 1 and events_now == events + 1
-            and isinstance(trigger, dict) and trigger.get("trigger") == "generation"
-            and _integer(trigger.get("generation")) == generation and _integer(trigger.get("vmgenid_events")) == events + 1):
+    if (memory and events is not None and generation is not None and generation > proven and events_now == events + 1
+            and isinstance(trigger, dict) and _integer(trigger.get("generation")) == generation
+            and _integer(trigger.get("vmgenid_events")) == events + 1):
         return
     unknown = ("; its agent counts no VM Generation ID events, so a regeneration for the restore cannot be told from "
                "one before the freeze: turn its generation triggers off, or take the template without memory") if (
