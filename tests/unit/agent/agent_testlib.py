@@ -57,6 +57,19 @@ def agent_module():
     return load_agent_module()
 
 
+def private_key_pem(kind: str = "ec", pem_format: str = "pkcs8") -> bytes:
+    """A private key made now, PEM (fixtures commit no key material): ``kind`` ec (P-256), rsa (2048) or dsa
+    (1024), ``pem_format`` pkcs8 or traditional (BEGIN RSA/EC/DSA PRIVATE KEY)."""
+    from cryptography.hazmat.primitives import serialization  # pylint: disable=import-outside-toplevel
+    from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa  # pylint: disable=import-outside-toplevel
+
+    makers = {"ec": lambda: ec.generate_private_key(ec.SECP256R1()),
+              "rsa": lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),
+              "dsa": lambda: dsa.generate_private_key(key_size=1024)}
+    formats = {"pkcs8": serialization.PrivateFormat.PKCS8, "traditional": serialization.PrivateFormat.TraditionalOpenSSL}
+    return makers[kind]().private_bytes(serialization.Encoding.PEM, formats[pem_format], serialization.NoEncryption())
+
+
 VMGENID_GPE = "sys/firmware/acpi/interrupts/gpe05"
 
 

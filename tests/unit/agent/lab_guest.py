@@ -10,7 +10,7 @@ import base64
 import os
 import pathlib
 
-from agent_testlib import make_guest_root
+from agent_testlib import make_guest_root, private_key_pem
 
 FQDN = "golden.lab.example"
 # The lab's sshd reads its host keys from a drop-in, as golden-image.sh writes it.
@@ -43,7 +43,7 @@ def make_lab_guest_root(root: pathlib.Path) -> pathlib.Path:
            f"ListenPort = 51820\n\n[Peer]\nPublicKey = {_wg_key()}\nAllowedIPs = 10.77.0.0/24\n")
     _write(root / "etc/krb5.keytab", b"\x05\x02" + os.urandom(90))
     ssl = root / "var/lib/puppet/ssl"
-    _write(ssl / f"private_keys/{FQDN}.pem", "-----BEGIN PRIVATE KEY-----\nMII\n-----END PRIVATE KEY-----\n", 0o640)
+    _write(ssl / f"private_keys/{FQDN}.pem", private_key_pem("ec"), 0o640)
     _write(ssl / f"public_keys/{FQDN}.pem", "-----BEGIN PUBLIC KEY-----\nMII\n-----END PUBLIC KEY-----\n", 0o644)
     _write(ssl / f"certs/{FQDN}.pem", "-----BEGIN CERTIFICATE-----\nMII\n-----END CERTIFICATE-----\n", 0o644)
     _write(ssl / "certs/ca.pem", "-----BEGIN CERTIFICATE-----\nCA\n-----END CERTIFICATE-----\n", 0o644)

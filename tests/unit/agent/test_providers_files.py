@@ -16,7 +16,7 @@ import pytest
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, wire
 
-from agent_testlib import load_agent_module, make_guest_root
+from agent_testlib import load_agent_module, make_guest_root, private_key_pem
 
 HASH_KEY = "5a" * 32
 CREDENTIAL_APP_ID = "d3acecba0dad4cdfb8c9381528936c58"
@@ -155,7 +155,7 @@ def test_dhcp_client_leases_and_duids_are_removed_by_every_operation(agent_modul
 def test_enrolled_identities_are_removed_by_every_operation_and_the_detail_says_enrol_again(agent_module, tmp_path, operation):
     root = make_guest_root(tmp_path / "g")
     ssl = root / "var/lib/puppet/ssl"
-    identity = [write(ssl / "private_keys/golden.example.pem", "-----BEGIN RSA PRIVATE KEY-----\nMII\n"),
+    identity = [write(ssl / "private_keys/golden.example.pem", private_key_pem("rsa", "traditional")),
                 write(ssl / "certs/golden.example.pem", "cert", 0o644), write(ssl / "public_keys/golden.example.pem", "pub", 0o644),
                 write(root / "etc/krb5.keytab", b"\x05\x02" + os.urandom(60))]
     shared = [write(ssl / "certs/ca.pem", "ca", 0o644), write(ssl / "crl.pem", "crl", 0o644)]

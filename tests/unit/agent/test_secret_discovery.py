@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof
 
-from agent_testlib import load_agent_module, make_guest_root
+from agent_testlib import load_agent_module, make_guest_root, private_key_pem
 
 HASH_KEY = "c3" * 32
 
@@ -89,7 +89,7 @@ def test_host_keys_named_by_sshd_config_and_its_includes_are_found(agent_module,
 def test_a_host_key_the_agent_cannot_make_is_reported_and_fails_the_provider(agent_module, tmp_path):
     root = make_guest_root(tmp_path / "g")
     blob = base64.b64encode(b"\0\0\0\x07ssh-dss" + os.urandom(64)).decode()
-    (root / "etc/ssh/ssh_host_dsa_key").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nnot parsed\n-----END OPENSSH PRIVATE KEY-----\n")
+    (root / "etc/ssh/ssh_host_dsa_key").write_bytes(private_key_pem("dsa"))
     (root / "etc/ssh/ssh_host_dsa_key.pub").write_text(f"ssh-dss {blob} root@golden\n")
     agent, result = rotate(agent_module, root)
     outcome = result["providers"]["ssh_host_keys"]
