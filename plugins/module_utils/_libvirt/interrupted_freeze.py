@@ -41,12 +41,10 @@ def signals_deferred() -> t.Iterator[None]:
     def note(signum: int, _frame: t.Any) -> None:
         held.append(signum)
 
-    previous = {number: signal.signal(number, note) for number in DEFERRED_SIGNALS}
     try:
-        yield
+        with _handled_by(note):
+            yield
     finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
         for number in dict.fromkeys(held):
             signal.raise_signal(number)
 
@@ -62,12 +60,19 @@ def stop_requests_raise(what: str) -> t.Iterator[None]:
     def stop(signum: int, _frame: t.Any) -> None:
         raise ClonesafeError(f"stopped by {signal.Signals(signum).name} while {what}; nothing was left half made")
 
-    previous = {number: signal.signal(number, stop) for number in DEFERRED_SIGNALS}
+    with _handled_by(stop):
+        yield
+
+
+@contextlib.contextmanager
+def _handled_by(handler: t.Callable[[int, t.Any], None]) -> t.Iterator[None]:
+    """``handler`` for every DEFERRED_SIGNALS while the block runs; the previous handlers after it."""
+    previous = {number: signal.signal(number, handler) for number in DEFERRED_SIGNALS}
     try:
         yield
     finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+        for number, old in previous.items():
+            signal.signal(number, old)
 
 
 def interrupted_freezes(templates_dir: str, golden_uuid: str) -> list[str]:

@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+from helpers.fake_port import read_request_line
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.fanout import ChannelCall, call_all
 from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, wire
@@ -41,12 +42,9 @@ class FakeAgent:
     def _serve(self) -> None:
         conn = self.server.accept()[0]
         with conn:
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                data += chunk
+            data = read_request_line(conn)
+            if data is None:
+                return
             reply = self.respond(json.loads(data))
             if reply is not None:
                 conn.sendall(reply)

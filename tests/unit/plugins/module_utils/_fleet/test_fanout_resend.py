@@ -14,6 +14,7 @@ import time
 
 import pytest
 from agent_testlib import make_guest_root
+from helpers.fake_port import read_request_line
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet import fanout
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.fanout import ChannelCall, call_all
@@ -38,13 +39,8 @@ class ForgetfulAgent:
                 conn = self.server.accept()[0]
             except OSError:
                 return
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = conn.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-            if not data.endswith(b"\n"):
+            data = read_request_line(conn)
+            if data is None:
                 conn.close()
                 continue
             self.requests.append(json.loads(data))
