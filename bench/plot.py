@@ -193,6 +193,13 @@ def headline_table(directory: pathlib.Path) -> list[str]:
                         f"{entry['steady']['latency_ms'].get('p90')}/{entry['steady']['latency_ms'].get('max')} ms "
                         f"({entry['first']['samples']} + {entry['steady']['samples']} samples, {len(entry.get('failures', []))} "
                         f"failed) | same run |")
+    emulation = _load(directory, "agent_cost_tcg")
+    if emulation:
+        rows.append(f"| the same agent work natively (what carries to KVM) against the {emulation['tcg_guest']['vcpus']}-vCPU TCG guest "
+                    f"| {emulation['native']['cpu_ms_per_multicast']} ms natively, {emulation['tcg_guest']['cpu_ms_per_multicast']} ms "
+                    f"in the guest ({emulation['tcg_over_native']}x); at most "
+                    f"{emulation['tcg_guest']['qemu_host_cpu_ms_per_multicast_upper_bound']} ms of the guest QEMU's host CPU per "
+                    f"multicast | `{emulation['command']}` (user lab up) |")
     fanout = _load(directory, "fanout-1000")
     if fanout:
         rows.append(f"| fan-out <= 1 ms host time per clone at 1,000 fake agents | wall {fanout['wall_per_clone_ms']['p50']} ms, "

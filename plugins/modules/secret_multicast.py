@@ -271,8 +271,9 @@ clones:
       sample: 41.7
     hello_attempts:
       description:
-        - How many times the first C(hello) was sent. An agent that sends not a byte back for 10 s is asked again on a
-          new connection (its guest may have dropped the first asking); 0 when the channel could not be opened.
+        - How many times the first C(hello) was sent. An agent that sends not a byte back for 3 s is asked again on a
+          new connection (its guest may have dropped the first asking), then after 6 s, 12 s and so on until
+          O(hello_timeout); 0 when the channel could not be opened.
       type: int
       sample: 1
     agent_ms:

@@ -33,8 +33,10 @@ MAX_GUEST_TEXT = 512
 # takes the request for what a departed host left and drops it: the host would wait for nothing.
 # Only what changes nothing is asked again (with the same id: a late reply to the first asking is as
 # good): hello, the one that waits longest after a restore, and attest (a signature over the same
-# nonce). Never rotate.
-RESEND_AFTER_SILENCE_SECONDS = {"hello": 10.0, "attest": 10.0}
+# nonce). Never rotate. The silence allowed doubles with each asking (3, 6, 12 s...): a dropped request
+# costs seconds, not a fixed 10 s (most of a multicast to 8 restored TCG clones), and an agent that is
+# only slow, its answer thrown away by each new asking, is soon given longer than it needs.
+RESEND_AFTER_SILENCE_SECONDS = {"hello": 3.0, "attest": 3.0}
 # A channel whose previous client QEMU has not let go of yet is tried again this often, until the deadline.
 BUSY_RETRY_SECONDS = 0.5
 
@@ -195,7 +197,7 @@ def _ask_silent_again(selector: selectors.BaseSelector, open_calls: dict[int, _P
                       busy: list[tuple[float, ChannelCall, bytes, float]], now: float) -> None:
     """Ask again, on a new connection, every request that may be and got no byte back for long enough."""
     for pending in list(open_calls.values()):
-        after = RESEND_AFTER_SILENCE_SECONDS.get(pending.call.op)
+        after = silence_allowed(pending.call)
         if after is None or pending.heard or now - pending.sent_at < after:
             continue
         _close(selector, open_calls, pending)
@@ -203,10 +205,18 @@ def _ask_silent_again(selector: selectors.BaseSelector, open_calls: dict[int, _P
         _open(selector, open_calls, busy, pending.call, request, pending.started)
 
 
+def silence_allowed(call: ChannelCall) -> float | None:
+    """Seconds of silence after which ``call`` is asked again (doubling with each asking); None if it never is."""
+    first = RESEND_AFTER_SILENCE_SECONDS.get(call.op)
+    if first is None:
+        return None
+    return first * 2 ** max(0, call.attempts - 1)
+
+
 def _next_resend(open_calls: dict[int, _Pending], now: float) -> float:
     """Seconds until the next request may be asked again (a long wait when none may)."""
-    waits = [pending.sent_at + RESEND_AFTER_SILENCE_SECONDS[pending.call.op] - now for pending in open_calls.values()
-             if pending.call.op in RESEND_AFTER_SILENCE_SECONDS and not pending.heard]
+    waits = [pending.sent_at + allowed - now for pending in open_calls.values()
+             if (allowed := silence_allowed(pending.call)) is not None and not pending.heard]
     return max(0.0, min(waits, default=3600.0))
 
 

@@ -27,6 +27,7 @@ class ForgetfulAgent:
         self.answer_from = answer_from
         self.agent = agent
         self.requests: list[dict] = []
+        self.asked_at: list[float] = []
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.server.bind(path)
         self.server.listen(1)
@@ -44,6 +45,7 @@ class ForgetfulAgent:
                 conn.close()
                 continue
             self.requests.append(json.loads(data))
+            self.asked_at.append(time.monotonic())
             if len(self.requests) >= self.answer_from:
                 conn.sendall(self.agent.handle_line(data.rstrip(b"\n")))
             self.held.append(conn)  # an unanswered connection stays open, as a port with a deaf agent does
@@ -198,3 +200,27 @@ def test_an_agent_that_is_answering_slowly_is_not_asked_again(tmp_path, quick_re
         server.close()
         for conn in connections:
             conn.close()
+
+
+def test_the_silence_allowed_doubles_with_each_asking():
+    hello = ChannelCall("clone-a", "unused", "hello", {})
+    allowed = []
+    for attempts in (1, 2, 3, 4):
+        hello.attempts = attempts
+        allowed.append(fanout.silence_allowed(hello))
+    first = fanout.RESEND_AFTER_SILENCE_SECONDS["hello"]
+    assert allowed == [first, 2 * first, 4 * first, 8 * first]
+    assert fanout.silence_allowed(ChannelCall("clone-a", "unused", "rotate", {})) is None
+
+
+def test_a_silent_agent_is_asked_again_after_ever_longer_silences(tmp_path, quick_resend):
+    port = ForgetfulAgent(str(tmp_path / "a.sock"), answer_from=10**6)
+    try:
+        call = ChannelCall("clone-a", str(tmp_path / "a.sock"), "hello", {})
+        call_all([call], timeout=2.5)
+        gaps = [later - earlier for earlier, later in zip(port.asked_at, port.asked_at[1:])]
+        # 0.3 s, 0.6 s, 1.2 s of silence: three askings after the first within 2.5 s, each gap about twice the last.
+        assert len(gaps) == 3, gaps
+        assert 0.25 < gaps[0] < 0.6 and 0.55 < gaps[1] < 0.95 and 1.15 < gaps[2] < 1.6, gaps
+    finally:
+        port.close()
