@@ -182,6 +182,7 @@ def headline_table(directory: pathlib.Path) -> list[str]:
     if latency and latency.get("per_n"):
         first = latency["per_n"][0]
         last = latency["per_n"][-1]
+
         def cost(entry: dict, kind: str) -> str:
             return f"{entry[kind]['qemu_cpu_total_corrected_ms'].get('p50')} ms"
 
