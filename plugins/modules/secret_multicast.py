@@ -272,8 +272,9 @@ clones:
     hello_attempts:
       description:
         - How many times the first C(hello) was sent. An agent that sends not a byte back for 3 s is asked again on a
-          new connection (its guest may have dropped the first asking), then after 6 s, 12 s and so on until
-          O(hello_timeout); 0 when the channel could not be opened.
+          new connection (its guest may have dropped the first asking), then after 6 s and every 12 s until its
+          deadline (O(hello_timeout), or O(generation_timeout) when longer with O(trigger=generation) or
+          O(trigger=both)); 0 when the channel could not be opened.
       type: int
       sample: 1
     agent_ms:

@@ -33,10 +33,12 @@ MAX_GUEST_TEXT = 512
 # takes the request for what a departed host left and drops it: the host would wait for nothing.
 # Only what changes nothing is asked again (with the same id: a late reply to the first asking is as
 # good): hello, the one that waits longest after a restore, and attest (a signature over the same
-# nonce). Never rotate. The silence allowed doubles with each asking (3, 6, 12 s...): a dropped request
-# costs seconds, not a fixed 10 s (most of a multicast to 8 restored TCG clones), and an agent that is
-# only slow, its answer thrown away by each new asking, is soon given longer than it needs.
+# nonce). Never rotate. The silence allowed doubles with each asking (3, 6, 12 s), then stays at
+# RESEND_MAX_SILENCE_SECONDS: a dropped request costs seconds, not a fixed 10 s (most of a multicast to 8
+# restored TCG clones); an agent that is only slow, its answer thrown away by each new asking, is soon
+# given longer than it needs; and a long deadline (180 s) is still used to the end, not left unasked.
 RESEND_AFTER_SILENCE_SECONDS = {"hello": 3.0, "attest": 3.0}
+RESEND_MAX_SILENCE_SECONDS = 12.0
 # A channel whose previous client QEMU has not let go of yet is tried again this often, until the deadline.
 BUSY_RETRY_SECONDS = 0.5
 
@@ -206,11 +208,11 @@ def _ask_silent_again(selector: selectors.BaseSelector, open_calls: dict[int, _P
 
 
 def silence_allowed(call: ChannelCall) -> float | None:
-    """Seconds of silence after which ``call`` is asked again (doubling with each asking); None if it never is."""
+    """Seconds of silence after which ``call`` is asked again (doubling with each asking, up to a ceiling); None if it never is."""
     first = RESEND_AFTER_SILENCE_SECONDS.get(call.op)
     if first is None:
         return None
-    return first * 2 ** max(0, call.attempts - 1)
+    return max(first, min(first * 2 ** max(0, call.attempts - 1), RESEND_MAX_SILENCE_SECONDS))
 
 
 def _next_resend(open_calls: dict[int, _Pending], now: float) -> float:
