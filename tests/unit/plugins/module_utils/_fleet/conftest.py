@@ -37,13 +37,21 @@ class ChannelServer:
             except OSError:
                 return
             with conn:
-                lines = wire.LineBuffer()
-                while True:
-                    data = conn.recv(65536)
-                    if not data:
-                        break
-                    for line in lines.feed(data):
-                        conn.sendall(self.agent.handle_line(line))
+                try:
+                    self._serve_connection(conn)
+                except OSError:
+                    # The host left before its reply (it asks a silent agent again on a new connection):
+                    # like the agent's serve loop, drop the reply and serve the next host.
+                    continue
+
+    def _serve_connection(self, conn: socket.socket) -> None:
+        lines = wire.LineBuffer()
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                return
+            for line in lines.feed(data):
+                conn.sendall(self.agent.handle_line(line))
 
     def close(self) -> None:
         self.stopped = True
