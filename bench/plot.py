@@ -184,11 +184,11 @@ def headline_table(directory: pathlib.Path) -> list[str]:
         last = latency["per_n"][-1]
 
         def cost(entry: dict, kind: str) -> str:
-            return f"{entry[kind]['qemu_cpu_total_corrected_ms'].get('p50')} ms"
+            return f"{entry.get(kind, {}).get('qemu_cpu_total_corrected_ms', {}).get('p50', '-')} ms"
 
         rows.append(f"| guest cost per rotation <= 25 ms host CPU, every lab provider (p50, QEMU's host CPU) | N={first['n']}: steady "
                     f"{cost(first, 'steady')}, first after the restore {cost(first, 'first')} (hello alone "
-                    f"{first.get('hello', {}).get('qemu_cpu_total_corrected_ms', {}).get('p50', '-')} ms); N={last['n']}: steady "
+                    f"{cost(first, 'hello')}); N={last['n']}: steady "
                     f"{cost(last, 'steady')}, first {cost(last, 'first')} | `{latency['command']}` |")
         for entry in latency["per_n"]:
             rows.append(f"| latency N={entry['n']}, hello written -> signature verified (p50/p90/max, first; steady) | "

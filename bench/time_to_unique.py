@@ -203,7 +203,7 @@ def library_path(conn: LibvirtConnection, golden: bench_golden.Golden, name: str
     return {"path": "library", "clones": count, "proven_released_s": round(proven_s, 2),
             "ssh_after_release_s": round(max(scan.values()), 2), "to_ssh_s": round(total_s, 2),
             "phases_s": {key: round(value, 2) for key, value in phases.items()}, "verified": len(names), "unique": verdict.unique,
-            # Clones whose first hello went unanswered and was asked again (fanout.RESEND_AFTER_SILENCE_SECONDS).
+            # Clones whose first hello went unanswered and was asked again (fanout.silence_allowed).
             "hello_asked_again": sorted(clone.name for clone in report.clones if clone.hello_attempts > 1)}
 
 

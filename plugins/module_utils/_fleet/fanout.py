@@ -199,8 +199,8 @@ def _ask_silent_again(selector: selectors.BaseSelector, open_calls: dict[int, _P
                       busy: list[tuple[float, ChannelCall, bytes, float]], now: float) -> None:
     """Ask again, on a new connection, every request that may be and got no byte back for long enough."""
     for pending in list(open_calls.values()):
-        after = silence_allowed(pending.call)
-        if after is None or pending.heard or now - pending.sent_at < after:
+        due = _asked_again_at(pending)
+        if due is None or now < due:
             continue
         _close(selector, open_calls, pending)
         request = wire.encode_request(pending.call.op, pending.call.args, pending.call.request_id)
@@ -215,10 +215,17 @@ def silence_allowed(call: ChannelCall) -> float | None:
     return max(first, min(first * 2 ** max(0, call.attempts - 1), RESEND_MAX_SILENCE_SECONDS))
 
 
+def _asked_again_at(pending: _Pending) -> float | None:
+    """When this connection's request is asked again if nothing comes back; None if it never is (or a byte came)."""
+    allowed = silence_allowed(pending.call)
+    if allowed is None or pending.heard:
+        return None
+    return pending.sent_at + allowed
+
+
 def _next_resend(open_calls: dict[int, _Pending], now: float) -> float:
     """Seconds until the next request may be asked again (a long wait when none may)."""
-    waits = [pending.sent_at + allowed - now for pending in open_calls.values()
-             if (allowed := silence_allowed(pending.call)) is not None and not pending.heard]
+    waits = [due - now for pending in open_calls.values() if (due := _asked_again_at(pending)) is not None]
     return max(0.0, min(waits, default=3600.0))
 
 
