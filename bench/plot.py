@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import statistics
 
 import matplotlib
 
@@ -44,6 +45,12 @@ def _footer(figure, data: dict) -> None:
                 fontsize=7, color="0.4")
 
 
+def _median_time(rows: list[dict], size: int, path: str) -> float | None:
+    """The median of a path's runs for N = ``size`` (time_to_unique --repeats), None without a run."""
+    times = [row["to_ssh_s"] for row in rows if row["clones"] == size and row["path"] == path]
+    return statistics.median(times) if times else None
+
+
 def plot_time_to_unique(data: dict, out: pathlib.Path) -> None:
     rows = [row for row in data["rows"] if "error" not in row]
     failed = {(row["clones"], row["path"]) for row in data["rows"] if "error" in row}
@@ -54,7 +61,7 @@ def plot_time_to_unique(data: dict, out: pathlib.Path) -> None:
     figure, axes = plt.subplots(figsize=(8, 4.8))
     width = 0.27
     for offset, (path, label, color) in enumerate(paths):
-        values = [next((row["to_ssh_s"] for row in rows if row["clones"] == size and row["path"] == path), 0) for size in sizes]
+        values = [_median_time(rows, size, path) or 0 for size in sizes]
         positions = [index + (offset - 1) * width for index in range(len(sizes))]
         bars = axes.bar(positions, values, width, label=label, color=color)
         for rect, size, value in zip(bars, sizes, values):
@@ -64,7 +71,7 @@ def plot_time_to_unique(data: dict, out: pathlib.Path) -> None:
             if not value:
                 continue
             text = f"{value:.1f} s"
-            usual = next((row["to_ssh_s"] for row in rows if row["clones"] == size and row["path"] == "usual"), None)
+            usual = _median_time(rows, size, "usual")
             if path != "usual" and usual:
                 text += f"\n{usual / value:.0f}x"
             axes.annotate(text, (rect.get_x() + rect.get_width() / 2, value), ha="center", va="bottom", fontsize=7)
@@ -166,11 +173,17 @@ def headline_table(directory: pathlib.Path) -> list[str]:
         for entry in ttu.get("ratios", []):
             if entry["clones"] != max(e["clones"] for e in ttu["ratios"]):
                 continue
+            runs = entry.get("ansible_runs_s", [])
+            spread = f"; runs {min(runs)}-{max(runs)} s" if len(runs) > 1 else ""
             rows.append(f"| ansible-playbook to {entry['clones']} proven-unique running clones >= 20x faster than the usual path "
-                        f"in parallel | {entry.get('ansible_ratio', '-')}x ({entry.get('ansible_s', '-')} s vs {entry['usual_s']} s) "
+                        f"in parallel | {entry.get('ansible_ratio', '-')}x ({entry.get('ansible_s', '-')} s vs {entry['usual_s']} s{spread}) "
                         f"| `{ttu['command']}` |")
             if "library_ratio" in entry:
-                library = f"{entry['library_ratio']}x ({entry['library_s']} s)"
+                runs = entry.get("library_runs_s", [])
+                spread = f"; runs {min(runs)}-{max(runs)} s" if len(runs) > 1 else ""
+                floor = (f"; the clones' own work over {ttu['machine'].get('cores')} cores alone: {entry['library_cpu_floor_s']} s"
+                         if "library_cpu_floor_s" in entry else "")
+                library = f"{entry['library_ratio']}x ({entry['library_s']} s{spread}{floor})"
             else:
                 done = [e for e in ttu["ratios"] if "library_ratio" in e]
                 library = f"failed at N={entry['clones']} (see below)" + (

@@ -75,6 +75,9 @@ options:
     description:
       - Leave new clones paused (booted or restored paused). A paused memory clone keeps the golden's
         NIC with its link down until it runs; its NIC is swapped when it is resumed with O(state=running).
+      - A memory clone that is not paused runs as soon as it is restored, with its links down, and has its
+        NIC swapped right away; a later O(network=released) then only puts links up, which needs nothing
+        from the guest. C(playbooks/clone_fleet.yml) restores its clones that way.
     type: bool
     default: false
     version_added: 0.1.0
@@ -87,7 +90,11 @@ options:
     choices: [held, released]
     version_added: 0.1.0
   parallel:
-    description: How many clones are created, or existing ones brought to O(state) and O(network) (a release swaps NICs), at the same time.
+    description:
+      - How many clones are restored or booted, or existing ones brought to O(state) and O(network) (a release
+        may swap NICs), at the same time.
+      - The NIC swap of a new memory clone waits for its guest outside this limit, so the next clones
+        restore meanwhile.
     type: int
     default: 4
     version_added: 0.1.0

@@ -21,6 +21,7 @@ the clone's own MAC is hot-plugged (live and config), so guest, QEMU and libvirt
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import os
 import threading
@@ -53,6 +54,9 @@ START_MODES = ("boot", "restore", "none")
 NETWORK_MODES = ("held", "released")
 # Hot-unplug needs the guest's cooperation (ACPI eject); TCG guests under load are slow.
 NIC_UNPLUG_TIMEOUT = 60.0
+# Threads that create clones: each holds a restore slot (``parallel``) only while the host works, then
+# waits for its guest's NIC swap; past this many, a clone waits for a thread before it restores.
+MAX_SWAP_THREADS = 32
 
 
 def _live_and_config() -> int:
@@ -298,8 +302,12 @@ def new_identity(template: Template, name: str, index: int | None, clones_dir: s
 
 
 def create_clone(conn: LibvirtConnection, runner: storage.Runner, template: Template, identity: CloneIdentity,
-                 paused: bool) -> CloneResult:
-    """Create one clone completely, or leave nothing of it behind."""
+                 paused: bool, slots: threading.Semaphore | None = None) -> CloneResult:
+    """Create one clone completely, or leave nothing of it behind.
+
+    The host's share (overlay, restore or definition, boot) holds one of ``slots``; the NIC swap of a
+    restored clone waits for its guest and does not, so the next clone restores meanwhile.
+    """
     result = CloneResult(identity.name)
     started = time.monotonic()
     paths = identity.paths
@@ -312,33 +320,14 @@ def create_clone(conn: LibvirtConnection, runner: storage.Runner, template: Temp
         ) from error
     except OSError as error:
         raise ClonesafeError(f"cannot create the clone directory {paths.directory}: {error.strerror}") from error
-    domain = None
     try:
-        storage.create_overlay(runner, template.base, paths.overlay)
-        result.actions.append("overlay")
-        if identity.start == "restore":
-            image = template.save_image()
-            xml = rewrite_for_clone(image.xml, identity, keep_source_macs=True)
-            domain = _restore_through_fifo(conn, template, xml, paths.restore_fifo)
-            result.actions.append("restored")
-            # The guest must never run with a link up before it is proven unique (and, until the
-            # NIC swap, it still carries the golden's MAC).
-            set_links(conn, domain, "down", persistent=False)
-            domain = conn.define_domain(conn.domain_xml(domain), identity.name)
-            result.actions.append("defined")
-            if not paused:
-                conn.call(f"resuming '{identity.name}'", domain.resume)
-                result.actions.append("resumed")
-                if swap_nics(conn, domain, list(identity.macs), "down" if identity.network == "held" else "up"):
-                    result.actions.append("nic swapped")
-        else:
-            xml = rewrite_for_clone(template.source_xml, identity, keep_source_macs=False)
-            domain = conn.define_domain(xml, identity.name)
-            result.actions.append("defined")
-            if identity.start == "boot":
-                flags = libvirt.VIR_DOMAIN_START_PAUSED if paused else 0
-                conn.call(f"starting '{identity.name}'", domain.createWithFlags, flags)
-                result.actions.append("booted")
+        with slots or contextlib.nullcontext():
+            domain = _make_domain(conn, runner, template, identity, paused, result)
+        if identity.start == "restore" and not paused:
+            conn.call(f"resuming '{identity.name}'", domain.resume)
+            result.actions.append("resumed")
+            if swap_nics(conn, domain, list(identity.macs), "down" if identity.network == "held" else "up"):
+                result.actions.append("nic swapped")
         result.info = describe_clone(conn, domain, identity.marker_spec())
     except Exception as error:  # pylint: disable=broad-exception-caught
         # Whatever failed (libvirt, qemu-img, a full disk), no half-made clone may remain.
@@ -349,6 +338,32 @@ def create_clone(conn: LibvirtConnection, runner: storage.Runner, template: Temp
         result.actions = []
     result.seconds = time.monotonic() - started
     return result
+
+
+def _make_domain(conn: LibvirtConnection, runner: storage.Runner, template: Template, identity: CloneIdentity,
+                 paused: bool, result: CloneResult) -> t.Any:
+    """The clone's overlay and domain: restored paused (links down), or defined and booted unless ``start: none``."""
+    storage.create_overlay(runner, template.base, identity.paths.overlay)
+    result.actions.append("overlay")
+    if identity.start == "restore":
+        image = template.save_image()
+        xml = rewrite_for_clone(image.xml, identity, keep_source_macs=True)
+        domain = _restore_through_fifo(conn, template, xml, identity.paths.restore_fifo)
+        result.actions.append("restored")
+        # The guest must never run with a link up before it is proven unique (and, until the
+        # NIC swap, it still carries the golden's MAC).
+        set_links(conn, domain, "down", persistent=False)
+        domain = conn.define_domain(conn.domain_xml(domain), identity.name)
+        result.actions.append("defined")
+        return domain
+    xml = rewrite_for_clone(template.source_xml, identity, keep_source_macs=False)
+    domain = conn.define_domain(xml, identity.name)
+    result.actions.append("defined")
+    if identity.start == "boot":
+        flags = libvirt.VIR_DOMAIN_START_PAUSED if paused else 0
+        conn.call(f"starting '{identity.name}'", domain.createWithFlags, flags)
+        result.actions.append("booted")
+    return domain
 
 
 def _remove_leftovers(conn: LibvirtConnection, name: str, uuid: str, paths: ClonePaths) -> str | None:
@@ -547,10 +562,13 @@ def ensure_clones(conn: LibvirtConnection, runner: storage.Runner, request: Requ
         else:
             if not os.path.isdir(request.clones_dir):
                 storage.require_writable_dir(request.clones_dir, "clones")
+            # ``parallel`` clones are restored or booted at a time; each NIC swap then waits for its
+            # guest outside that limit (in its own thread, up to MAX_SWAP_THREADS).
+            slots = threading.BoundedSemaphore(max(1, request.parallel))
             report.results.extend(_run_parallel(
-                [lambda identity=identity: create_clone(conn, runner, template, identity, request.paused)
+                [lambda identity=identity: create_clone(conn, runner, template, identity, request.paused, slots)
                  for identity in to_create],
-                request.parallel,
+                min(len(to_create), max(request.parallel, MAX_SWAP_THREADS)),
             ))
     created_ok = {result.name for result in report.results if not result.error}
     report.after = sorted((set(by_name) - {pair[0].name() for pair in surplus}) | (created_ok & wanted_names))

@@ -7,6 +7,8 @@ import json
 import os
 import pathlib
 import subprocess
+import threading
+import time
 import uuid
 
 import pytest
@@ -232,6 +234,49 @@ def test_failure_after_define_undefines_the_clone(conn, made, tmp_path, monkeypa
     report = clones.ensure_clones(conn, runner, request(tmp_path, count=1, start="boot"), check_mode=False)
     assert report.failed[0].error == "starting failed on purpose"
     assert conn.find_domain("web-001") is None and not (tmp_path / "clones" / "web-001").exists()
+
+
+def test_nic_swaps_wait_for_their_guests_outside_the_restore_slots(conn, made, tmp_path, monkeypatch):
+    """parallel bounds the restores; each clone's NIC swap waits for its guest without holding a slot."""
+    restoring, most_restoring = [0], [0]
+    lock = threading.Lock()
+    # Passes only when all three clones wait in their swap at once: with the swap inside the slot
+    # (parallel=1), the first would wait alone until the barrier breaks.
+    all_swapping = threading.Barrier(3, timeout=10)
+
+    class Domain:
+        def __init__(self, name):
+            self.name = lambda: name
+            self.resumed = False
+
+        def resume(self):
+            self.resumed = True
+
+    def make_domain(_conn, _runner, _template, identity, paused, result):
+        assert not paused
+        with lock:
+            restoring[0] += 1
+            most_restoring[0] = max(most_restoring[0], restoring[0])
+        time.sleep(0.05)
+        with lock:
+            restoring[0] -= 1
+        result.actions.extend(["overlay", "restored", "defined"])
+        return Domain(identity.name)
+
+    def swap(_conn, domain, macs, link):
+        assert domain.resumed and macs and link == "down"
+        all_swapping.wait()
+        return True
+
+    monkeypatch.setattr(template.Template, "save_image", lambda self: None)
+    monkeypatch.setattr(clones, "_make_domain", make_domain)
+    monkeypatch.setattr(clones, "swap_nics", swap)
+    monkeypatch.setattr(clones, "describe_clone", lambda *_args: {})
+    report = clones.ensure_clones(conn, runner, request(tmp_path, start="restore", state="running", network="held", parallel=1),
+                                  check_mode=False)
+    assert not report.failed, [result.error for result in report.failed]
+    assert most_restoring[0] == 1, "parallel=1 must restore one clone at a time"
+    assert all(result.actions[-2:] == ["resumed", "nic swapped"] for result in report.results)
 
 
 def test_template_absent_refused_while_clones_exist(conn, made, tmp_path):
