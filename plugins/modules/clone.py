@@ -75,9 +75,10 @@ options:
     description:
       - Leave new clones paused (booted or restored paused). A paused memory clone keeps the golden's
         NIC with its link down until it runs; its NIC is swapped when it is resumed with O(state=running).
-      - A memory clone that is not paused runs as soon as it is restored, with its links down, and has its
-        NIC swapped right away; a later O(network=released) then only puts links up, which needs nothing
-        from the guest. C(playbooks/clone_fleet.yml) restores its clones that way.
+      - A memory clone that is not paused runs as soon as it is restored and has its NIC swapped right away,
+        link down with O(network=held): a DHCP client the guest starts on that NIC before the release may back
+        off or give up. C(playbooks/clone_fleet.yml) restores paused, so the swap comes with the release,
+        link up.
     type: bool
     default: false
     version_added: 0.1.0
@@ -93,8 +94,8 @@ options:
     description:
       - How many clones are restored or booted, or existing ones brought to O(state) and O(network) (a release
         may swap NICs), at the same time.
-      - The NIC swap of a new memory clone waits for its guest outside this limit, so the next clones
-        restore meanwhile.
+      - A NIC swap (a release, or a new memory clone that is not paused) waits for its guest outside this
+        limit: the swaps of many clones wait side by side, and the next clones restore meanwhile.
     type: int
     default: 4
     version_added: 0.1.0

@@ -54,8 +54,8 @@ START_MODES = ("boot", "restore", "none")
 NETWORK_MODES = ("held", "released")
 # Hot-unplug needs the guest's cooperation (ACPI eject); TCG guests under load are slow.
 NIC_UNPLUG_TIMEOUT = 60.0
-# Threads that create clones: each holds a restore slot (``parallel``) only while the host works, then
-# waits for its guest's NIC swap; past this many, a clone waits for a thread before it restores.
+# Threads that create or converge clones: each holds a slot (``parallel``) only while the host restores
+# or boots, then may wait for its guest's NIC swap; past this many, a clone waits for a thread.
 MAX_SWAP_THREADS = 32
 
 
@@ -411,8 +411,11 @@ def remove_clone(conn: LibvirtConnection, domain: t.Any, spec: dict[str, t.Any])
 
 
 def converge_existing(conn: LibvirtConnection, domain: t.Any, spec: dict[str, t.Any], state: str, paused: bool,
-                      network: str | None, check_mode: bool) -> CloneResult:
-    """Bring an existing clone to ``state``/``paused``/``network`` without recreating it."""
+                      network: str | None, check_mode: bool, slots: threading.Semaphore | None = None) -> CloneResult:
+    """Bring an existing clone to ``state``/``paused``/``network`` without recreating it.
+
+    A boot holds one of ``slots``; a NIC swap, which waits for the guest, does not.
+    """
     result = CloneResult(domain.name())
     started = time.monotonic()
     current = conn.domain_state(domain)
@@ -420,7 +423,8 @@ def converge_existing(conn: LibvirtConnection, domain: t.Any, spec: dict[str, t.
         if current in ("shutoff", "crashed", "nostate"):
             if not check_mode:
                 flags = libvirt.VIR_DOMAIN_START_PAUSED if paused else 0
-                conn.call(f"starting '{domain.name()}'", domain.createWithFlags, flags)
+                with slots or contextlib.nullcontext():
+                    conn.call(f"starting '{domain.name()}'", domain.createWithFlags, flags)
             result.actions.append("booted")
             current = "paused" if paused else "running"
         elif current == "paused" and not paused:
@@ -490,6 +494,11 @@ class Report:
         return [result for result in self.results if result.error]
 
 
+def _threads(jobs: int, parallel: int) -> int:
+    """Threads for ``jobs`` clones: ``parallel`` of them hold a slot, the others may wait for their guests."""
+    return max(1, min(jobs, max(parallel, MAX_SWAP_THREADS)))
+
+
 def _run_parallel(work: list[t.Callable[[], CloneResult]], parallel: int) -> list[CloneResult]:
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         return list(pool.map(lambda job: job(), work))
@@ -545,13 +554,16 @@ def ensure_clones(conn: LibvirtConnection, runner: storage.Runner, request: Requ
     if to_create and request.state == "running" and request.start == "none":
         raise ClonesafeError("state: running needs start: boot or restore for new clones")
     existing_state = request.state if request.state == "running" else "present"
-    # Existing clones converge side by side like new ones are made (a release swaps each clone's NIC,
-    # which waits for its guest to acknowledge the unplug: one clone after another, that wait added up).
+    # ``parallel`` clones are restored or booted at a time. A NIC swap (a release, or a new memory clone
+    # that runs) waits for its guest to acknowledge the unplug, outside that limit: in its own thread,
+    # up to MAX_SWAP_THREADS, so N swaps take about as long as the slowest, not N/parallel of them.
+    slots = threading.BoundedSemaphore(max(1, request.parallel))
+    existing = [name for name, _index in wanted if name in by_name]
     report.results.extend(_run_parallel(
         [lambda domain=by_name[name][0], spec=by_name[name][1]: converge_existing(
-            conn, domain, spec, existing_state, request.paused, request.network, check_mode)
-         for name, _index in wanted if name in by_name],
-        request.parallel,
+            conn, domain, spec, existing_state, request.paused, request.network, check_mode, slots)
+         for name in existing],
+        _threads(len(existing), request.parallel),
     ))
     for domain, spec in surplus:
         report.results.append(CloneResult(domain.name(), actions=["removed"]) if check_mode
@@ -562,13 +574,10 @@ def ensure_clones(conn: LibvirtConnection, runner: storage.Runner, request: Requ
         else:
             if not os.path.isdir(request.clones_dir):
                 storage.require_writable_dir(request.clones_dir, "clones")
-            # ``parallel`` clones are restored or booted at a time; each NIC swap then waits for its
-            # guest outside that limit (in its own thread, up to MAX_SWAP_THREADS).
-            slots = threading.BoundedSemaphore(max(1, request.parallel))
             report.results.extend(_run_parallel(
                 [lambda identity=identity: create_clone(conn, runner, template, identity, request.paused, slots)
                  for identity in to_create],
-                min(len(to_create), max(request.parallel, MAX_SWAP_THREADS)),
+                _threads(len(to_create), request.parallel),
             ))
     created_ok = {result.name for result in report.results if not result.error}
     report.after = sorted((set(by_name) - {pair[0].name() for pair in surplus}) | (created_ok & wanted_names))

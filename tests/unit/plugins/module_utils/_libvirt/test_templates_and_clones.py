@@ -279,6 +279,27 @@ def test_nic_swaps_wait_for_their_guests_outside_the_restore_slots(conn, made, t
     assert all(result.actions[-2:] == ["resumed", "nic swapped"] for result in report.results)
 
 
+def test_a_release_swaps_every_nic_at_once_whatever_parallel(conn, made, tmp_path, monkeypatch):
+    """Releasing clones that still carry the golden's NIC: their swaps wait for their guests side by side."""
+    clones.ensure_clones(conn, runner, request(tmp_path, count=3, start="boot", state="running", network="held"),
+                         check_mode=False)
+    # Passes only when all three swaps wait at once: with one thread per slot (parallel=1) the first
+    # would wait alone until the barrier breaks.
+    all_swapping = threading.Barrier(3, timeout=10)
+
+    def swap(_conn, _domain, macs, link):
+        assert macs and link == "up"
+        all_swapping.wait()
+        return True
+
+    golden_nic = [{"mac": "52:54:00:00:00:01", "link": "down", "xml": "<interface/>"}]
+    monkeypatch.setattr(clones, "live_interfaces", lambda _xml: golden_nic)
+    monkeypatch.setattr(clones, "swap_nics", swap)
+    report = clones.ensure_clones(conn, runner, request(tmp_path, count=3, state="running", network="released", parallel=1),
+                                  check_mode=False)
+    assert [result.actions for result in report.results] == [["nic swapped"]] * 3
+
+
 def test_template_absent_refused_while_clones_exist(conn, made, tmp_path):
     clones.ensure_clones(conn, runner, request(tmp_path, count=1), check_mode=False)
     assert [pair[0].name() for pair in clones.find_clones(conn, "web")] == ["web-001"]
