@@ -76,7 +76,7 @@ options:
       - Leave new clones paused (booted or restored paused). A paused memory clone keeps the golden's
         NIC with its link down until it runs; its NIC is swapped when it is resumed with O(state=running).
       - A memory clone that is not paused runs as soon as it is restored and has its NIC swapped right away,
-        link down with O(network=held): a DHCP client the guest starts on that NIC before the release may back
+        link down with O(network=held); a DHCP client the guest starts on that NIC before the release may back
         off or give up. C(playbooks/clone_fleet.yml) restores paused, so the swap comes with the release,
         link up.
     type: bool
@@ -95,7 +95,7 @@ options:
       - How many clones are restored or booted, or existing ones brought to O(state) and O(network) (a release
         may swap NICs), at the same time.
       - A NIC swap (a release, or a new memory clone that is not paused) waits for its guest outside this
-        limit: the swaps of many clones wait side by side, and the next clones restore meanwhile.
+        limit, so the swaps of many clones wait side by side, and the next clones restore meanwhile.
     type: int
     default: 4
     version_added: 0.1.0
