@@ -191,7 +191,7 @@ def library_path(conn: LibvirtConnection, golden: bench_golden.Golden, name: str
     phases = {}
     started = time.monotonic()
     request = clones.Request(template=name, templates_dir=template.DEFAULT_TEMPLATES_DIR, clones_dir=clones.DEFAULT_CLONES_DIR,
-                             state="running", count=count, start="restore", paused=False, network="held")
+                             state="running", count=count, start="restore", paused=True, network="held")
     made = clones.ensure_clones(conn, runner, request, False)
     if made.failed:
         raise RuntimeError(f"restore failed: {[result.line() for result in made.failed]}")
