@@ -29,7 +29,8 @@ without and with the template's creation counted; with ``--repeats R`` each of o
 per N and the ratio takes the median (every run is kept). Each path also records the host CPU its
 clones' QEMU processes used, start to new host key (``guest_cpu_s``); for ours, less their idle burn and
 divided by the cores (``cpu_floor_s``): the same guest work cannot end sooner on this machine, whatever
-the order. Writes bench/results/time_to_unique.json.
+the order; and the host CPU besides (``host_cpu_s``: this process, the commands it ran, libvirtd), so
+the CPU each path spends per clone is compared too. Writes bench/results/time_to_unique.json.
 Everything it makes (golden, template, clones, copies) is removed at the end, also on failure.
 """
 
@@ -42,6 +43,7 @@ import glob
 import json
 import os
 import pathlib
+import resource
 import secrets
 import shutil
 import signal
@@ -156,6 +158,33 @@ def guest_cpu(names: list[str], wall_s: float) -> dict[str, float]:
     busy_s = sum(max(0.0, used[name] - idle[name] * wall_s) for name in names)
     return {"guest_cpu_s": round(sum(used.values()), 2), "guest_idle_ms_per_s": round(statistics.median(idle.values()) * 1000, 1),
             "guest_busy_cpu_s": round(busy_s, 2), "cpu_floor_s": round(busy_s / (os.cpu_count() or 1), 2)}
+
+
+class HostCpu:
+    """Host CPU a path used besides its guests: this process (the library path's modules), the commands it
+    ran and waited for (ansible-playbook and its modules, virt-clone, virt-sysprep and its appliance,
+    ssh-keyscan), and libvirtd. Taken from its start to the end of its cleanup, which is small beside it."""
+
+    def __init__(self) -> None:
+        self.libvirtd = _libvirtd_pid()
+        self.start = self._now()
+
+    def _now(self) -> tuple[float, float, float]:
+        own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        daemon = benchlib.process_cpu_ns(self.libvirtd) / 1e9 if self.libvirtd else 0.0
+        return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime, daemon
+
+    def used(self) -> dict[str, float]:
+        end = self._now()
+        own, children, daemon = (after - before for after, before in zip(end, self.start))
+        return {"host_cpu_s": {"this_process": round(own, 2), "commands": round(children, 2), "libvirtd": round(daemon, 2)}}
+
+
+def _libvirtd_pid() -> int | None:
+    try:
+        return int(subprocess.run(["pidof", "-s", "libvirtd"], capture_output=True, text=True, check=False).stdout.split()[0])
+    except (IndexError, ValueError):
+        return None
 
 
 def remove_clones(conn: LibvirtConnection, name: str) -> None:
@@ -344,9 +373,13 @@ def ratios(rows: list[dict], template_s: float) -> list[dict]:
         usual = statistics.median(runs["usual"])
         entry = {"clones": count, "usual_s": usual}
         for path in PATHS:
-            floors = [row["cpu_floor_s"] for row in rows if row["clones"] == count and row["path"] == path and "cpu_floor_s" in row]
+            done = [row for row in rows if row["clones"] == count and row["path"] == path]
+            floors = [row["cpu_floor_s"] for row in done if "cpu_floor_s" in row]
             if floors:
                 entry[f"{path}_cpu_floor_s"] = round(statistics.median(floors), 2)
+            spent = [(row["guest_cpu_s"] + sum(row["host_cpu_s"].values())) / count for row in done if "host_cpu_s" in row]
+            if spent:
+                entry[f"{path}_cpu_per_clone_s"] = round(statistics.median(spent), 2)
         for path in ("ansible", "library"):
             if runs[path]:
                 ours = round(statistics.median(runs[path]), 2)
@@ -411,6 +444,7 @@ def main() -> None:
             for count, path, repeat in runs:
                 which = f" (run {repeat + 1} of {args.repeats})" if path != "usual" and args.repeats > 1 else ""
                 print(f"N={count}: {path} path{which} ...", flush=True)
+                host_cpu = HostCpu()
                 try:
                     if path == "ansible":
                         row = ansible_path(conn, golden, name, count, work)
@@ -427,6 +461,8 @@ def main() -> None:
                     if usual:
                         usual.clean()
                 row["repeat"] = repeat
+                if "error" not in row:
+                    row.update(host_cpu.used())
                 row["loadavg_after"] = [round(value, 2) for value in os.getloadavg()]
                 rows.append(row)
                 print("  " + json.dumps({k: v for k, v in row.items() if k != "per_clone"}), flush=True)
@@ -457,6 +493,12 @@ def main() -> None:
     for entry in result["ratios"]:
         print(f"{entry['clones']:>3}  " + "; ".join(f"{path} {entry[f'{path}_cpu_floor_s']:.1f} s" for path in PATHS
                                                     if f"{path}_cpu_floor_s" in entry))
+    print("CPU per clone, guests and host (QEMU, this process, the commands run, libvirtd), s; usual / ours")
+    for entry in result["ratios"]:
+        per_clone = {path: entry.get(f"{path}_cpu_per_clone_s") for path in PATHS}
+        ratio = "; ".join(f"usual/{path} {per_clone['usual'] / per_clone[path]:.1f}x" for path in ("ansible", "library")
+                          if per_clone["usual"] and per_clone[path])
+        print(f"{entry['clones']:>3}  " + "; ".join(f"{path} {value:.2f}" for path, value in per_clone.items() if value) + f"   ({ratio})")
     benchlib.finish(result, args.out)
 
 
