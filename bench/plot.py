@@ -181,7 +181,7 @@ def headline_table(directory: pathlib.Path) -> list[str]:
             if "library_ratio" in entry:
                 runs = entry.get("library_runs_s", [])
                 spread = f"; runs {min(runs)}-{max(runs)} s" if len(runs) > 1 else ""
-                floor = (f"; the clones' own work over {ttu['machine'].get('cores')} cores alone: {entry['library_cpu_floor_s']} s"
+                floor = (f"; the clones' own work over {ttu['machine'].get('cores')} cores, an estimate: {entry['library_cpu_floor_s']} s"
                          if "library_cpu_floor_s" in entry else "")
                 library = f"{entry['library_ratio']}x ({entry['library_s']} s{spread}{floor})"
             else:

@@ -28,8 +28,8 @@ reported on its own line: it is made once for any number of clones. Ratios are p
 without and with the template's creation counted; with ``--repeats R`` each of our paths runs R times
 per N and the ratio takes the median (every run is kept). Each path also records the host CPU its
 clones' QEMU processes used, start to new host key (``guest_cpu_s``); for ours, less their idle burn and
-divided by the cores (``cpu_floor_s``): the same guest work cannot end sooner on this machine, whatever
-the order; and the host CPU besides (``host_cpu_s``: this process, the commands it ran, libvirtd), so
+divided by the cores (``cpu_floor_s``), an estimate of the time the same guest work needs on this machine whatever the
+order; and the host CPU besides (``host_cpu_s``: this process, the commands it ran, libvirtd), so
 the CPU each path spends per clone is compared too. Writes bench/results/time_to_unique.json.
 Everything it makes (golden, template, clones, copies) is removed at the end, also on failure.
 """
@@ -149,7 +149,8 @@ def guest_cpu(names: list[str], wall_s: float) -> dict[str, float]:
 
     Called once every clone served its new key (after the path's time was taken). The idle burn
     (an idle TCG guest's timers) is measured over the next IDLE_SAMPLE_S and taken off for all of
-    ``wall_s``, longer than any clone lived: the floor errs low.
+    ``wall_s``, longer than any clone lived, which makes it low; the guests' work itself depends on the
+    order (re-asked hellos, timers catching up under contention), which can make it high: an estimate.
     """
     pids = {name: benchlib.qemu_pid(name) for name in names}
     used = {name: benchlib.process_cpu_ns(pid) / 1e9 for name, pid in pids.items()}
@@ -489,7 +490,7 @@ def main() -> None:
               f"{entry.get('library_ratio', float('nan')):>5.1f}x   "
               f"[{entry.get('ansible_ratio_with_template', float('nan'))}x, {entry.get('library_ratio_with_template', float('nan'))}x]")
     print("the clones' own work (their QEMU processes' CPU, start to new host key, less idle burn) over the cores: "
-          "a floor no ordering of it beats")
+          "an estimate of the floor (see guest_cpu)")
     for entry in result["ratios"]:
         print(f"{entry['clones']:>3}  " + "; ".join(f"{path} {entry[f'{path}_cpu_floor_s']:.1f} s" for path in PATHS
                                                     if f"{path}_cpu_floor_s" in entry))

@@ -92,10 +92,10 @@ options:
     version_added: 0.1.0
   parallel:
     description:
-      - How many clones are restored or booted, or existing ones brought to O(state) and O(network) (a release
-        may swap NICs), at the same time.
-      - A NIC swap (a release, or a new memory clone that is not paused) waits for its guest outside this
-        limit, so the swaps of many clones wait side by side, and the next clones restore meanwhile.
+      - How many clones are restored or booted at the same time (new clones, and shut-off existing ones with O(state=running)).
+      - Resuming, link changes and NIC swaps (a release, or a new memory clone that is not paused) are not limited
+        by it, up to 32 clones at once, so swaps that wait for their guests overlap; libvirtd serves about 5
+        requests of one connection at a time.
     type: int
     default: 4
     version_added: 0.1.0

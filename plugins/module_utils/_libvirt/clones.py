@@ -556,7 +556,8 @@ def ensure_clones(conn: LibvirtConnection, runner: storage.Runner, request: Requ
     existing_state = request.state if request.state == "running" else "present"
     # ``parallel`` clones are restored or booted at a time. A NIC swap (a release, or a new memory clone
     # that runs) waits for its guest to acknowledge the unplug, outside that limit: in its own thread,
-    # up to MAX_SWAP_THREADS, so N swaps take about as long as the slowest, not N/parallel of them.
+    # up to MAX_SWAP_THREADS (libvirtd serves about 5 requests of one connection at a time, so at most
+    # that many unplugs wait inside it at once; the rest queue there, not behind a restore).
     slots = threading.BoundedSemaphore(max(1, request.parallel))
     existing = [name for name, _index in wanted if name in by_name]
     report.results.extend(_run_parallel(
