@@ -453,7 +453,7 @@ def main() -> None:
                         row = library_path(conn, golden, name, count)
                     else:
                         row = usual.run(count)
-                except (RuntimeError, TimeoutError) as error:
+                except (RuntimeError, TimeoutError, OSError, ValueError) as error:  # OSError: a clone's QEMU gone
                     if not args.keep_going:
                         raise
                     row = {"path": path, "clones": count, "error": str(error)[-2000:]}
