@@ -494,13 +494,13 @@ class Report:
         return [result for result in self.results if result.error]
 
 
-def _threads(jobs: int, parallel: int) -> int:
+def _worker_count(jobs: int, parallel: int) -> int:
     """Threads for ``jobs`` clones: ``parallel`` of them hold a slot, the others may wait for their guests."""
     return max(1, min(jobs, max(parallel, MAX_SWAP_THREADS)))
 
 
-def _run_parallel(work: list[t.Callable[[], CloneResult]], parallel: int) -> list[CloneResult]:
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+def _run_parallel(work: list[t.Callable[[], CloneResult]], workers: int) -> list[CloneResult]:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(lambda job: job(), work))
 
 
@@ -564,7 +564,7 @@ def ensure_clones(conn: LibvirtConnection, runner: storage.Runner, request: Requ
         [lambda domain=by_name[name][0], spec=by_name[name][1]: converge_existing(
             conn, domain, spec, existing_state, request.paused, request.network, check_mode, slots)
          for name in existing],
-        _threads(len(existing), request.parallel),
+        _worker_count(len(existing), request.parallel),
     ))
     for domain, spec in surplus:
         report.results.append(CloneResult(domain.name(), actions=["removed"]) if check_mode
@@ -578,7 +578,7 @@ def ensure_clones(conn: LibvirtConnection, runner: storage.Runner, request: Requ
             report.results.extend(_run_parallel(
                 [lambda identity=identity: create_clone(conn, runner, template, identity, request.paused, slots)
                  for identity in to_create],
-                _threads(len(to_create), request.parallel),
+                _worker_count(len(to_create), request.parallel),
             ))
     created_ok = {result.name for result in report.results if not result.error}
     report.after = sorted((set(by_name) - {pair[0].name() for pair in surplus}) | (created_ok & wanted_names))
