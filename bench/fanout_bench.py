@@ -6,7 +6,7 @@ Run from the repository root (no lab, no root needed; `make collection` first):
 
     .venv/bin/python bench/fanout_bench.py [--clones 1000] [--repeats 10]
 
-The fake agents (bench/fuzz_channel.FakeFleet: one listening unix socket per clone, like the host
+The fake agents (bench/fake_agents.FakeFleet: one listening unix socket per clone, like the host
 side of a virtio-serial channel) run in a child process, so they answer on the other core and none
 of their CPU is counted as the host's. Each answers ``hello`` and ``rotate`` validly: a rotate reply
 carries an Ed25519 attestation signed over the nonce of the request.
@@ -42,7 +42,7 @@ import benchlib
 sys.path.insert(0, str(benchlib.REPO / "bench"))
 
 # pylint: disable=wrong-import-position
-import fuzz_channel  # noqa: E402
+import fake_agents  # noqa: E402
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet import multicast as mc  # noqa: E402
 from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, wire  # noqa: E402
@@ -55,15 +55,15 @@ def serve(directory: str, clones: list[tuple[str, str, bytes]], ready, stop, cpu
     rotate fingerprints are made once per clone; per request only the signature over the nonce is new.
     """
     rng = random.Random(1)
-    fakes = [fuzz_channel.FakeClone(name, uuid, proof.generate_identity_key(seed)) for name, uuid, seed in clones]
+    fakes = [fake_agents.FakeClone(name, uuid, proof.generate_identity_key(seed)) for name, uuid, seed in clones]
     hellos = {}
     fingerprints = {}
     for fake in fakes:
-        hello = json.dumps(fuzz_channel.valid_hello(rng, fake), sort_keys=True, separators=(",", ":"))
+        hello = json.dumps(fake_agents.valid_hello(rng, fake), sort_keys=True, separators=(",", ":"))
         hellos[fake.name] = hello
         fingerprints[fake.name] = {"identity": fake.identity, "machine_id": "HMAC-SHA256:" + os.urandom(32).hex(),
                                    "ssh_host_key.ed25519": proof.sha256_fingerprint(os.urandom(32))}
-    providers = {name: {"status": "rotated", "method": "regenerated"} for name in fuzz_channel.PROVIDERS}
+    providers = {name: {"status": "rotated", "method": "regenerated"} for name in fake_agents.PROVIDERS}
 
     def respond(clone, request):
         if request["op"] == "hello":
@@ -78,7 +78,7 @@ def serve(directory: str, clones: list[tuple[str, str, bytes]], ready, stop, cpu
         return json.dumps(wire.make_result(request["id"], result),
                           separators=(",", ":")).encode() + b"\n", False, False
 
-    fleet = fuzz_channel.FakeFleet(directory, fakes, respond)
+    fleet = fake_agents.FakeFleet(directory, fakes, respond)
     ready.set()
     stop.wait()
     fleet.close()
@@ -108,7 +108,7 @@ def main() -> None:
         child.start()
         if not ready.wait(120):
             raise SystemExit("the fake agents did not come up")
-        targets = [fuzz_channel.make_target(name, os.path.join(directory, f"{name}.sock"), uuid) for name, uuid, _seed in clones]
+        targets = [fake_agents.make_target(name, os.path.join(directory, f"{name}.sock"), uuid) for name, uuid, _seed in clones]
         rounds = []
         for repeat in range(args.repeats + 1):
             settings = mc.Settings(hash_key=hash_key, run_secret=secrets.token_hex(32), entropy_source="combined")

@@ -7,7 +7,8 @@ Run from the repository root (no lab, no root needed):
     .venv/bin/python bench/fuzz_channel.py --side host --count 1000000 --seed 1
 
 Targets are registered per side (``--side host|agent|both``; ``--target NAME`` runs one). The host
-side is implemented here; the agent side (what a guest does with what a host sends: ``agent.request``
+side is implemented here, with fake agents from bench/fake_agents.py and the replies' mutations from
+bench/reply_mutations.py; the agent side (what a guest does with what a host sends: ``agent.request``
 and ``agent.channel``) is in bench/fuzz_channel_agent.py, registered below under side ``agent``.
 
 Host targets:
@@ -48,7 +49,6 @@ Prints one JSON line at the end; exits 1 when anything escaped.
 from __future__ import annotations
 
 import argparse
-import base64
 import dataclasses
 import json
 import os
@@ -56,8 +56,6 @@ import pathlib
 import random
 import re
 import resource
-import selectors
-import socket
 import sys
 import tempfile
 import threading
@@ -70,9 +68,12 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "build" / "collections"))
 
 # pylint: disable=wrong-import-position
-from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet import fanout  # noqa: E402
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet import multicast as mc  # noqa: E402
 from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, wire  # noqa: E402
+
+sys.path.insert(0, str(REPO / "bench"))
+from fake_agents import FakeClone, FakeFleet, make_target, valid_attestation, valid_hello, valid_rotate  # noqa: E402
+from reply_mutations import Plan, make_plan, render  # noqa: E402
 
 SIDES = ("host", "agent")
 # What must never appear in output, whatever a guest sent (wire.printable escapes these).
@@ -173,392 +174,6 @@ def register(name: str, side: str, share: float, description: str) -> t.Callable
         return function
 
     return decorate
-
-
-# ---------------------------------------------------------------------------------------------
-# Valid replies, as an agent would send them
-
-
-@dataclasses.dataclass
-class FakeClone:
-    """One fake guest: its name, domain UUID, identity key and generation counter."""
-
-    name: str
-    uuid: str
-    key: t.Any
-    generation: int = 1
-
-    @property
-    def identity(self) -> str:
-        """The fingerprint of its identity key."""
-        return proof.identity_fingerprint(proof.raw_public_key(self.key))
-
-
-PROVIDERS = ("identity", "ssh_host_keys", "machine_id", "rng")
-
-
-def valid_hello(rng: random.Random, clone: FakeClone) -> dict[str, t.Any]:
-    """A hello result the host must accept (with at least one registered vCPU)."""
-    cpus = rng.randint(1, 4)
-    counts = [rng.randint(0, 10**6) for _cpu in range(cpus)]
-    registered = sorted(rng.sample(range(cpus), rng.randint(1, cpus)))
-    trigger = None
-    if rng.random() < 0.5:
-        trigger = {"trigger": rng.choice(wire.TRIGGERS), "time": "2026-01-01T00:00:00.000000Z",
-                   "generation": clone.generation, "operation": rng.choice(wire.ROTATE_OPERATIONS)}
-    return {
-        "agent_version": "0.1.0",
-        "protocol": wire.PROTOCOL_VERSION,
-        "generation": clone.generation,
-        "uuid": clone.uuid,
-        "vcpus": {"online": list(range(cpus)), "registered": registered},
-        "interrupts": {
-            "channel": {"irq": 24, "irqs": [24, 25], "per_cpu": counts, "affinity": registered,
-                        "name": "virtio0-virtqueues"},
-            "acpi_sci": {"irq": 9, "per_cpu": [0] * cpus, "affinity": list(range(cpus))},
-            "gpe_vmgenid": rng.randint(0, 5),
-        },
-        "providers": {name: {"enabled": True, "state": "present"} for name in PROVIDERS},
-        "identity_public_key": base64.b64encode(proof.raw_public_key(clone.key)).decode("ascii"),
-        "last_trigger": trigger,
-    }
-
-
-def valid_rotate(rng: random.Random, clone: FakeClone, args: dict[str, t.Any]) -> tuple[dict[str, t.Any], dict[str, str]]:
-    """A rotate result signed over the request's nonce, and the fingerprints it attests."""
-    clone.generation += 1
-    names = args.get("providers") or list(PROVIDERS)
-    fingerprints = {"identity": clone.identity}
-    if "machine_id" in names:
-        fingerprints["machine_id"] = proof.keyed_hash(args["hash_key"], os.urandom(16))
-    if "ssh_host_keys" in names:
-        fingerprints["ssh_host_key.ed25519"] = proof.sha256_fingerprint(os.urandom(32))
-    attestation = proof.sign_attestation(clone.key, args["nonce"], clone.uuid, clone.generation, fingerprints,
-                                         domain_uuid=args["domain_uuid"])
-    result = {
-        "generation": clone.generation,
-        "operation": args["operation"],
-        "entropy_source": args["entropy_source"],
-        "providers": {name: {"status": "rotated", "method": "regenerated"} for name in names},
-        "duration_ms": rng.randint(1, 500),
-        "vcpu_interrupts": [rng.randint(0, 10**6) for _cpu in range(rng.randint(1, 4))],
-        "attestation": attestation,
-    }
-    if rng.random() < 0.5:
-        result["phases_ms"] = {"journal.apply": rng.randint(0, 50), "total": result["duration_ms"]}
-    return result, fingerprints
-
-
-def valid_attestation(rng: random.Random, clone: FakeClone, nonce: str) -> dict[str, t.Any]:
-    """An attest result signed over ``nonce``."""
-    fingerprints = {"identity": clone.identity, "machine_id": "HMAC-SHA256:" + os.urandom(32).hex()}
-    return proof.sign_attestation(clone.key, nonce, clone.uuid, rng.randint(0, 100), fingerprints, domain_uuid=clone.uuid)
-
-
-# ---------------------------------------------------------------------------------------------
-# Mutations
-
-
-def nested(rng: random.Random, depth: int) -> t.Any:
-    """A value nested ``depth`` levels deep (lists and objects)."""
-    value: t.Any = rng.choice([0, "x", None, True, []])
-    for _level in range(depth):
-        value = [value] if rng.random() < 0.5 else {"a": value}
-    return value
-
-
-HOSTILE_STRINGS = (
-    "\ud800", "\udfff", "SHA256:\ud83d", "a\x00b", "\x1b[2J\x1b[H", "line\nbreak", "\r\n", "\u202eevil",
-    "\u2028", "\ufeff", "\x7f\x85\x9f", "{{ lookup('env','HOME') }}", "'; rm -rf / #", "../../etc/shadow",
-    "", " ", "é", "日本語", "\U0001f600", "%s%n", "\\u0000",
-)
-
-
-def hostile_value(rng: random.Random) -> t.Any:
-    """One value of a kind no valid reply holds where it is put."""
-    kind = rng.randrange(16)
-    if kind == 0:
-        return nested(rng, rng.choice([3, 7, 50, 500, 990, 3000]))
-    if kind == 1:
-        return rng.choice("ax\x00\ud800é") * rng.choice([65, 257, 1025, 2049, 5000, 70000])
-    if kind == 2:
-        return rng.choice(HOSTILE_STRINGS)
-    if kind == 3:
-        return rng.choice([-1, 0, 1, 2**31, 2**63, 2**64, -(2**63) - 1, 10**100])
-    if kind == 4:
-        return rng.choice([1.0, 0.5, -0.0, 1e308, 1e400, float("nan"), float("inf")])
-    if kind == 5:
-        return rng.choice([True, False, None])
-    if kind == 6:
-        return [rng.randint(0, 10) for _item in range(rng.choice([0, 1, 300, 5000]))]
-    if kind == 7:
-        return {rng.choice(HOSTILE_STRINGS): rng.choice([1, "x", None])}
-    if kind == 8:
-        return {f"k{index}": index for index in range(rng.choice([2, 65, 600]))}
-    if kind == 9:
-        return [rng.choice(HOSTILE_STRINGS)]
-    if kind == 10:
-        return "".join(chr(rng.randrange(0, 0x110000)) for _char in range(rng.randint(1, 40)))
-    if kind == 11:
-        return []
-    if kind == 12:
-        return {}
-    if kind == 13:
-        return str(rng.randint(0, 100))
-    if kind == 14:
-        return rng.choice(["SHA256:" + "A" * 43, "erased", "HMAC-SHA256:" + "0" * 64])
-    return "x" * rng.randint(0, 100)
-
-
-def _paths(value: t.Any, prefix: tuple = ()) -> list[tuple]:
-    """Paths (keys and indexes) in a JSON value down to 10 levels, containers included."""
-    found = [prefix]
-    if len(prefix) >= 10:
-        return found
-    if isinstance(value, dict):
-        for key, item in value.items():
-            found.extend(_paths(item, prefix + (key,)))
-    elif isinstance(value, list):
-        for index, item in enumerate(value[:8]):
-            found.extend(_paths(item, prefix + (index,)))
-    return found
-
-
-def _copy(value: t.Any, depth: int = 0) -> t.Any:
-    """A copy down to the depth mutations reach (deeper parts are shared, never changed)."""
-    if depth > 11:
-        return value
-    if isinstance(value, dict):
-        return {key: _copy(item, depth + 1) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_copy(item, depth + 1) for item in value]
-    return value
-
-
-def mutate_value(rng: random.Random, message: dict[str, t.Any]) -> dict[str, t.Any]:
-    """A copy of ``message`` with one to three structural changes."""
-    message = _copy(message)
-    for _change in range(rng.choice([1, 1, 1, 2, 3])):
-        paths = [path for path in _paths(message) if path]
-        if not paths:
-            break
-        path = rng.choice(paths)
-        parent: t.Any = message
-        for key in path[:-1]:
-            parent = parent[key]
-        last = path[-1]
-        action = rng.randrange(7)
-        if action <= 2:
-            parent[last] = hostile_value(rng)
-        elif action == 3 and isinstance(parent, dict):
-            del parent[last]
-        elif action == 4 and isinstance(parent, dict):
-            parent[rng.choice(["extra", "private_key", "__proto__", "\ud800", "x" * 100])] = hostile_value(rng)
-        elif action == 5 and isinstance(parent, dict):
-            parent[str(last) + rng.choice(["_", "\x00", " ", "\ud800"])] = parent.pop(last)
-        else:
-            parent[last] = [parent[last]] if rng.random() < 0.5 else {"value": parent[last]}
-    if rng.random() < 0.1:
-        message["v"] = rng.choice([1.0, True, "1", 2, None, [1]])
-    return message
-
-
-def encode(rng: random.Random, message: t.Any) -> bytes:
-    """JSON as a hostile agent might write it: ASCII escapes or raw UTF-8 (surrogates as invalid UTF-8)."""
-    try:
-        text = json.dumps(message, ensure_ascii=rng.random() < 0.5, allow_nan=True)
-    except (ValueError, RecursionError):
-        text = json.dumps({"v": 1, "deep": "unencodable"})
-    return text.encode("utf-8", "surrogatepass")
-
-
-BAD_BYTES = (b"\xff", b"\xc0\x80", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\x00", b"\n", b"\r", b"\xe2\x80", b"{", b'"')
-
-
-def mutate_bytes(rng: random.Random, data: bytes) -> bytes:
-    """``data`` (one line, without newline) with one byte-level change."""
-    action = rng.randrange(11)
-    if action == 0 and data:
-        return data[: rng.randrange(len(data))]
-    if action == 1 and data:
-        flipped = bytearray(data)
-        for _bit in range(rng.randint(1, 8)):
-            position = rng.randrange(len(flipped))
-            flipped[position] ^= 1 << rng.randrange(8)
-        return bytes(flipped)
-    if action == 2:
-        position = rng.randint(0, len(data))
-        return data[:position] + rng.choice(BAD_BYTES) * rng.randint(1, 3) + data[position:]
-    if action == 3 and data:
-        start = rng.randrange(len(data))
-        return data[:start] + data[start + rng.randint(1, 64):]
-    if action == 4 and data:
-        start = rng.randrange(len(data))
-        return data[:start] + data[start:start + rng.randint(1, 200)] * rng.randint(2, 5) + data[start:]
-    if action == 5:
-        return data + b" " * (wire.MAX_MESSAGE_BYTES + rng.randint(-2, 2) - len(data))
-    if action == 6:
-        return bytes(rng.randrange(256) for _byte in range(rng.randint(0, 300)))
-    if action == 7:
-        position = rng.randint(0, len(data))
-        return data[:position] + b"\n" + data[position:]
-    if action == 8:
-        return b"[" * rng.choice([100, 5000, 70000]) + data
-    if action == 9:
-        return data + b"\n" + data
-    return b""
-
-
-@dataclasses.dataclass
-class Plan:
-    """What one fake agent does with one request."""
-
-    mutate: str = "none"      # none | value | bytes | both
-    delivery: str = "reply"   # reply | close | partial
-    stale: int = 0            # stale lines (other ids) before the reply
-    chunked: bool = False     # the reply written in small pieces
-    hold: bool = False        # keep the channel open after the reply (only for valid replies)
-
-    @property
-    def valid(self) -> bool:
-        """Whether the host must accept this reply as sent (the host skips a bounded number of stale lines)."""
-        return self.mutate == "none" and self.delivery == "reply" and self.stale <= fanout.MAX_STALE_REPLIES
-
-
-def make_plan(rng: random.Random, mutation_rate: float) -> Plan:
-    """A random plan: mostly mutated replies, sometimes valid ones, rarely a broken channel."""
-    plan = Plan()
-    roll = rng.random()
-    if roll < mutation_rate:
-        plan.mutate = rng.choice(["value", "value", "bytes", "both"])
-    if rng.random() < 0.03:
-        plan.delivery = rng.choice(["close", "partial"])
-    if rng.random() < 0.05:
-        plan.stale = rng.randint(1, 20)
-    plan.chunked = rng.random() < 0.2
-    plan.hold = plan.valid and rng.random() < 0.5
-    return plan
-
-
-def render(rng: random.Random, plan: Plan, message: dict[str, t.Any]) -> list[bytes]:
-    """The lines (newline included) a fake agent writes for ``message`` under ``plan``."""
-    if plan.mutate in ("value", "both"):
-        message = mutate_value(rng, message)
-    data = encode(rng, message)
-    if plan.mutate in ("bytes", "both"):
-        data = mutate_bytes(rng, data)
-    lines = []
-    for _stale in range(plan.stale):
-        lines.append(encode(rng, wire.make_result(f"old{rng.randrange(10**6)}", {"x": 1})) + b"\n")
-    lines.append(data + b"\n")
-    return lines
-
-
-# ---------------------------------------------------------------------------------------------
-# Fake agents on real unix sockets
-
-
-class FakeFleet:
-    """Listening unix sockets, one per clone (in ``directory``, or at ``paths[name]``), served by one thread.
-
-    ``respond(clone, request)`` returns (data, chunked, close): the bytes to write (None: nothing),
-    whether to write them in small pieces, and whether to close the connection after them (a real
-    channel stays open; the host closes it when done).
-    """
-
-    def __init__(self, directory: str, clones: list[FakeClone],
-                 respond: t.Callable[[FakeClone, dict[str, t.Any]], tuple[bytes | None, bool, bool]],
-                 paths: dict[str, str] | None = None) -> None:
-        self.clones = {clone.name: clone for clone in clones}
-        self.respond = respond
-        self.paths: dict[str, str] = {}
-        self.selector = selectors.DefaultSelector()
-        self.stopping = False
-        self.listeners = []
-        for clone in clones:
-            path = (paths or {}).get(clone.name) or os.path.join(directory, f"{clone.name}.sock")
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            listener.bind(path)
-            listener.listen(64)
-            listener.setblocking(False)
-            self.selector.register(listener, selectors.EVENT_READ, ("listen", clone))
-            self.listeners.append(listener)
-            self.paths[clone.name] = path
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while not self.stopping:
-            for key, _events in self.selector.select(0.2):
-                kind, clone = key.data[0], key.data[1]
-                if kind == "listen":
-                    try:
-                        conn = key.fileobj.accept()[0]
-                    except OSError:
-                        continue
-                    conn.setblocking(False)
-                    self.selector.register(conn, selectors.EVENT_READ, ("conn", clone, bytearray()))
-                    continue
-                self._read(key.fileobj, clone, key.data[2])
-
-    def _drop(self, conn: socket.socket) -> None:
-        try:
-            self.selector.unregister(conn)
-        except (KeyError, ValueError):
-            pass
-        conn.close()
-
-    def _read(self, conn: socket.socket, clone: FakeClone, buffer: bytearray) -> None:
-        try:
-            data = conn.recv(65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            self._drop(conn)
-            return
-        if not data:
-            self._drop(conn)
-            return
-        buffer += data
-        while b"\n" in buffer:
-            line, _newline, rest = bytes(buffer).partition(b"\n")
-            buffer[:] = rest
-            reply, chunked, close = self.respond(clone, json.loads(line))
-            if reply:
-                self._write(conn, reply, chunked)
-            if close:
-                self._drop(conn)
-                return
-
-    @staticmethod
-    def _write(conn: socket.socket, data: bytes, chunked: bool) -> None:
-        conn.setblocking(True)
-        conn.settimeout(10)
-        try:
-            if chunked:
-                for start in range(0, len(data), 7):
-                    conn.sendall(data[start:start + 7])
-            else:
-                conn.sendall(data)
-        except OSError:
-            pass  # the host gave up on this reply (oversized, invalid): its business
-        finally:
-            conn.setblocking(False)
-
-    def close(self) -> None:
-        """Stop serving and close every socket."""
-        self.stopping = True
-        self.thread.join(timeout=5)
-        for key in list(self.selector.get_map().values()):
-            key.fileobj.close()
-        self.selector.close()
-
-
-def make_target(name: str, socket_path: str, domain_uuid: str) -> mc.Target:
-    """A multicast target; the domain UUID is given where this version of Target has the field."""
-    fields = {field.name for field in dataclasses.fields(mc.Target)}
-    extra = {"domain_uuid": domain_uuid} if "domain_uuid" in fields else {}
-    return mc.Target(name=name, socket_path=socket_path, **extra)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -751,7 +366,6 @@ def round_problems(report: mc.Report, plans: dict[tuple[str, str], Plan], seen: 
 # ---------------------------------------------------------------------------------------------
 # Agent targets (bench/fuzz_channel_agent.py)
 
-sys.path.insert(0, str(REPO / "bench"))
 import fuzz_channel_agent  # noqa: E402  pylint: disable=wrong-import-position,wrong-import-order
 
 for _agent_target in fuzz_channel_agent.TARGETS:

@@ -178,14 +178,18 @@ class HostCpu:
     def used(self) -> dict[str, float]:
         end = self._now()
         own, children, daemon = (after - before for after, before in zip(end, self.start))
-        return {"host_cpu_s": {"this_process": round(own, 2), "commands": round(children, 2), "libvirtd": round(daemon, 2)}}
+        # No daemon found: its CPU is unknown (None), not zero.
+        return {"host_cpu_s": {"this_process": round(own, 2), "commands": round(children, 2),
+                               "libvirtd": round(daemon, 2) if self.libvirtd else None}}
 
 
 def _libvirtd_pid() -> int | None:
-    try:
-        return int(subprocess.run(["pidof", "-s", "libvirtd"], capture_output=True, text=True, check=False).stdout.split()[0])
-    except (IndexError, ValueError):
-        return None
+    """libvirtd's PID, or that of virtqemud where libvirt runs modular daemons; None when neither runs."""
+    for daemon in ("libvirtd", "virtqemud"):
+        found = subprocess.run(["pidof", "-s", daemon], capture_output=True, text=True, check=False).stdout.split()
+        if found and found[0].isdigit():
+            return int(found[0])
+    return None
 
 
 def remove_clones(conn: LibvirtConnection, name: str) -> None:
@@ -368,17 +372,23 @@ def ratios(rows: list[dict], template_s: float) -> list[dict]:
     """Per N: the usual path's time against the median of our runs (``--repeats``), each run's time kept."""
     out = []
     for count in sorted({row["clones"] for row in rows}):
-        runs = {path: [row["to_ssh_s"] for row in rows if row["clones"] == count and row["path"] == path] for path in PATHS}
+        # A failed run (--keep-going) has no time: it is counted, not left out unannounced.
+        runs = {path: [row["to_ssh_s"] for row in rows if row["clones"] == count and row["path"] == path and "error" not in row]
+                for path in PATHS}
+        failed = {path: sum(1 for row in rows if row["clones"] == count and row["path"] == path and "error" in row)
+                  for path in PATHS}
         if not runs["usual"]:
             continue
         usual = statistics.median(runs["usual"])
         entry = {"clones": count, "usual_s": usual}
+        entry.update({f"{path}_failed_runs": number for path, number in failed.items() if number})
         for path in PATHS:
-            done = [row for row in rows if row["clones"] == count and row["path"] == path]
+            done = [row for row in rows if row["clones"] == count and row["path"] == path and "error" not in row]
             floors = [row["cpu_floor_s"] for row in done if "cpu_floor_s" in row]
             if floors:
                 entry[f"{path}_cpu_floor_s"] = round(statistics.median(floors), 2)
-            spent = [(row["guest_cpu_s"] + sum(row["host_cpu_s"].values())) / count for row in done if "host_cpu_s" in row]
+            spent = [(row["guest_cpu_s"] + sum(value or 0.0 for value in row["host_cpu_s"].values())) / count
+                     for row in done if "host_cpu_s" in row]
             if spent:
                 entry[f"{path}_cpu_per_clone_s"] = round(statistics.median(spent), 2)
         for path in ("ansible", "library"):
@@ -480,7 +490,7 @@ def main() -> None:
                 except OSError:
                     pass
     result["rows"] = rows
-    result["ratios"] = ratios([row for row in rows if "error" not in row], result["template"]["create_s"])
+    result["ratios"] = ratios(rows, result["template"]["create_s"])
     print(f"\ntemplate creation (once): {result['template']['create_s']:.2f} s")
     print(f"{'N':>3}  {'usual (parallel)':>17}  {'ansible-playbook':>17}  {'ratio':>6}  {'library':>8}  {'ratio':>6}   (s to the last clone's new "
           "host key seen by ssh-keyscan; ratio with the template's creation in brackets)")
@@ -489,6 +499,10 @@ def main() -> None:
               f"{entry.get('ansible_ratio', float('nan')):>5.1f}x  {entry.get('library_s', float('nan')):>8.2f}  "
               f"{entry.get('library_ratio', float('nan')):>5.1f}x   "
               f"[{entry.get('ansible_ratio_with_template', float('nan'))}x, {entry.get('library_ratio_with_template', float('nan'))}x]")
+    for entry in result["ratios"]:
+        for path in PATHS:
+            if entry.get(f"{path}_failed_runs"):
+                print(f"N={entry['clones']}: {entry[f'{path}_failed_runs']} {path} run(s) FAILED, not in the median (see rows)")
     print("the clones' own work (their QEMU processes' CPU, start to new host key, less idle burn) over the cores: "
           "an estimate of the floor (see guest_cpu)")
     for entry in result["ratios"]:

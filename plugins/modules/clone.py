@@ -240,7 +240,11 @@ clones:
       type: bool
       sample: true
     error:
-      description: Why this clone failed (it was removed again), or null.
+      description:
+        - Why this clone failed, or null.
+        - A new clone that failed was removed again. An existing clone that failed stays as far as it got
+          (RV(clones[].actions)); a failed NIC swap leaves the clone with a NIC, old or new, in its live and
+          persistent definitions.
       type: str
       sample: null
     seconds:
@@ -254,7 +258,7 @@ progress:
   elements: str
   sample: ["web-001: overlay, restored, defined, resumed, nic swapped (1.92s)"]
 failed_clones:
-  description: Clones that could not be made (each was cleaned up).
+  description: Clones that failed (each error says whether a new clone was removed again).
   returned: failure
   type: list
   elements: str
@@ -327,7 +331,7 @@ def main() -> None:
             result["diff"] = {"before": {"clones": report.before}, "after": {"clones": report.after}}
         if report.failed:
             raise ClonesafeError(
-                f"{len(report.failed)} of {len(report.results)} clone(s) failed and were cleaned up: "
+                f"{len(report.failed)} of {len(report.results)} clone(s) failed: "
                 + "; ".join(f"{item.name}: {item.error}" for item in report.failed)
                 + f". Clones of '{request.template}' that exist now: {', '.join(report.after) or 'none'}",
                 failed_clones=[item.name for item in report.failed],

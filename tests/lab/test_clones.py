@@ -127,6 +127,13 @@ def domain_facts(conn, name):
     }
 
 
+def persistent_nics(conn, name):
+    """(MAC, link state) of each NIC in the domain's persistent definition (what its next boot gets)."""
+    root = ET.fromstring(conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    return [(iface.find("mac").get("address"), iface.find("link").get("state") if iface.find("link") is not None else "up")
+            for iface in root.findall("devices/interface")]
+
+
 def cleanup(uri, template, force_files=()):
     code, result = module("golden_snapshot", uri=uri, name=template, state="absent", force=True)
     assert code == 0, result
@@ -260,12 +267,15 @@ def test_held_memory_clones_get_their_own_mac_inside_the_guest_and_link_up_only_
             nics = guest_nics(conn, item["name"], item["console_log"])
             assert [(mac_seen, carrier) for _n, mac_seen, carrier in nics] == [(mac, "0")], \
                 f"{item['name']}: the guest must see only its own MAC, with no carrier while held: {nics}"
+            assert [name for name, _mac, _carrier in nics] == ["eth0"], "the new NIC takes the old one's place"
+            assert persistent_nics(conn, item["name"]) == [(mac, "down")], "the definition follows the swap"
         code, released = module("clone", uri=uri, template=template, count=2, state="running", network="released")
         assert code == 0 and released["changed"], released
         for item in released["clones"]:
             assert item["network"] == "released"
             nics = guest_nics(conn, item["name"], item["console_log"])
             assert [(mac_seen, carrier) for _n, mac_seen, carrier in nics] == [(item["macs"][0], "1")], nics
+            assert persistent_nics(conn, item["name"]) == [(item["macs"][0], "up")]
         code, again = module("clone", uri=uri, template=template, count=2, state="running", network="released")
         assert code == 0 and not again["changed"], again
     finally:

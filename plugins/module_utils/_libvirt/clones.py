@@ -15,7 +15,7 @@ VM Generation ID, so the guest is told it is a clone.
 MACs of memory clones: the golden's MAC lives in the saved virtio-net state, so a new MAC in the
 XML would never reach the guest. The clone is restored paused with the golden's NIC, its link is
 put down before the guest runs, and once the guest runs the NIC is hot-unplugged and a NIC with
-the clone's own MAC is hot-plugged (live and config), so guest, QEMU and libvirt agree.
+the clone's own MAC is hot-plugged, so guest, QEMU and libvirt agree (see nic_swap.py).
 """
 
 from __future__ import annotations
@@ -40,27 +40,21 @@ from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.clone_xml
     clone_paths,
     desired_names,
     interface_macs,
-    interface_with,
     live_interfaces,
     random_mac,
     rewrite_for_clone,
 )
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.connection import LibvirtConnection
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.domain_xml import read_clonesafe_marker, read_identity
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.nic_swap import set_links, swap_nics
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.template import Template, require_template, utc_now
 
 DEFAULT_CLONES_DIR = "/var/lib/clonesafe/clones"
 START_MODES = ("boot", "restore", "none")
 NETWORK_MODES = ("held", "released")
-# Hot-unplug needs the guest's cooperation (ACPI eject); TCG guests under load are slow.
-NIC_UNPLUG_TIMEOUT = 60.0
 # Threads that create or converge clones: each holds a slot (``parallel``) only while the host restores
 # or boots, then may wait for its guest's NIC swap; past this many, a clone waits for a thread.
 MAX_SWAP_THREADS = 32
-
-
-def _live_and_config() -> int:
-    return libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG
 
 
 def domain_marker(conn: LibvirtConnection, domain: t.Any) -> dict[str, t.Any] | None:
@@ -225,60 +219,6 @@ def _restore_through_fifo(conn: LibvirtConnection, template: Template, xml: str,
     return conn.get_domain(read_identity(xml)["name"])
 
 
-def set_links(conn: LibvirtConnection, domain: t.Any, state: str, persistent: bool) -> bool:
-    """Put every NIC's link ``state`` (up/down) live (and in the config when persistent); True if one changed."""
-    flags = _live_and_config() if persistent else libvirt.VIR_DOMAIN_AFFECT_LIVE
-    changed = False
-    for nic in live_interfaces(conn.domain_xml(domain)):
-        if nic["link"] != state:
-            conn.call(
-                f"setting the link of {nic['mac']} {state} on '{domain.name()}'",
-                domain.updateDeviceFlags,
-                interface_with(nic["xml"], link=state),
-                flags,
-            )
-            changed = True
-    return changed
-
-
-def _wait_unplugged(conn: LibvirtConnection, domain: t.Any, mac: str) -> None:
-    deadline = time.monotonic() + NIC_UNPLUG_TIMEOUT
-    while mac in interface_macs(conn.domain_xml(domain)):
-        if time.monotonic() > deadline:
-            raise ClonesafeError(
-                f"the guest of '{domain.name()}' did not release NIC {mac} within {NIC_UNPLUG_TIMEOUT:.0f}s "
-                "(hot-unplug needs a running guest with ACPI PCI hotplug)"
-            )
-        time.sleep(0.1)
-
-
-def swap_nics(conn: LibvirtConnection, domain: t.Any, macs: list[str], link: str) -> bool:
-    """Replace every NIC whose MAC is not one of ``macs`` by a hot-plugged NIC with the next one of ``macs``.
-
-    The domain must be running (the guest acknowledges the unplug). True if a NIC was swapped.
-    """
-    nics = live_interfaces(conn.domain_xml(domain))
-    present = {nic["mac"] for nic in nics}
-    free_macs = [mac for mac in macs if mac not in present]
-    swapped = False
-    for nic in nics:
-        if nic["mac"] in macs:
-            continue
-        if not free_macs:
-            raise ClonesafeError(f"clone '{domain.name()}' has more NICs than MAC addresses in its metadata")
-        new_mac = free_macs.pop(0)
-        conn.call(f"unplugging NIC {nic['mac']} of '{domain.name()}'", domain.detachDeviceFlags, nic["xml"], _live_and_config())
-        _wait_unplugged(conn, domain, nic["mac"])
-        conn.call(
-            f"plugging NIC {new_mac} into '{domain.name()}'",
-            domain.attachDeviceFlags,
-            interface_with(nic["xml"], mac=new_mac, link=link),
-            _live_and_config(),
-        )
-        swapped = True
-    return swapped
-
-
 def new_identity(template: Template, name: str, index: int | None, clones_dir: str, start: str, network: str,
                  taken_macs: set[str]) -> CloneIdentity:
     """A fresh identity for clone ``name``: UUID, MACs (one per golden NIC), paths."""
@@ -333,8 +273,7 @@ def create_clone(conn: LibvirtConnection, runner: storage.Runner, template: Temp
         # Whatever failed (libvirt, qemu-img, a full disk), no half-made clone may remain.
         result.error = error.msg if isinstance(error, ClonesafeError) else f"{type(error).__name__}: {error}"
         cleanup_error = _remove_leftovers(conn, identity.name, identity.uuid, paths)
-        if cleanup_error:
-            result.error += f"; cleaning up also failed: {cleanup_error}"
+        result.error += f"; cleaning up also failed: {cleanup_error}" if cleanup_error else " (the new clone was removed again)"
         result.actions = []
     result.seconds = time.monotonic() - started
     return result
@@ -414,10 +353,24 @@ def converge_existing(conn: LibvirtConnection, domain: t.Any, spec: dict[str, t.
                       network: str | None, check_mode: bool, slots: threading.Semaphore | None = None) -> CloneResult:
     """Bring an existing clone to ``state``/``paused``/``network`` without recreating it.
 
-    A boot holds one of ``slots``; a NIC swap, which waits for the guest, does not.
+    A boot holds one of ``slots``; a NIC swap, which waits for the guest, does not. A failure is this
+    clone's (its ``error``; the clone stays as far as it got), so the others' results are still reported.
     """
     result = CloneResult(domain.name())
     started = time.monotonic()
+    try:
+        _converge(conn, domain, spec, (state, paused, network), check_mode, slots, result)
+        if not check_mode:
+            result.info = describe_clone(conn, domain, spec)
+    except ClonesafeError as error:
+        result.error = error.msg
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _converge(conn: LibvirtConnection, domain: t.Any, spec: dict[str, t.Any], wanted: tuple[str, bool, str | None],
+              check_mode: bool, slots: threading.Semaphore | None, result: CloneResult) -> None:
+    state, paused, network = wanted
     current = conn.domain_state(domain)
     if state == "running":
         if current in ("shutoff", "crashed", "nostate"):
@@ -432,30 +385,25 @@ def converge_existing(conn: LibvirtConnection, domain: t.Any, spec: dict[str, t.
                 conn.call(f"resuming '{domain.name()}'", domain.resume)
             result.actions.append("resumed")
             current = "running"
-    if network is not None and current in ("running", "paused"):
-        macs = [mac.lower() for mac in spec.get("macs", [])]
-        link = "down" if network == "held" else "up"
-        nics = live_interfaces(conn.domain_xml(domain))
-        needs_swap = any(nic["mac"] not in macs for nic in nics) and bool(macs)
-        if needs_swap:
-            if current != "running":
-                if network == "released":
-                    raise ClonesafeError(
-                        f"clone '{domain.name()}' is paused and still has the golden's NIC: it can be released only "
-                        "while running (state: running, paused: false), because the guest must take part in the NIC swap"
-                    )
-            else:
-                if not check_mode:
-                    swap_nics(conn, domain, macs, link)
-                result.actions.append("nic swapped")
-        if any(nic["link"] != link for nic in nics) and not (needs_swap and current == "running"):
-            if not check_mode:
-                set_links(conn, domain, link, persistent=bool(domain.isPersistent()))
-            result.actions.append("network released" if network == "released" else "network held")
-    if not check_mode:
-        result.info = describe_clone(conn, domain, spec)
-    result.seconds = time.monotonic() - started
-    return result
+    if network is None or current not in ("running", "paused"):
+        return
+    macs = [mac.lower() for mac in spec.get("macs", [])]
+    link = "down" if network == "held" else "up"
+    nics = live_interfaces(conn.domain_xml(domain))
+    needs_swap = any(nic["mac"] not in macs for nic in nics) and bool(macs)
+    if needs_swap and current != "running" and network == "released":
+        raise ClonesafeError(
+            f"clone '{domain.name()}' is paused and still has the golden's NIC: it can be released only "
+            "while running (state: running, paused: false), because the guest must take part in the NIC swap"
+        )
+    if needs_swap and current == "running":
+        if not check_mode:
+            swap_nics(conn, domain, macs, link)
+        result.actions.append("nic swapped")
+    if any(nic["link"] != link for nic in nics) and not (needs_swap and current == "running"):
+        if not check_mode:
+            set_links(conn, domain, link, persistent=bool(domain.isPersistent()))
+        result.actions.append("network released" if network == "released" else "network held")
 
 
 @dataclasses.dataclass
@@ -490,7 +438,7 @@ class Report:
 
     @property
     def failed(self) -> list[CloneResult]:
-        """Clones that could not be made."""
+        """Clones that could not be made (removed again) or brought to the wanted state (left as they got)."""
         return [result for result in self.results if result.error]
 
 

@@ -107,9 +107,15 @@ class LibvirtConnection:
         state, _reason = self.call(f"reading the state of domain '{domain.name()}'", domain.state)
         return DOMAIN_STATES.get(state, "nostate")
 
-    def domain_xml(self, domain: t.Any, inactive: bool = False) -> str:
-        """The domain's XML: the live definition, or the persistent one with ``inactive``."""
+    def domain_xml(self, domain: t.Any, inactive: bool = False, secure: bool = False) -> str:
+        """The domain's XML: the live definition, or the persistent one with ``inactive``.
+
+        ``secure`` includes what libvirt leaves out otherwise (graphics passwords): needed to redefine a
+        domain from it without losing them.
+        """
         flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+        if secure:
+            flags |= libvirt.VIR_DOMAIN_XML_SECURE
         return self.call(f"reading the XML of domain '{domain.name()}'", domain.XMLDesc, flags)
 
     def define_domain(self, xml: str, name: str) -> t.Any:

@@ -1,0 +1,103 @@
+# Copyright (c) clonesafe developers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+"""A clone's NICs: links up or down, and the swap that gives a memory clone its own MAC.
+
+A memory clone wakes with the golden's NIC (its MAC lives in the saved virtio-net state). Once the
+guest runs, that NIC is hot-unplugged (the guest must acknowledge the eject) and a NIC with the
+clone's own MAC is hot-plugged in its place, at the same PCI address so the guest names it as
+before. Both steps change the running domain only; the persistent definition is rewritten after
+them in one ``defineXML``, so it always holds a whole NIC, old or new. If the plug fails after the
+unplug, the old NIC (link down) is plugged back: the clone is never left without a NIC, and the
+next run swaps again.
+"""
+
+from __future__ import annotations
+
+import time
+import typing as t
+
+from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt._libvirt_dep import libvirt
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.clone_xml import (
+    interface_macs,
+    interface_with,
+    live_interfaces,
+    with_new_macs,
+)
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.connection import LibvirtConnection
+
+# Hot-unplug needs the guest's cooperation (ACPI eject); TCG guests under load are slow.
+NIC_UNPLUG_TIMEOUT = 60.0
+
+
+def set_links(conn: LibvirtConnection, domain: t.Any, state: str, persistent: bool) -> bool:
+    """Put every NIC's link ``state`` (up/down) live (and in the config when persistent); True if one changed."""
+    flags = libvirt.VIR_DOMAIN_AFFECT_LIVE | (libvirt.VIR_DOMAIN_AFFECT_CONFIG if persistent else 0)
+    changed = False
+    for nic in live_interfaces(conn.domain_xml(domain)):
+        if nic["link"] != state:
+            conn.call(
+                f"setting the link of {nic['mac']} {state} on '{domain.name()}'",
+                domain.updateDeviceFlags,
+                interface_with(nic["xml"], link=state),
+                flags,
+            )
+            changed = True
+    return changed
+
+
+def _wait_unplugged(conn: LibvirtConnection, domain: t.Any, mac: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while mac in interface_macs(conn.domain_xml(domain)):
+        if time.monotonic() > deadline:
+            raise ClonesafeError(
+                f"the guest of '{domain.name()}' did not release NIC {mac} within {timeout:.0f}s "
+                "(hot-unplug needs a running guest with ACPI PCI hotplug); the clone keeps that NIC, link down"
+            )
+        time.sleep(0.1)
+
+
+def _plug(conn: LibvirtConnection, domain: t.Any, old_nic: dict[str, str], new_xml: str, new_mac: str) -> None:
+    """Hot-plug ``new_xml`` where ``old_nic`` was; if that fails, plug the old NIC back, link down."""
+    try:
+        conn.call(f"plugging NIC {new_mac} into '{domain.name()}'", domain.attachDeviceFlags, new_xml,
+                  libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    except ClonesafeError as error:
+        try:
+            conn.call(f"plugging NIC {old_nic['mac']} back into '{domain.name()}'", domain.attachDeviceFlags,
+                      interface_with(old_nic["xml"], link="down"), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except ClonesafeError as again:
+            raise ClonesafeError(f"{error.msg}; the guest now runs without a NIC: {again.msg}. Its definition still "
+                                 f"holds NIC {old_nic['mac']}: stop and start it, or remove it") from error
+        raise ClonesafeError(f"{error.msg}; NIC {old_nic['mac']} was plugged back, link down") from error
+
+
+def swap_nics(conn: LibvirtConnection, domain: t.Any, macs: list[str], link: str,
+              unplug_timeout: float = NIC_UNPLUG_TIMEOUT) -> bool:
+    """Replace every NIC whose MAC is not one of ``macs`` by a hot-plugged NIC with the next one of ``macs``.
+
+    The domain must be running (the guest acknowledges the unplug). True if a NIC was swapped.
+    """
+    nics = live_interfaces(conn.domain_xml(domain))
+    present = {nic["mac"] for nic in nics}
+    free_macs = [mac for mac in macs if mac not in present]
+    if sum(nic["mac"] not in macs for nic in nics) > len(free_macs):
+        raise ClonesafeError(f"clone '{domain.name()}' has more NICs than MAC addresses in its metadata")
+    new_macs: dict[str, str] = {}
+    try:
+        for nic in nics:
+            if nic["mac"] in macs:
+                continue
+            new_mac = free_macs.pop(0)
+            conn.call(f"unplugging NIC {nic['mac']} of '{domain.name()}'", domain.detachDeviceFlags, nic["xml"],
+                      libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            _wait_unplugged(conn, domain, nic["mac"], unplug_timeout)
+            _plug(conn, domain, nic, interface_with(nic["xml"], mac=new_mac, link=link), new_mac)
+            new_macs[nic["mac"]] = new_mac
+    finally:
+        # Also after a failed swap of a later NIC: the definition follows the NICs already swapped.
+        if new_macs and domain.isPersistent():
+            config = conn.domain_xml(domain, inactive=True, secure=True)
+            conn.define_domain(with_new_macs(config, new_macs, link), domain.name())
+    return bool(new_macs)
