@@ -23,9 +23,11 @@ CACHE_DIR=${USER_VM_CACHE_DIR:-/var/cache/clonesafe/user-vm-images}
 SUITE=${USER_VM_SUITE:-bookworm}
 MIRROR=${USER_VM_MIRROR:-http://deb.debian.org/debian}
 # What a small user VM has: a stock kernel and GRUB, systemd, sshd, Python 3 with cryptography (the
-# agent needs it; the lab's VMs reach no package mirror to install it later).
+# agent needs it; the lab's VMs reach no package mirror to install it later), and D-Bus: without it
+# systemd-logind does not run, nothing answers the ACPI power button, and `virsh shutdown` (what
+# golden_adopt's restart asks first) waits out its timeout before the VM is powered off.
 PACKAGES=(linux-image-amd64 grub-pc-bin grub2-common systemd-sysv udev kmod initramfs-tools openssh-server
-          python3 python3-cryptography iproute2 procps)
+          python3 python3-cryptography iproute2 procps dbus)
 FREE_MIB=${USER_VM_FREE_MIB:-384}
 INSTALL_TIMEOUT=${USER_VM_INSTALL_TIMEOUT:-900}
 

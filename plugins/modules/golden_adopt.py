@@ -51,7 +51,7 @@ options:
   restart:
     description:
       - When the running domain lacks what was added, shut it down (ACPI, then power off after O(stop_timeout)
-        seconds) and start it with its new definition.
+        seconds, which RV(powered_off) and a warning report) and start it with its new definition.
       - Otherwise the additions apply at its next start, RV(restart_needed) is true and a warning says so.
     type: bool
     default: false
@@ -113,6 +113,13 @@ notes:
   type: list
   elements: str
   sample: ["libvirt adds the virtio-serial controller the agent channel needs"]
+powered_off:
+  description:
+    - Whether O(restart=true) had to power the domain off because its guest had not shut down O(stop_timeout)
+      seconds after the ACPI request (a warning says so too; what the guest had not written to disk is lost).
+  returned: success
+  type: bool
+  sample: false
 restart_needed:
   description: Whether the domain runs without what its definition now has (it applies at the next start).
   returned: success
@@ -168,9 +175,16 @@ def main() -> None:
                 f"domain '{params['name']}' runs without its VM Generation ID or agent channel until its next start: "
                 "restart it (or set restart: true) before installing the agent and snapshotting it"
             )
+        if outcome.powered_off:
+            module.warn(
+                f"domain '{params['name']}' did not shut down within {params['stop_timeout']}s of the ACPI shutdown "
+                "request and was powered off: what its guest had not written to disk is lost. Give the guest a "
+                "power-button handler (systemd-logind with D-Bus, or acpid), or a longer stop_timeout"
+            )
         result = {
             "changed": outcome.changed,
             "actions": outcome.actions,
+            "powered_off": outcome.powered_off,
             "before": outcome.before,
             "after": outcome.after,
             "notes": outcome.notes,

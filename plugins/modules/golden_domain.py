@@ -109,7 +109,9 @@ options:
     type: int
     version_added: 0.1.0
   stop_timeout:
-    description: Seconds to wait for a guest shutdown before powering the domain off; V(0) powers off at once.
+    description:
+      - Seconds to wait for a guest shutdown before powering the domain off; V(0) powers off at once.
+      - A guest powered off because it had not shut down in time is a warning (what it had not written to disk is lost).
     type: int
     default: 0
     version_added: 0.1.0

@@ -173,6 +173,7 @@ def test_the_hosts_run_qemu_unprivileged_as_the_distribution_configures_it(user_
 def test_the_golden_is_the_users_own_vm_made_a_golden(user_lab):
     golden = user_lab["golden"]
     assert golden["adopted"]["after"]["genid"] is True
+    assert golden["adopted"]["powered_off"] is False, "the user's VM shuts down on the ACPI request, as installed VMs do"
     assert golden["adopted"]["after"]["agent_channel"].endswith(".agent.sock")
     assert "<kernel>" not in golden["xml"] and "<boot dev='hd'/>" in golden["xml"], "firmware boot from its own disk"
     assert "<interface type='network'>" in golden["xml"] and "<source network='default'" in golden["xml"]

@@ -16,7 +16,6 @@ The checks are pure functions of the domain XML; :func:`adopt_domain` is the onl
 from __future__ import annotations
 
 import dataclasses
-import time
 import typing as t
 import xml.etree.ElementTree as ET
 
@@ -175,17 +174,7 @@ class Outcome:
     notes: list[str]
     restart_needed: bool
     state: str
-
-
-def _shutdown(conn: LibvirtConnection, domain: t.Any, timeout: float) -> None:
-    """Ask the guest to shut down (ACPI); power it off when it has not within ``timeout`` seconds."""
-    conn.call(f"shutting down domain '{domain.name()}'", domain.shutdown)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not domain.isActive():
-            return
-        time.sleep(0.5)
-    conn.destroy_domain(domain)
+    powered_off: bool = False
 
 
 def adopt_domain(
@@ -229,11 +218,14 @@ def adopt_domain(
     state = conn.domain_state(domain)
     live = examine(conn.domain_xml(domain)) if state != "shutoff" else None
     restart_needed = live is not None and (actions != [] or not live.genid or live.agent_channel is None)
+    powered_off = False
     if restart_needed and restart:
         if not check_mode:
-            _shutdown(conn, domain, stop_timeout)
+            powered_off = not conn.shut_down(domain, stop_timeout)
+            if powered_off:
+                actions.append(f"powered off: the guest had not shut down {stop_timeout:g}s after the ACPI request")
             conn.start_domain(domain)
         actions.append("restarted to apply the new definition")
         restart_needed = False
         state = "running"
-    return Outcome(bool(actions), actions, found.state(), after, found.notes, restart_needed, state)
+    return Outcome(bool(actions), actions, found.state(), after, found.notes, restart_needed, state, powered_off)

@@ -9,6 +9,7 @@ libvirt is to this collection what dockerd is to community.docker: every call go
 
 from __future__ import annotations
 
+import time
 import typing as t
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
@@ -125,6 +126,24 @@ class LibvirtConnection:
     def start_domain(self, domain: t.Any) -> None:
         """Boot a defined domain."""
         self.call(f"starting domain '{domain.name()}'", domain.create)
+
+    def shut_down(self, domain: t.Any, timeout: float) -> bool:
+        """Ask the guest to shut down (ACPI) and wait ``timeout`` seconds; power it off if it has not.
+
+        True when the guest shut down by itself; False when it was powered off (at once for a ``timeout``
+        of 0 or less): what the guest had not written to disk is lost, and the caller must say so.
+        """
+        if timeout > 0:
+            self.call(f"shutting down domain '{domain.name()}'", domain.shutdown)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if not domain.isActive():
+                    return True
+                time.sleep(0.5)
+        if not domain.isActive():
+            return True
+        self.destroy_domain(domain)
+        return False
 
     def destroy_domain(self, domain: t.Any) -> None:
         """Power off a domain at once (no guest shutdown)."""

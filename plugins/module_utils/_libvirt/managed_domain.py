@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 import typing as t
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
@@ -66,19 +65,6 @@ def _require_managed(conn: LibvirtConnection, domain: t.Any, name: str) -> dict[
             domain=name,
         )
     return marker
-
-
-def _stop(conn: LibvirtConnection, domain: t.Any, timeout: float) -> None:
-    """Ask the guest to shut down; power it off if it has not within ``timeout`` seconds."""
-    if timeout > 0:
-        conn.call(f"shutting down domain '{domain.name()}'", domain.shutdown)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not domain.isActive():
-                return
-            time.sleep(0.5)
-    if domain.isActive():
-        conn.destroy_domain(domain)
 
 
 def ensure_domain(
@@ -149,8 +135,11 @@ def ensure_domain(
                 conn.start_domain(domain)
             outcome.act("started")
     elif state == "shutoff" and active:
-        if not check_mode:
-            _stop(conn, domain, stop_timeout)
+        if not check_mode and not conn.shut_down(domain, stop_timeout) and stop_timeout > 0:
+            outcome.warnings.append(
+                f"domain '{name}' did not shut down within {stop_timeout:g}s of the ACPI shutdown request and was "
+                "powered off: what its guest had not written to disk is lost"
+            )
         outcome.act("stopped")
 
     after_state = state if state in ("running", "shutoff") else outcome.before.get("state", "shutoff")

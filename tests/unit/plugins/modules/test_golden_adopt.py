@@ -49,6 +49,7 @@ def test_restart_applies_the_additions_now(tmp_path):
     assert code == 0, result
     assert result["actions"][-1] == "restarted to apply the new definition"
     assert result["restart_needed"] is False and result["state"] == "running"
+    assert result["powered_off"] is False and not result.get("warnings")
 
 
 def test_what_cannot_be_fixed_fails_by_name():

@@ -107,6 +107,23 @@ def test_a_running_vm_needs_a_restart_unless_asked_for_one(conn, vm):
     assert not done.changed and not done.restart_needed
 
 
+def test_a_guest_that_ignores_the_acpi_request_is_powered_off_and_that_is_reported(conn, vm, monkeypatch):
+    """A forced power-off loses what the guest had not written: never silent (actions, powered_off)."""
+    conn.get_domain(vm).create()
+    monkeypatch.setattr(libvirt.virDomain, "shutdown", lambda _self: 0)  # a guest with no power-button handler
+    outcome = adopt.adopt_domain(conn, vm, SOCKET, check_mode=False, restart=True, stop_timeout=1)
+    assert outcome.powered_off
+    assert outcome.actions[-2:] == ["powered off: the guest had not shut down 1s after the ACPI request",
+                                    "restarted to apply the new definition"]
+    assert outcome.state == "running" and adopt.examine(conn.domain_xml(conn.get_domain(vm))).genid
+
+
+def test_a_guest_that_shuts_down_is_not_reported_powered_off(conn, vm):
+    conn.get_domain(vm).create()
+    outcome = adopt.adopt_domain(conn, vm, SOCKET, check_mode=False, restart=True, stop_timeout=5)
+    assert not outcome.powered_off and not any("powered off" in action for action in outcome.actions)
+
+
 @pytest.mark.parametrize(
     ("devices", "extra", "driver", "named"),
     [

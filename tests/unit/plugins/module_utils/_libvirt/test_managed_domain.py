@@ -90,6 +90,19 @@ def test_shutoff_then_absent(conn, spec):
     assert not ensure_domain(conn, spec.name, "absent", None, check_mode=False).changed
 
 
+def test_a_guest_powered_off_after_its_stop_timeout_is_a_warning(conn, spec, monkeypatch):
+    ensure_domain(conn, spec.name, "running", spec, check_mode=False)
+    assert not ensure_domain(conn, spec.name, "shutoff", spec, check_mode=False, stop_timeout=5).warnings, \
+        "a guest that shuts down (the test driver's do at once) is no warning"
+    ensure_domain(conn, spec.name, "running", spec, check_mode=False)
+    monkeypatch.setattr(libvirt.virDomain, "shutdown", lambda _self: 0)  # a guest with no power-button handler
+    stopped = ensure_domain(conn, spec.name, "shutoff", spec, check_mode=False, stop_timeout=1)
+    assert stopped.actions == ["stopped"] and stopped.domain["state"] == "shutoff"
+    assert stopped.warnings == [f"domain '{spec.name}' did not shut down within 1s of the ACPI shutdown request and was "
+                                "powered off: what its guest had not written to disk is lost"]
+    ensure_domain(conn, spec.name, "absent", None, check_mode=False)
+
+
 def test_foreign_domain_is_never_touched(conn):
     # test:///default ships a domain called "test" that clonesafe did not create.
     with pytest.raises(ClonesafeError, match="'test' on test:///default exists but was not created by clonesafe"):
