@@ -167,7 +167,7 @@ class HostCpu:
     ssh-keyscan), and libvirtd. Taken from its start to the end of its cleanup, which is small beside it."""
 
     def __init__(self) -> None:
-        self.libvirtd = _libvirtd_pid()
+        self.daemon, self.libvirtd = _libvirtd_pid()
         self.start = self._now()
 
     def _now(self) -> tuple[float, float, float]:
@@ -180,16 +180,20 @@ class HostCpu:
         own, children, daemon = (after - before for after, before in zip(end, self.start))
         # No daemon found: its CPU is unknown (None), not zero.
         return {"host_cpu_s": {"this_process": round(own, 2), "commands": round(children, 2),
-                               "libvirtd": round(daemon, 2) if self.libvirtd else None}}
+                               "libvirtd": round(daemon, 2) if self.libvirtd else None},
+                "libvirt_daemon": self.daemon}
 
 
-def _libvirtd_pid() -> int | None:
-    """libvirtd's PID, or that of virtqemud where libvirt runs modular daemons; None when neither runs."""
+def _libvirtd_pid() -> tuple[str | None, int | None]:
+    """(name, PID) of libvirtd, or of virtqemud where libvirt runs modular daemons; (None, None) when neither runs.
+
+    The figure is recorded under ``host_cpu_s.libvirtd`` either way, the daemon's name under ``libvirt_daemon``.
+    """
     for daemon in ("libvirtd", "virtqemud"):
         found = subprocess.run(["pidof", "-s", daemon], capture_output=True, text=True, check=False).stdout.split()
         if found and found[0].isdigit():
-            return int(found[0])
-    return None
+            return daemon, int(found[0])
+    return None, None
 
 
 def remove_clones(conn: LibvirtConnection, name: str) -> None:
@@ -377,18 +381,22 @@ def ratios(rows: list[dict], template_s: float) -> list[dict]:
                 for path in PATHS}
         failed = {path: sum(1 for row in rows if row["clones"] == count and row["path"] == path and "error" in row)
                   for path in PATHS}
+        entry: dict = {"clones": count}
+        entry.update({f"{path}_failed_runs": number for path, number in failed.items() if number})
         if not runs["usual"]:
+            if len(entry) > 1:
+                out.append(entry)  # no ratio without the usual path, but its failures are not dropped
             continue
         usual = statistics.median(runs["usual"])
-        entry = {"clones": count, "usual_s": usual}
-        entry.update({f"{path}_failed_runs": number for path, number in failed.items() if number})
+        entry["usual_s"] = usual
         for path in PATHS:
             done = [row for row in rows if row["clones"] == count and row["path"] == path and "error" not in row]
             floors = [row["cpu_floor_s"] for row in done if "cpu_floor_s" in row]
             if floors:
                 entry[f"{path}_cpu_floor_s"] = round(statistics.median(floors), 2)
-            spent = [(row["guest_cpu_s"] + sum(value or 0.0 for value in row["host_cpu_s"].values())) / count
-                     for row in done if "host_cpu_s" in row]
+            # A run whose libvirt daemon CPU is unknown (None) has no CPU per clone: unknown is not zero.
+            spent = [(row["guest_cpu_s"] + sum(row["host_cpu_s"].values())) / count
+                     for row in done if "host_cpu_s" in row and None not in row["host_cpu_s"].values()]
             if spent:
                 entry[f"{path}_cpu_per_clone_s"] = round(statistics.median(spent), 2)
         for path in ("ansible", "library"):
@@ -494,7 +502,7 @@ def main() -> None:
     print(f"\ntemplate creation (once): {result['template']['create_s']:.2f} s")
     print(f"{'N':>3}  {'usual (parallel)':>17}  {'ansible-playbook':>17}  {'ratio':>6}  {'library':>8}  {'ratio':>6}   (s to the last clone's new "
           "host key seen by ssh-keyscan; ratio with the template's creation in brackets)")
-    for entry in result["ratios"]:
+    for entry in (entry for entry in result["ratios"] if "usual_s" in entry):
         print(f"{entry['clones']:>3}  {entry['usual_s']:>17.1f}  {entry.get('ansible_s', float('nan')):>17.1f}  "
               f"{entry.get('ansible_ratio', float('nan')):>5.1f}x  {entry.get('library_s', float('nan')):>8.2f}  "
               f"{entry.get('library_ratio', float('nan')):>5.1f}x   "

@@ -57,7 +57,7 @@ options:
     default: false
     version_added: 0.1.0
   stop_timeout:
-    description: Seconds to wait for the guest to shut down before powering it off, with O(restart=true).
+    description: Seconds to wait for the guest to shut down before powering it off, with O(restart=true); V(0) powers it off at once.
     type: int
     default: 120
     version_added: 0.1.0
@@ -175,7 +175,7 @@ def main() -> None:
                 f"domain '{params['name']}' runs without its VM Generation ID or agent channel until its next start: "
                 "restart it (or set restart: true) before installing the agent and snapshotting it"
             )
-        if outcome.powered_off:
+        if outcome.powered_off and params["stop_timeout"] > 0:
             module.warn(
                 f"domain '{params['name']}' did not shut down within {params['stop_timeout']}s of the ACPI shutdown "
                 "request and was powered off: what its guest had not written to disk is lost. Give the guest a "

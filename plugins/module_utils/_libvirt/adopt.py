@@ -223,7 +223,8 @@ def adopt_domain(
         if not check_mode:
             powered_off = not conn.shut_down(domain, stop_timeout)
             if powered_off:
-                actions.append(f"powered off: the guest had not shut down {stop_timeout:g}s after the ACPI request")
+                actions.append(f"powered off: the guest had not shut down {stop_timeout:g}s after the ACPI request"
+                               if stop_timeout > 0 else "powered off at once (stop_timeout 0)")
             conn.start_domain(domain)
         actions.append("restarted to apply the new definition")
         restart_needed = False

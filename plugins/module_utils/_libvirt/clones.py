@@ -46,7 +46,7 @@ from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.clone_xml
 )
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.connection import LibvirtConnection
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.domain_xml import read_clonesafe_marker, read_identity
-from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.nic_swap import set_links, swap_nics
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.nic_swap import repair_nics, set_links, swap_nics
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.template import Template, require_template, utc_now
 
 DEFAULT_CLONES_DIR = "/var/lib/clonesafe/clones"
@@ -292,7 +292,7 @@ def _make_domain(conn: LibvirtConnection, runner: storage.Runner, template: Temp
         # The guest must never run with a link up before it is proven unique (and, until the
         # NIC swap, it still carries the golden's MAC).
         set_links(conn, domain, "down", persistent=False)
-        domain = conn.define_domain(conn.domain_xml(domain), identity.name)
+        domain = conn.define_domain(conn.domain_xml(domain, secure=True), identity.name)
         result.actions.append("defined")
         return domain
     xml = rewrite_for_clone(template.source_xml, identity, keep_source_macs=False)
@@ -362,8 +362,11 @@ def converge_existing(conn: LibvirtConnection, domain: t.Any, spec: dict[str, t.
         _converge(conn, domain, spec, (state, paused, network), check_mode, slots, result)
         if not check_mode:
             result.info = describe_clone(conn, domain, spec)
-    except ClonesafeError as error:
-        result.error = error.msg
+    except Exception as error:  # pylint: disable=broad-exception-caught
+        # libvirt, a lost connection, a guest gone: this clone's failure, reported with the others' results.
+        result.error = error.msg if isinstance(error, ClonesafeError) else f"{type(error).__name__}: {error}"
+        with contextlib.suppress(Exception):
+            result.info = describe_clone(conn, domain, spec)
     result.seconds = time.monotonic() - started
     return result
 
@@ -385,9 +388,13 @@ def _converge(conn: LibvirtConnection, domain: t.Any, spec: dict[str, t.Any], wa
                 conn.call(f"resuming '{domain.name()}'", domain.resume)
             result.actions.append("resumed")
             current = "running"
-    if network is None or current not in ("running", "paused"):
+    if current not in ("running", "paused"):
         return
     macs = [mac.lower() for mac in spec.get("macs", [])]
+    if macs:
+        result.actions.extend(repair_nics(conn, domain, macs, check_mode))
+    if network is None:
+        return
     link = "down" if network == "held" else "up"
     nics = live_interfaces(conn.domain_xml(domain))
     needs_swap = any(nic["mac"] not in macs for nic in nics) and bool(macs)
@@ -397,12 +404,16 @@ def _converge(conn: LibvirtConnection, domain: t.Any, spec: dict[str, t.Any], wa
             "while running (state: running, paused: false), because the guest must take part in the NIC swap"
         )
     if needs_swap and current == "running":
-        if not check_mode:
-            swap_nics(conn, domain, macs, link)
-        result.actions.append("nic swapped")
+        swapped: list[str] = []
+        try:
+            if not check_mode:
+                swap_nics(conn, domain, macs, link, swapped=swapped)
+        finally:
+            if check_mode or swapped:
+                result.actions.append("nic swapped")
     if any(nic["link"] != link for nic in nics) and not (needs_swap and current == "running"):
         if not check_mode:
-            set_links(conn, domain, link, persistent=bool(domain.isPersistent()))
+            set_links(conn, domain, link, persistent=bool(conn.call(f"checking '{domain.name()}'", domain.isPersistent)))
         result.actions.append("network released" if network == "released" else "network held")
 
 

@@ -133,16 +133,24 @@ class LibvirtConnection:
         True when the guest shut down by itself; False when it was powered off (at once for a ``timeout``
         of 0 or less): what the guest had not written to disk is lost, and the caller must say so.
         """
+        def active() -> bool:
+            return bool(self.call(f"reading whether domain '{domain.name()}' runs", domain.isActive))
+
         if timeout > 0:
             self.call(f"shutting down domain '{domain.name()}'", domain.shutdown)
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
-                if not domain.isActive():
+                if not active():
                     return True
                 time.sleep(0.5)
-        if not domain.isActive():
+        if not active():
             return True
-        self.destroy_domain(domain)
+        try:
+            self.destroy_domain(domain)
+        except ClonesafeError:
+            if not active():
+                return True  # it shut down by itself between the check and the power-off
+            raise
         return False
 
     def destroy_domain(self, domain: t.Any) -> None:

@@ -8,8 +8,12 @@ guest runs, that NIC is hot-unplugged (the guest must acknowledge the eject) and
 clone's own MAC is hot-plugged in its place, at the same PCI address so the guest names it as
 before. Both steps change the running domain only; the persistent definition is rewritten after
 them in one ``defineXML``, so it always holds a whole NIC, old or new. If the plug fails after the
-unplug, the old NIC (link down) is plugged back: the clone is never left without a NIC, and the
-next run swaps again.
+unplug, the old NIC (link down) is plugged back, and the next run swaps again.
+
+What a failure can still leave, the next run repairs (``repair_nics``): a NIC that is in the
+definition but not in the running domain (an unplug the guest completed after we gave up on it, or
+a plug-back that failed too) is plugged again, link down; a definition that still names a MAC the
+running domain swapped away (a run killed before its ``defineXML``) is given the running domain's.
 """
 
 from __future__ import annotations
@@ -53,7 +57,8 @@ def _wait_unplugged(conn: LibvirtConnection, domain: t.Any, mac: str, timeout: f
         if time.monotonic() > deadline:
             raise ClonesafeError(
                 f"the guest of '{domain.name()}' did not release NIC {mac} within {timeout:.0f}s "
-                "(hot-unplug needs a running guest with ACPI PCI hotplug); the clone keeps that NIC, link down"
+                "(hot-unplug needs a running guest with ACPI PCI hotplug); the request stays pending: should the "
+                "guest complete it later, the next run plugs the NIC back"
             )
         time.sleep(0.1)
 
@@ -69,15 +74,26 @@ def _plug(conn: LibvirtConnection, domain: t.Any, old_nic: dict[str, str], new_x
                       interface_with(old_nic["xml"], link="down"), libvirt.VIR_DOMAIN_AFFECT_LIVE)
         except ClonesafeError as again:
             raise ClonesafeError(f"{error.msg}; the guest now runs without a NIC: {again.msg}. Its definition still "
-                                 f"holds NIC {old_nic['mac']}: stop and start it, or remove it") from error
+                                 f"holds NIC {old_nic['mac']}, which the next run plugs back") from error
         raise ClonesafeError(f"{error.msg}; NIC {old_nic['mac']} was plugged back, link down") from error
 
 
+def _is_persistent(conn: LibvirtConnection, domain: t.Any) -> bool:
+    return bool(conn.call(f"checking whether '{domain.name()}' is persistent", domain.isPersistent))
+
+
+def _redefine_macs(conn: LibvirtConnection, domain: t.Any, new_macs: dict[str, str], link: str) -> None:
+    config = conn.domain_xml(domain, inactive=True, secure=True)
+    conn.define_domain(with_new_macs(config, new_macs, link), domain.name())
+
+
 def swap_nics(conn: LibvirtConnection, domain: t.Any, macs: list[str], link: str,
-              unplug_timeout: float = NIC_UNPLUG_TIMEOUT) -> bool:
+              unplug_timeout: float = NIC_UNPLUG_TIMEOUT, swapped: list[str] | None = None) -> bool:
     """Replace every NIC whose MAC is not one of ``macs`` by a hot-plugged NIC with the next one of ``macs``.
 
-    The domain must be running (the guest acknowledges the unplug). True if a NIC was swapped.
+    The domain must be running (the guest acknowledges the unplug). True if a NIC was swapped; each
+    new MAC is appended to ``swapped`` as soon as its NIC is in, so a caller sees a swap that failed
+    halfway for what it did.
     """
     nics = live_interfaces(conn.domain_xml(domain))
     present = {nic["mac"] for nic in nics}
@@ -85,6 +101,7 @@ def swap_nics(conn: LibvirtConnection, domain: t.Any, macs: list[str], link: str
     if sum(nic["mac"] not in macs for nic in nics) > len(free_macs):
         raise ClonesafeError(f"clone '{domain.name()}' has more NICs than MAC addresses in its metadata")
     new_macs: dict[str, str] = {}
+    failure: ClonesafeError | None = None
     try:
         for nic in nics:
             if nic["mac"] in macs:
@@ -95,9 +112,50 @@ def swap_nics(conn: LibvirtConnection, domain: t.Any, macs: list[str], link: str
             _wait_unplugged(conn, domain, nic["mac"], unplug_timeout)
             _plug(conn, domain, nic, interface_with(nic["xml"], mac=new_mac, link=link), new_mac)
             new_macs[nic["mac"]] = new_mac
-    finally:
-        # Also after a failed swap of a later NIC: the definition follows the NICs already swapped.
-        if new_macs and domain.isPersistent():
-            config = conn.domain_xml(domain, inactive=True, secure=True)
-            conn.define_domain(with_new_macs(config, new_macs, link), domain.name())
+            if swapped is not None:
+                swapped.append(new_mac)
+    except ClonesafeError as error:
+        failure = error
+    # Also after a failed swap of a later NIC: the definition follows the NICs already swapped.
+    if new_macs:
+        try:
+            if _is_persistent(conn, domain):
+                _redefine_macs(conn, domain, new_macs, link)
+        except ClonesafeError as error:
+            if failure is None:
+                raise
+            raise ClonesafeError(f"{failure.msg}; rewriting the definition for the NICs swapped before failed too: "
+                                 f"{error.msg} (the next run repairs it)") from failure
+    if failure is not None:
+        raise failure
     return bool(new_macs)
+
+
+def repair_nics(conn: LibvirtConnection, domain: t.Any, macs: list[str], check_mode: bool) -> list[str]:
+    """Mend what a failed or killed swap left (see the module's docstring); the actions taken, for the result.
+
+    A NIC missing from the running domain is plugged back with its link down (the caller's swap or
+    link step then gives it the clone's MAC and the wanted link).
+    """
+    if not _is_persistent(conn, domain):
+        return []
+    config_nics = live_interfaces(conn.domain_xml(domain, inactive=True, secure=True))
+    live_nics = live_interfaces(conn.domain_xml(domain))
+    live_macs = {nic["mac"] for nic in live_nics}
+    actions = []
+    stale = [nic["mac"] for nic in config_nics if nic["mac"] not in macs and nic["mac"] not in live_macs]
+    swapped_live = [nic for nic in live_nics if nic["mac"] in macs and nic["mac"] not in {n["mac"] for n in config_nics}]
+    if stale and swapped_live:
+        # The running domain has the clone's MAC where its definition still names the golden's.
+        if not check_mode:
+            _redefine_macs(conn, domain, dict(zip(stale, (nic["mac"] for nic in swapped_live))), swapped_live[0]["link"])
+        actions.append("definition given the swapped NIC")
+        config_nics = [] if check_mode else live_interfaces(conn.domain_xml(domain, inactive=True, secure=True))
+    # Only up to the clone's own number of NICs: a NIC someone added to the definition for the next boot stays there.
+    missing = [nic for nic in config_nics if nic["mac"] not in live_macs][:max(0, len(macs) - len(live_nics))]
+    for nic in missing:
+        if not check_mode:
+            conn.call(f"plugging NIC {nic['mac']} back into '{domain.name()}'", domain.attachDeviceFlags,
+                      interface_with(nic["xml"], link="down"), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        actions.append(f"nic {nic['mac']} plugged back")
+    return actions

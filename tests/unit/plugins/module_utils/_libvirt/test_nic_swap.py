@@ -1,7 +1,8 @@
-"""The NIC swap of a memory clone: a clone never loses its NIC, live or in its persistent definition.
+"""The NIC swap of a memory clone: what a failure leaves is a whole NIC in the definition, and the next run mends the rest.
 
 libvirt's test driver cannot hot-plug, so the domain here is a small stand-in that keeps a live and a
-persistent XML and applies libvirt's flags to them; the lab tests swap real NICs in real guests.
+persistent XML and applies libvirt's flags to them, driven through the module's own LibvirtConnection;
+the lab tests swap real NICs in real guests.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from clonesafe_testlib import require_module
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt import nic_swap
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.connection import LibvirtConnection
 
 libvirt = require_module("libvirt", "libvirt-python")
 
@@ -45,8 +47,8 @@ def normalised(xml: str) -> str:
 class Domain:
     """Live and persistent XML; detach/attach with VIR_DOMAIN_AFFECT_LIVE change the live one only."""
 
-    def __init__(self, macs=GOLDEN_MACS, releases_after_polls=0, refuse_plug=(), persistent=True):
-        self.live_nics = [normalised(nic(mac, 3 + index)) for index, mac in enumerate(macs)]
+    def __init__(self, macs=GOLDEN_MACS, releases_after_polls=0, refuse_plug=(), persistent=True, link="down"):
+        self.live_nics = [normalised(nic(mac, 3 + index, link)) for index, mac in enumerate(macs)]
         self.config = domain_xml(self.live_nics)
         self.releases_after_polls, self.refuse_plug, self.persistent = releases_after_polls, set(refuse_plug), persistent
         self.pending: str | None = None
@@ -64,6 +66,7 @@ class Domain:
         return self.persistent
 
     def XMLDesc(self, flags: int) -> str:  # noqa: N802 - libvirt's name
+        self.calls.append(("XMLDesc", flags))
         if flags & libvirt.VIR_DOMAIN_XML_INACTIVE:
             return self.config
         if self.pending is not None:
@@ -88,85 +91,115 @@ class Domain:
         self.live_nics.append(normalised(xml))
 
 
-class Conn:
-    """The LibvirtConnection calls swap_nics makes, on a stand-in domain."""
+class Hypervisor:
+    """What LibvirtConnection calls on its virConnect: defineXML only, which may be made to fail."""
 
-    uri = "test:///stand-in"
+    def __init__(self, domain: Domain, refuse_define: bool = False) -> None:
+        self.domain, self.refuse_define, self.defined = domain, refuse_define, 0
 
-    def __init__(self, domain: Domain) -> None:
-        self.domain, self.defined = domain, 0
-
-    def call(self, what, function, *args):
-        try:
-            return function(*args)
-        except libvirt.libvirtError as error:
-            raise ClonesafeError(f"{what} failed: {error}") from error
-
-    def domain_xml(self, domain, inactive=False, secure=False):
-        flags = (libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0) | (libvirt.VIR_DOMAIN_XML_SECURE if secure else 0)
-        return domain.XMLDesc(flags)
-
-    def define_domain(self, xml, _name):
+    def defineXML(self, xml: str) -> Domain:  # noqa: N802 - libvirt's name
+        if self.refuse_define:
+            raise libvirt.libvirtError("operation failed: domain definition could not be written")
         self.defined += 1
         self.domain.config = xml
         return self.domain
 
 
+def connect(domain: Domain, **options) -> LibvirtConnection:
+    """The module's own LibvirtConnection (its call, domain_xml, define_domain) over the stand-ins."""
+    conn = object.__new__(LibvirtConnection)
+    conn.uri, conn.conn = "test:///stand-in", Hypervisor(domain, **options)
+    return conn
+
+
 def test_swap_changes_live_nics_then_the_definition_once_at_the_same_pci_slots():
     domain = Domain(releases_after_polls=2)
-    conn = Conn(domain)
-    assert nic_swap.swap_nics(conn, domain, CLONE_MACS, "up")
+    conn = connect(domain)
+    swapped = []
+    assert nic_swap.swap_nics(conn, domain, CLONE_MACS, "up", swapped=swapped)
+    assert swapped == CLONE_MACS
     assert nics_of(domain.live) == [(CLONE_MACS[0], "up", "0x03"), (CLONE_MACS[1], "up", "0x04")]
     assert nics_of(domain.config) == [(CLONE_MACS[0], "up", "0x03"), (CLONE_MACS[1], "up", "0x04")]
-    assert conn.defined == 1
-    assert {flags for _call, flags in domain.calls} == {libvirt.VIR_DOMAIN_AFFECT_LIVE}
+    assert conn.conn.defined == 1
+    assert {flags for call, flags in domain.calls if call in ("attach", "detach")} == {libvirt.VIR_DOMAIN_AFFECT_LIVE}
+    inactive_reads = [flags for call, flags in domain.calls if call == "XMLDesc" and flags & libvirt.VIR_DOMAIN_XML_INACTIVE]
+    assert inactive_reads and all(flags & libvirt.VIR_DOMAIN_XML_SECURE for flags in inactive_reads), \
+        "the definition is rewritten from its secure XML (graphics passwords kept)"
     assert not nic_swap.swap_nics(conn, domain, CLONE_MACS, "up"), "a second run has nothing to swap"
-    assert conn.defined == 1
+    assert conn.conn.defined == 1
 
 
-def test_a_failed_plug_puts_the_old_nic_back_and_keeps_the_definition():
-    domain = Domain(macs=GOLDEN_MACS[:1], refuse_plug={CLONE_MACS[0]})
-    conn = Conn(domain)
+def test_a_failed_plug_puts_the_old_nic_back_link_down_and_keeps_the_definition():
+    domain = Domain(macs=GOLDEN_MACS[:1], refuse_plug={CLONE_MACS[0]}, link="up")
+    conn = connect(domain)
     with pytest.raises(ClonesafeError, match=r"plugging NIC 52:54:00:bb:00:01 .*failed.*NIC 52:54:00:aa:00:01 was plugged back"):
         nic_swap.swap_nics(conn, domain, CLONE_MACS[:1], "up")
-    assert nics_of(domain.live) == [(GOLDEN_MACS[0], "down", "0x03")]
-    assert nics_of(domain.config) == [(GOLDEN_MACS[0], "down", "0x03")]
-    assert conn.defined == 0
+    assert nics_of(domain.live) == [(GOLDEN_MACS[0], "down", "0x03")], "back, but never with the golden's MAC on a link"
+    assert nics_of(domain.config) == [(GOLDEN_MACS[0], "up", "0x03")]
+    assert conn.conn.defined == 0
     # The next run swaps again.
     domain.refuse_plug.clear()
     assert nic_swap.swap_nics(conn, domain, CLONE_MACS[:1], "down")
     assert nics_of(domain.live) == nics_of(domain.config) == [(CLONE_MACS[0], "down", "0x03")]
 
 
-def test_when_even_the_old_nic_cannot_go_back_the_error_says_the_guest_has_none():
+def test_when_even_the_old_nic_cannot_go_back_the_next_run_plugs_it_back():
     domain = Domain(macs=GOLDEN_MACS[:1], refuse_plug={CLONE_MACS[0], GOLDEN_MACS[0]})
-    conn = Conn(domain)
-    with pytest.raises(ClonesafeError, match="runs without a NIC.*definition still holds NIC 52:54:00:aa:00:01"):
+    conn = connect(domain)
+    with pytest.raises(ClonesafeError, match="runs without a NIC.*still holds NIC 52:54:00:aa:00:01, which the next run plugs back"):
         nic_swap.swap_nics(conn, domain, CLONE_MACS[:1], "up")
     assert nics_of(domain.live) == []
     assert nics_of(domain.config) == [(GOLDEN_MACS[0], "down", "0x03")], "the definition keeps a whole NIC"
+    domain.refuse_plug.clear()
+    assert nic_swap.repair_nics(conn, domain, CLONE_MACS[:1], check_mode=True) == ["nic 52:54:00:aa:00:01 plugged back"]
+    assert nics_of(domain.live) == [], "check mode plugs nothing"
+    assert nic_swap.repair_nics(conn, domain, CLONE_MACS[:1], check_mode=False) == ["nic 52:54:00:aa:00:01 plugged back"]
+    assert nics_of(domain.live) == [(GOLDEN_MACS[0], "down", "0x03")]
+    assert nic_swap.repair_nics(conn, domain, CLONE_MACS[:1], check_mode=False) == []
 
 
-def test_a_guest_that_never_releases_keeps_its_nic_and_the_error_says_so():
+def test_a_guest_that_never_releases_keeps_its_nic_and_the_error_says_what_follows():
     domain = Domain(macs=GOLDEN_MACS[:1], releases_after_polls=None)
-    conn = Conn(domain)
-    with pytest.raises(ClonesafeError, match="did not release NIC 52:54:00:aa:00:01 within 0s.*keeps that NIC, link down"):
+    conn = connect(domain)
+    with pytest.raises(ClonesafeError, match="did not release NIC 52:54:00:aa:00:01 within 0s.*the next run plugs the NIC back"):
         nic_swap.swap_nics(conn, domain, CLONE_MACS[:1], "up", unplug_timeout=0.05)
     assert nics_of(domain.live) == nics_of(domain.config) == [(GOLDEN_MACS[0], "down", "0x03")]
 
 
-def test_nics_swapped_before_a_failure_reach_the_definition():
+def test_nics_swapped_before_a_failure_reach_the_definition_and_the_caller():
     domain = Domain(refuse_plug={CLONE_MACS[1]})
-    conn = Conn(domain)
+    conn = connect(domain)
+    swapped = []
     with pytest.raises(ClonesafeError, match="NIC 52:54:00:aa:00:02 was plugged back"):
-        nic_swap.swap_nics(conn, domain, CLONE_MACS, "up")
+        nic_swap.swap_nics(conn, domain, CLONE_MACS, "up", swapped=swapped)
+    assert swapped == CLONE_MACS[:1]
     expected = [(CLONE_MACS[0], "up", "0x03"), (GOLDEN_MACS[1], "down", "0x04")]
     assert sorted(nics_of(domain.live)) == sorted(expected)
     assert nics_of(domain.config) == expected
 
 
+def test_a_definition_that_cannot_be_rewritten_keeps_the_first_error_and_is_repaired_next_run():
+    domain = Domain(refuse_plug={CLONE_MACS[1]})
+    conn = connect(domain, refuse_define=True)
+    with pytest.raises(ClonesafeError, match=r"(?s)NIC 52:54:00:aa:00:02 was plugged back, link down; rewriting the definition .*"
+                                             r"could not be written \(the next run repairs it\)"):
+        nic_swap.swap_nics(conn, domain, CLONE_MACS, "up")
+    assert nics_of(domain.config) == [(GOLDEN_MACS[0], "down", "0x03"), (GOLDEN_MACS[1], "down", "0x04")]
+    conn.conn.refuse_define = False
+    assert nic_swap.repair_nics(conn, domain, CLONE_MACS, check_mode=False) == ["definition given the swapped NIC"]
+    assert nics_of(domain.config) == [(CLONE_MACS[0], "up", "0x03"), (GOLDEN_MACS[1], "down", "0x04")]
+    assert nic_swap.repair_nics(conn, domain, CLONE_MACS, check_mode=False) == []
+
+
+def test_a_nic_added_to_the_definition_for_the_next_boot_is_not_plugged():
+    domain = Domain(macs=CLONE_MACS[:1])
+    domain.config = domain_xml(domain.live_nics + [normalised(nic("52:54:00:cc:00:09", 7))])
+    assert nic_swap.repair_nics(connect(domain), domain, CLONE_MACS[:1], check_mode=False) == []
+    assert nics_of(domain.live) == [(CLONE_MACS[0], "down", "0x03")]
+
+
 def test_more_nics_than_macs_is_refused_before_anything_is_unplugged():
     domain = Domain()
     with pytest.raises(ClonesafeError, match="more NICs than MAC addresses"):
-        nic_swap.swap_nics(Conn(domain), domain, CLONE_MACS[:1], "up")
-    assert domain.calls == []
+        nic_swap.swap_nics(connect(domain), domain, CLONE_MACS[:1], "up")
+    assert [call for call, _flags in domain.calls if call != "XMLDesc"] == []

@@ -288,8 +288,9 @@ def test_a_release_swaps_every_nic_at_once_whatever_parallel(conn, made, tmp_pat
     # would wait alone until the barrier breaks.
     all_swapping = threading.Barrier(3, timeout=10)
 
-    def swap(_conn, _domain, macs, link):
+    def swap(_conn, _domain, macs, link, swapped):
         assert macs and link == "up"
+        swapped.append(macs[0])
         all_swapping.wait()
         return True
 
@@ -306,9 +307,13 @@ def test_one_clone_failing_to_converge_does_not_hide_the_others(conn, made, tmp_
     clones.ensure_clones(conn, runner, request(tmp_path, count=3, start="boot", state="running", network="held"),
                          check_mode=False)
 
-    def swap(_conn, domain, _macs, _link):
+    def swap(_conn, domain, macs, _link, swapped):
         if domain.name() == "web-002":
             raise ClonesafeError("unplugging NIC 52:54:00:00:00:01 of 'web-002' failed: guest gone")
+        if domain.name() == "web-003":
+            swapped.append(macs[0])
+            raise libvirt.libvirtError("Cannot recv data: Connection reset by peer")  # not through conn.call
+        swapped.append(macs[0])
         return True
 
     golden_nic = [{"mac": "52:54:00:00:00:01", "link": "down", "xml": "<interface/>"}]
@@ -319,9 +324,10 @@ def test_one_clone_failing_to_converge_does_not_hide_the_others(conn, made, tmp_
     assert {result.name: (result.actions, result.error) for result in report.results} == {
         "web-001": (["nic swapped"], None),
         "web-002": ([], "unplugging NIC 52:54:00:00:00:01 of 'web-002' failed: guest gone"),
-        "web-003": (["nic swapped"], None),
+        "web-003": (["nic swapped"], "libvirtError: Cannot recv data: Connection reset by peer"),
     }
-    assert [result.name for result in report.failed] == ["web-002"]
+    assert [result.name for result in report.failed] == ["web-002", "web-003"]
+    assert report.results[1].info["name"] == "web-002", "a failed clone is still described"
     assert report.after == ["web-001", "web-002", "web-003"], "an existing clone that failed is not removed"
 
 
