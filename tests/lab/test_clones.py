@@ -134,6 +134,26 @@ def nic_pci_addresses(conn, name):
             for iface in root.findall("devices/interface")]
 
 
+def leave_what_a_failed_swap_can(conn, clones, golden_mac):
+    """By hand, on the real domains: the first clone's NIC unplugged from the running guest (an unplug the guest
+    finished after the module gave up), the second's definition naming the golden's MAC again (a run killed
+    before it rewrote the definition). Returns the two clones' items."""
+    lost, behind = clones
+    domain = conn.lookupByName(lost["name"])
+    nic_xml = ET.tostring(ET.fromstring(domain.XMLDesc(0)).find("devices/interface"), encoding="unicode")
+    domain.detachDeviceFlags(nic_xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    deadline = time.monotonic() + 60
+    while ET.fromstring(domain.XMLDesc(0)).find("devices/interface") is not None:
+        assert time.monotonic() < deadline, f"the guest of {lost['name']} did not release its NIC"
+        time.sleep(0.2)
+    config = conn.lookupByName(behind["name"]).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
+    golden_again, replaced = re.subn(f"<mac address=['\"]{behind['macs'][0]}['\"]", f"<mac address='{golden_mac}'", config)
+    assert replaced == 1
+    conn.defineXML(golden_again)
+    assert persistent_nics(conn, behind["name"]) == [(golden_mac, "down")]
+    return lost, behind
+
+
 def persistent_nics(conn, name):
     """(MAC, link state) of each NIC in the domain's persistent definition (what its next boot gets)."""
     root = ET.fromstring(conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
@@ -277,6 +297,15 @@ def test_held_memory_clones_get_their_own_mac_inside_the_guest_and_link_up_only_
                 f"{item['name']}: the guest must see only its own MAC, with no carrier while held: {nics}"
             assert nic_pci_addresses(conn, item["name"]) == golden_pci, "the new NIC takes the old one's PCI slot"
             assert persistent_nics(conn, item["name"]) == [(mac, "down")], "the definition follows the swap"
+        lost, behind = leave_what_a_failed_swap_can(conn, held["clones"], golden_mac)
+        code, mended = module("clone", uri=uri, template=template, count=2, state="running", network="held")
+        assert code == 0 and mended["changed"], mended
+        actions = {item["name"]: item["actions"] for item in mended["clones"]}
+        assert actions == {lost["name"]: [f"nic {lost['macs'][0]} plugged back"], behind["name"]: ["definition given the swapped NIC"]}
+        nics = guest_nics(conn, lost["name"], lost["console_log"])
+        assert [(mac_seen, carrier) for _n, mac_seen, carrier in nics] == [(lost["macs"][0], "0")], nics
+        assert nic_pci_addresses(conn, lost["name"]) == golden_pci
+        assert persistent_nics(conn, behind["name"]) == [(behind["macs"][0], "down")]
         code, released = module("clone", uri=uri, template=template, count=2, state="running", network="released")
         assert code == 0 and released["changed"], released
         for item in released["clones"]:
