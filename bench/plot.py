@@ -171,6 +171,9 @@ def headline_table(directory: pathlib.Path) -> list[str]:
     ttu = _load(directory, "time_to_unique")
     if ttu:
         compared = [entry for entry in ttu.get("ratios", []) if "usual_s" in entry]
+        largest = max((entry["clones"] for entry in ttu.get("ratios", [])), default=None)
+        if compared and largest != max(e["clones"] for e in compared):
+            rows.append(f"| (N={largest} has no usual-path run to compare with: the largest compared N follows) | - | - |")
         for entry in compared:
             if entry["clones"] != max(e["clones"] for e in compared):
                 continue

@@ -383,12 +383,9 @@ def ratios(rows: list[dict], template_s: float) -> list[dict]:
                   for path in PATHS}
         entry: dict = {"clones": count}
         entry.update({f"{path}_failed_runs": number for path, number in failed.items() if number})
-        if not runs["usual"]:
-            if len(entry) > 1:
-                out.append(entry)  # no ratio without the usual path, but its failures are not dropped
-            continue
-        usual = statistics.median(runs["usual"])
-        entry["usual_s"] = usual
+        usual = statistics.median(runs["usual"]) if runs["usual"] else None
+        if usual is not None:
+            entry["usual_s"] = usual
         for path in PATHS:
             done = [row for row in rows if row["clones"] == count and row["path"] == path and "error" not in row]
             floors = [row["cpu_floor_s"] for row in done if "cpu_floor_s" in row]
@@ -404,9 +401,11 @@ def ratios(rows: list[dict], template_s: float) -> list[dict]:
                 ours = round(statistics.median(runs[path]), 2)
                 entry[f"{path}_s"] = ours
                 entry[f"{path}_runs_s"] = runs[path]
-                entry[f"{path}_ratio"] = round(usual / ours, 1)
-                entry[f"{path}_ratio_with_template"] = round(usual / (ours + template_s), 1)
-        out.append(entry)
+                if usual is not None:  # no usual run at this N (--paths): times kept, no ratio
+                    entry[f"{path}_ratio"] = round(usual / ours, 1)
+                    entry[f"{path}_ratio_with_template"] = round(usual / (ours + template_s), 1)
+        if len(entry) > 1:
+            out.append(entry)
     return out
 
 
@@ -514,11 +513,14 @@ def main() -> None:
     print("the clones' own work (their QEMU processes' CPU, start to new host key, less idle burn) over the cores: "
           "an estimate of the floor (see guest_cpu)")
     for entry in result["ratios"]:
-        print(f"{entry['clones']:>3}  " + "; ".join(f"{path} {entry[f'{path}_cpu_floor_s']:.1f} s" for path in PATHS
-                                                    if f"{path}_cpu_floor_s" in entry))
+        floors = [f"{path} {entry[f'{path}_cpu_floor_s']:.1f} s" for path in PATHS if f"{path}_cpu_floor_s" in entry]
+        if floors:
+            print(f"{entry['clones']:>3}  " + "; ".join(floors))
     print("CPU per clone, guests and host (QEMU, this process, the commands run, libvirtd), s; usual / ours")
     for entry in result["ratios"]:
         per_clone = {path: entry.get(f"{path}_cpu_per_clone_s") for path in PATHS}
+        if not any(per_clone.values()):
+            continue
         ratio = "; ".join(f"usual/{path} {per_clone['usual'] / per_clone[path]:.1f}x" for path in ("ansible", "library")
                           if per_clone["usual"] and per_clone[path])
         print(f"{entry['clones']:>3}  " + "; ".join(f"{path} {value:.2f}" for path, value in per_clone.items() if value) + f"   ({ratio})")
