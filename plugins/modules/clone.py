@@ -244,8 +244,9 @@ clones:
         - Why this clone failed, or null.
         - A new clone that failed was removed again. An existing clone that failed stays as far as it got
           (RV(clones[].actions)). A failed NIC swap leaves a whole NIC, old or new, in the persistent definition;
-          a NIC the running domain lacks, or a definition behind the running domain, is mended by the next run
-          (actions V(nic ... plugged back), V(definition given the swapped NIC)).
+          a NIC the running domain lacks, or a definition behind the running domain, is mended by a later run on
+          the memory clone while it runs or is paused (actions V(nic ... plugged back), V(definition given the
+          swapped NIC)).
       type: str
       sample: null
     seconds:

@@ -116,7 +116,8 @@ notes:
 powered_off:
   description:
     - Whether O(restart=true) had to power the domain off because its guest had not shut down O(stop_timeout)
-      seconds after the ACPI request (a warning says so too; what the guest had not written to disk is lost).
+      seconds after the ACPI request (what the guest had not written to disk is lost), or at once with
+      O(stop_timeout=0). A warning says so too, unless O(stop_timeout=0) asked for it.
   returned: success
   type: bool
   sample: false

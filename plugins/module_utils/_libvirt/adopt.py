@@ -185,6 +185,8 @@ def adopt_domain(
     The persistent definition changes; a running domain runs on without the additions until its next
     start, unless ``restart`` shuts it down (gracefully, within ``stop_timeout`` seconds) and starts it.
     """
+    if stop_timeout < 0:
+        raise ClonesafeError(f"stop_timeout must be 0 (power off at once) or more seconds, got {stop_timeout}")
     if not channel_socket.startswith("/"):
         raise ClonesafeError(f"channel_socket must be an absolute path on the hypervisor host, got {channel_socket!r}")
     domain = conn.get_domain(name)

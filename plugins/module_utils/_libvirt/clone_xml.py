@@ -345,13 +345,14 @@ def live_interfaces(xml: str) -> list[dict[str, str]]:
     return result
 
 
-def with_new_macs(domain_xml: str, new_macs: t.Mapping[str, str], link: str) -> str:
-    """The domain XML with each NIC whose MAC is a key of ``new_macs`` given its new MAC and ``link``."""
+def with_new_macs(domain_xml: str, new_macs: t.Mapping[str, str], link: str | t.Mapping[str, str]) -> str:
+    """The domain XML with each NIC whose MAC is a key of ``new_macs`` given its new MAC and ``link``
+    (one state for all, or one per old MAC)."""
     root = parse_domain_xml(domain_xml)
     for interface in root.findall("devices/interface"):
         mac = interface.find("mac")
         old = (mac.get("address", "") if mac is not None else "").lower()
         if mac is not None and old in new_macs:
             mac.set("address", new_macs[old])
-            _set_link(interface, link)
+            _set_link(interface, link if isinstance(link, str) else link[old])
     return ET.tostring(root, encoding="unicode")

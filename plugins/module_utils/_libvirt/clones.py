@@ -391,7 +391,8 @@ def _converge(conn: LibvirtConnection, domain: t.Any, spec: dict[str, t.Any], wa
     if current not in ("running", "paused"):
         return
     macs = [mac.lower() for mac in spec.get("macs", [])]
-    if macs:
+    if macs and spec.get("start") == "restore":
+        # Only memory clones swap NICs, so only theirs can be left half-swapped (see nic_swap.py).
         result.actions.extend(repair_nics(conn, domain, macs, check_mode))
     if network is None:
         return

@@ -10,16 +10,18 @@ before. Both steps change the running domain only; the persistent definition is 
 them in one ``defineXML``, so it always holds a whole NIC, old or new. If the plug fails after the
 unplug, the old NIC (link down) is plugged back, and the next run swaps again.
 
-What a failure can still leave, the next run repairs (``repair_nics``): a NIC that is in the
-definition but not in the running domain (an unplug the guest completed after we gave up on it, or
-a plug-back that failed too) is plugged again, link down; a definition that still names a MAC the
-running domain swapped away (a run killed before its ``defineXML``) is given the running domain's.
+What a failure can still leave, a later converge of the clone mends (``repair_nics``, for memory
+clones, persistent, running or paused): a NIC that is in the definition but not in the running
+domain (an unplug the guest completed after we gave up on it, or a plug-back that failed too) is
+plugged again; a definition that still names a MAC the running domain swapped away (a run killed
+before its ``defineXML``) is given the running domain's.
 """
 
 from __future__ import annotations
 
 import time
 import typing as t
+import xml.etree.ElementTree as ET
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt._libvirt_dep import libvirt
@@ -57,8 +59,8 @@ def _wait_unplugged(conn: LibvirtConnection, domain: t.Any, mac: str, timeout: f
         if time.monotonic() > deadline:
             raise ClonesafeError(
                 f"the guest of '{domain.name()}' did not release NIC {mac} within {timeout:.0f}s "
-                "(hot-unplug needs a running guest with ACPI PCI hotplug); the request stays pending: should the "
-                "guest complete it later, the next run plugs the NIC back"
+                "(hot-unplug needs a running guest with ACPI PCI hotplug); the request stays pending, and the guest may "
+                "still complete it"
             )
         time.sleep(0.1)
 
@@ -74,7 +76,7 @@ def _plug(conn: LibvirtConnection, domain: t.Any, old_nic: dict[str, str], new_x
                       interface_with(old_nic["xml"], link="down"), libvirt.VIR_DOMAIN_AFFECT_LIVE)
         except ClonesafeError as again:
             raise ClonesafeError(f"{error.msg}; the guest now runs without a NIC: {again.msg}. Its definition still "
-                                 f"holds NIC {old_nic['mac']}, which the next run plugs back") from error
+                                 f"holds NIC {old_nic['mac']}") from error
         raise ClonesafeError(f"{error.msg}; NIC {old_nic['mac']} was plugged back, link down") from error
 
 
@@ -82,7 +84,7 @@ def _is_persistent(conn: LibvirtConnection, domain: t.Any) -> bool:
     return bool(conn.call(f"checking whether '{domain.name()}' is persistent", domain.isPersistent))
 
 
-def _redefine_macs(conn: LibvirtConnection, domain: t.Any, new_macs: dict[str, str], link: str) -> None:
+def _redefine_macs(conn: LibvirtConnection, domain: t.Any, new_macs: dict[str, str], link: str | dict[str, str]) -> None:
     config = conn.domain_xml(domain, inactive=True, secure=True)
     conn.define_domain(with_new_macs(config, new_macs, link), domain.name())
 
@@ -125,37 +127,59 @@ def swap_nics(conn: LibvirtConnection, domain: t.Any, macs: list[str], link: str
             if failure is None:
                 raise
             raise ClonesafeError(f"{failure.msg}; rewriting the definition for the NICs swapped before failed too: "
-                                 f"{error.msg} (the next run repairs it)") from failure
+                                 f"{error.msg}") from failure
     if failure is not None:
         raise failure
     return bool(new_macs)
 
 
+def _pci_slot(nic_xml: str) -> tuple[str, ...] | None:
+    """The NIC's PCI address (domain, bus, slot, function), or None when it has none."""
+    address = ET.fromstring(nic_xml).find("address")
+    if address is None or address.get("type") != "pci":
+        return None
+    return tuple(address.get(key, "") for key in ("domain", "bus", "slot", "function"))
+
+
 def repair_nics(conn: LibvirtConnection, domain: t.Any, macs: list[str], check_mode: bool) -> list[str]:
     """Mend what a failed or killed swap left (see the module's docstring); the actions taken, for the result.
 
-    A NIC missing from the running domain is plugged back with its link down (the caller's swap or
-    link step then gives it the clone's MAC and the wanted link).
+    A definition NIC is matched to the running domain's by PCI slot, never by position. A NIC missing
+    from the running domain is plugged back with the definition's link if it has one of the clone's
+    MACs, link down otherwise (the caller's swap then gives it the clone's MAC); never into a slot
+    another NIC holds, and only up to the clone's own number of NICs, so a NIC added to the definition
+    for the next boot stays there.
     """
     if not _is_persistent(conn, domain):
         return []
     config_nics = live_interfaces(conn.domain_xml(domain, inactive=True, secure=True))
     live_nics = live_interfaces(conn.domain_xml(domain))
     live_macs = {nic["mac"] for nic in live_nics}
+    config_macs = {nic["mac"] for nic in config_nics}
+    live_by_slot = {slot: nic for nic in live_nics if (slot := _pci_slot(nic["xml"])) is not None}
     actions = []
-    stale = [nic["mac"] for nic in config_nics if nic["mac"] not in macs and nic["mac"] not in live_macs]
-    swapped_live = [nic for nic in live_nics if nic["mac"] in macs and nic["mac"] not in {n["mac"] for n in config_nics}]
-    if stale and swapped_live:
-        # The running domain has the clone's MAC where its definition still names the golden's.
+    renamed: dict[str, dict[str, str]] = {}
+    for nic in config_nics:
+        twin = live_by_slot.get(_pci_slot(nic["xml"])) if nic["mac"] not in macs and nic["mac"] not in live_macs else None
+        if twin is not None and twin["mac"] in macs and twin["mac"] not in config_macs:
+            renamed[nic["mac"]] = twin
+    if renamed:
+        # The running domain has the clone's MAC in a slot where the definition still names the golden's.
         if not check_mode:
-            _redefine_macs(conn, domain, dict(zip(stale, (nic["mac"] for nic in swapped_live))), swapped_live[0]["link"])
+            _redefine_macs(conn, domain, {old: twin["mac"] for old, twin in renamed.items()},
+                           {old: twin["link"] for old, twin in renamed.items()})
         actions.append("definition given the swapped NIC")
-        config_nics = [] if check_mode else live_interfaces(conn.domain_xml(domain, inactive=True, secure=True))
-    # Only up to the clone's own number of NICs: a NIC someone added to the definition for the next boot stays there.
-    missing = [nic for nic in config_nics if nic["mac"] not in live_macs][:max(0, len(macs) - len(live_nics))]
-    for nic in missing:
+        config_nics = [dict(nic, mac=renamed[nic["mac"]]["mac"]) if nic["mac"] in renamed else nic for nic in config_nics]
+    room = max(0, len(macs) - len(live_nics))
+    for nic in config_nics:
+        if room == 0:
+            break
+        if nic["mac"] in live_macs or _pci_slot(nic["xml"]) in live_by_slot:
+            continue
         if not check_mode:
             conn.call(f"plugging NIC {nic['mac']} back into '{domain.name()}'", domain.attachDeviceFlags,
-                      interface_with(nic["xml"], link="down"), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+                      interface_with(nic["xml"], link=nic["link"] if nic["mac"] in macs else "down"),
+                      libvirt.VIR_DOMAIN_AFFECT_LIVE)
         actions.append(f"nic {nic['mac']} plugged back")
+        room -= 1
     return actions

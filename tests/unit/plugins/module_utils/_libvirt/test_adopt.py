@@ -118,6 +118,11 @@ def test_a_guest_that_ignores_the_acpi_request_is_powered_off_and_that_is_report
     assert outcome.state == "running" and adopt.examine(conn.domain_xml(conn.get_domain(vm))).genid
 
 
+def test_a_negative_stop_timeout_is_refused_by_name(conn, vm):
+    with pytest.raises(ClonesafeError, match="stop_timeout must be 0 .* got -1"):
+        adopt.adopt_domain(conn, vm, SOCKET, check_mode=False, restart=True, stop_timeout=-1)
+
+
 def test_a_guest_that_shuts_down_is_not_reported_powered_off(conn, vm):
     conn.get_domain(vm).create()
     outcome = adopt.adopt_domain(conn, vm, SOCKET, check_mode=False, restart=True, stop_timeout=5)
