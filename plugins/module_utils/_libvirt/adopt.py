@@ -190,7 +190,7 @@ def adopt_domain(
     if not channel_socket.startswith("/"):
         raise ClonesafeError(f"channel_socket must be an absolute path on the hypervisor host, got {channel_socket!r}")
     domain = conn.get_domain(name)
-    persistent = conn.call(f"reading whether domain '{name}' is persistent", domain.isPersistent)
+    persistent = conn.is_persistent(domain)
     if not persistent:
         raise ClonesafeError(
             f"domain '{name}' on {conn.uri} is transient: define it (virsh dumpxml {name} > {name}.xml; "

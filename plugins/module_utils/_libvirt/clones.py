@@ -59,7 +59,7 @@ MAX_SWAP_THREADS = 32
 
 def domain_marker(conn: LibvirtConnection, domain: t.Any) -> dict[str, t.Any] | None:
     """The clonesafe marker from the domain's persistent XML (live XML for a transient domain)."""
-    inactive = bool(conn.call(f"checking domain '{domain.name()}'", domain.isPersistent))
+    inactive = conn.is_persistent(domain)
     return read_clonesafe_marker(conn.domain_xml(domain, inactive=inactive))
 
 
@@ -241,6 +241,11 @@ def new_identity(template: Template, name: str, index: int | None, clones_dir: s
     )
 
 
+def _error_text(error: Exception) -> str:
+    """A clone's failure as one line: our message, or the exception's type and text (libvirt, OS, a bug)."""
+    return error.msg if isinstance(error, ClonesafeError) else f"{type(error).__name__}: {error}"
+
+
 def create_clone(conn: LibvirtConnection, runner: storage.Runner, template: Template, identity: CloneIdentity,
                  paused: bool, slots: threading.Semaphore | None = None) -> CloneResult:
     """Create one clone completely, or leave nothing of it behind.
@@ -271,7 +276,7 @@ def create_clone(conn: LibvirtConnection, runner: storage.Runner, template: Temp
         result.info = describe_clone(conn, domain, identity.marker_spec())
     except Exception as error:  # pylint: disable=broad-exception-caught
         # Whatever failed (libvirt, qemu-img, a full disk), no half-made clone may remain.
-        result.error = error.msg if isinstance(error, ClonesafeError) else f"{type(error).__name__}: {error}"
+        result.error = _error_text(error)
         cleanup_error = _remove_leftovers(conn, identity.name, identity.uuid, paths)
         result.error += f"; cleaning up also failed: {cleanup_error}" if cleanup_error else " (the new clone was removed again)"
         result.actions = []
@@ -364,7 +369,7 @@ def converge_existing(conn: LibvirtConnection, domain: t.Any, spec: dict[str, t.
             result.info = describe_clone(conn, domain, spec)
     except Exception as error:  # pylint: disable=broad-exception-caught
         # libvirt, a lost connection, a guest gone: this clone's failure, reported with the others' results.
-        result.error = error.msg if isinstance(error, ClonesafeError) else f"{type(error).__name__}: {error}"
+        result.error = _error_text(error)
         with contextlib.suppress(Exception):
             result.info = describe_clone(conn, domain, spec)
     result.seconds = time.monotonic() - started
@@ -414,7 +419,7 @@ def _converge(conn: LibvirtConnection, domain: t.Any, spec: dict[str, t.Any], wa
                 result.actions.append("nic swapped")
     if any(nic["link"] != link for nic in nics) and not (needs_swap and current == "running"):
         if not check_mode:
-            set_links(conn, domain, link, persistent=bool(conn.call(f"checking '{domain.name()}'", domain.isPersistent)))
+            set_links(conn, domain, link, persistent=conn.is_persistent(domain))
         result.actions.append("network released" if network == "released" else "network held")
 
 

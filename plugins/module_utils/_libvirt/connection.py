@@ -119,6 +119,10 @@ class LibvirtConnection:
             flags |= libvirt.VIR_DOMAIN_XML_SECURE
         return self.call(f"reading the XML of domain '{domain.name()}'", domain.XMLDesc, flags)
 
+    def is_persistent(self, domain: t.Any) -> bool:
+        """Whether the domain has a persistent definition (not transient)."""
+        return bool(self.call(f"reading whether domain '{domain.name()}' is persistent", domain.isPersistent))
+
     def define_domain(self, xml: str, name: str) -> t.Any:
         """Define (or redefine) a persistent domain from its XML."""
         return self.call(f"defining domain '{name}'", self.conn.defineXML, xml)

@@ -80,10 +80,6 @@ def _plug(conn: LibvirtConnection, domain: t.Any, old_nic: dict[str, str], new_x
         raise ClonesafeError(f"{error.msg}; NIC {old_nic['mac']} was plugged back, link down") from error
 
 
-def _is_persistent(conn: LibvirtConnection, domain: t.Any) -> bool:
-    return bool(conn.call(f"checking whether '{domain.name()}' is persistent", domain.isPersistent))
-
-
 def _redefine_macs(conn: LibvirtConnection, domain: t.Any, new_macs: dict[str, str], link: str | dict[str, str]) -> None:
     config = conn.domain_xml(domain, inactive=True, secure=True)
     conn.define_domain(with_new_macs(config, new_macs, link), domain.name())
@@ -121,7 +117,7 @@ def swap_nics(conn: LibvirtConnection, domain: t.Any, macs: list[str], link: str
     # Also after a failed swap of a later NIC: the definition follows the NICs already swapped.
     if new_macs:
         try:
-            if _is_persistent(conn, domain):
+            if conn.is_persistent(domain):
                 _redefine_macs(conn, domain, new_macs, link)
         except ClonesafeError as error:
             if failure is None:
@@ -150,7 +146,7 @@ def repair_nics(conn: LibvirtConnection, domain: t.Any, macs: list[str], check_m
     another NIC holds, and only up to the clone's own number of NICs, so a NIC added to the definition
     for the next boot stays there.
     """
-    if not _is_persistent(conn, domain):
+    if not conn.is_persistent(domain):
         return []
     config_nics = live_interfaces(conn.domain_xml(domain, inactive=True, secure=True))
     live_nics = live_interfaces(conn.domain_xml(domain))
