@@ -167,7 +167,7 @@ class HostCpu:
     ssh-keyscan), and libvirtd. Taken from its start to the end of its cleanup, which is small beside it."""
 
     def __init__(self) -> None:
-        self.daemon, self.libvirtd = _libvirtd_pid()
+        self.daemon, self.libvirtd = _libvirt_daemon()
         self.start = self._now()
 
     def _now(self) -> tuple[float, float, float]:
@@ -184,7 +184,7 @@ class HostCpu:
                 "libvirt_daemon": self.daemon}
 
 
-def _libvirtd_pid() -> tuple[str | None, int | None]:
+def _libvirt_daemon() -> tuple[str | None, int | None]:
     """(name, PID) of libvirtd, or of virtqemud where libvirt runs modular daemons; (None, None) when neither runs.
 
     The figure is recorded under ``host_cpu_s.libvirtd`` either way, the daemon's name under ``libvirt_daemon``.
@@ -377,17 +377,17 @@ def ratios(rows: list[dict], template_s: float) -> list[dict]:
     out = []
     for count in sorted({row["clones"] for row in rows}):
         # A failed run (--keep-going) has no time: it is counted, not left out unannounced.
-        runs = {path: [row["to_ssh_s"] for row in rows if row["clones"] == count and row["path"] == path and "error" not in row]
-                for path in PATHS}
-        failed = {path: sum(1 for row in rows if row["clones"] == count and row["path"] == path and "error" in row)
-                  for path in PATHS}
+        tried = {path: [row for row in rows if row["clones"] == count and row["path"] == path] for path in PATHS}
+        succeeded = {path: [row for row in tried[path] if "error" not in row] for path in PATHS}
+        runs = {path: [row["to_ssh_s"] for row in succeeded[path]] for path in PATHS}
         entry: dict = {"clones": count}
-        entry.update({f"{path}_failed_runs": number for path, number in failed.items() if number})
+        entry.update({f"{path}_failed_runs": len(tried[path]) - len(succeeded[path]) for path in PATHS
+                      if len(tried[path]) > len(succeeded[path])})
         usual = statistics.median(runs["usual"]) if runs["usual"] else None
         if usual is not None:
             entry["usual_s"] = usual
         for path in PATHS:
-            done = [row for row in rows if row["clones"] == count and row["path"] == path and "error" not in row]
+            done = succeeded[path]
             floors = [row["cpu_floor_s"] for row in done if "cpu_floor_s" in row]
             if floors:
                 entry[f"{path}_cpu_floor_s"] = round(statistics.median(floors), 2)
