@@ -69,23 +69,30 @@ BAKE_PLAYBOOK = """\
   vars_files:
     - {vars_file}
   tasks:
-    - name: Bake the agent as playbooks/lab.yml does
+    - name: Bake the agent ({settings})
       ansible.builtin.include_role:
         name: clonesafe.fleet.guest_agent
       vars:
         guest_agent_root_dir: {rootfs}
-        guest_agent_ssh_host_key_types: "{{{{ lab_ssh_host_key_types }}}}"
-        guest_agent_triggers: "{{{{ lab_agent_triggers }}}}"
-"""
+{agent_vars}"""
+# What the agent is baked with: as playbooks/lab.yml bakes it (its host key types and triggers), or with
+# the guest_agent role's defaults, what a user who installs the role as documented gets (ed25519, ecdsa
+# and 3072-bit RSA host keys; the kmsg, uevent, boot UUID and network triggers on).
+AGENT_SETTINGS = {
+    "lab": ('        guest_agent_ssh_host_key_types: "{{ lab_ssh_host_key_types }}"\n'
+            '        guest_agent_triggers: "{{ lab_agent_triggers }}"\n'),
+    "role-defaults": "",
+}
 # Inputs of the image: change any of them and the image is built again.
 AGENT_INPUTS = ("roles/guest_agent", "plugins/module_utils/_protocol", "playbooks/vars/lab_image.yml")
 
 
-def _inputs_digest(lab: dict[str, t.Any]) -> str:
+def _inputs_digest(lab: dict[str, t.Any], settings: str) -> str:
     digest = hashlib.sha256()
     digest.update(lab["image"]["disk"].encode())
     digest.update(NETWORK_CONFIG.encode())
     digest.update(BAKE_PLAYBOOK.encode())
+    digest.update(AGENT_SETTINGS[settings].encode())
     for root in AGENT_INPUTS:
         path = benchlib.REPO / root
         files = sorted(path.rglob("*")) if path.is_dir() else [path]
@@ -102,41 +109,47 @@ def _run(argv: list[str], **kwargs: t.Any) -> None:
         raise SystemExit(f"{argv[0]} failed ({completed.returncode}):\n{(completed.stderr or completed.stdout)[-3000:]}")
 
 
-def newest_image(lab: dict[str, t.Any]) -> dict[str, t.Any] | None:
-    """The bench image built last for the lab's current image and protocol, whatever else changed in the agent (or None)."""
+def newest_image(lab: dict[str, t.Any], settings: str = "lab") -> dict[str, t.Any] | None:
+    """The bench image built last for the lab's current image, protocol and agent settings, whatever else changed
+    in the agent (or None)."""
     built = []
     for manifest in IMAGES.glob("*/image.json"):
         data = json.loads(manifest.read_text())
-        if data.get("lab_image") == lab["image"]["disk"] and data.get("protocol") == wire.PROTOCOL_VERSION:
+        if (data.get("lab_image") == lab["image"]["disk"] and data.get("protocol") == wire.PROTOCOL_VERSION
+                and data.get("agent_settings", "lab") == settings):
             built.append((manifest.stat().st_mtime, data))
     return max(built, key=lambda pair: pair[0])[1] if built else None
 
 
-def ensure_image(lab: dict[str, t.Any], reuse: bool = False) -> dict[str, t.Any]:
-    """The bench image for the lab image and this checkout's agent: built once, then taken from the cache.
+def ensure_image(lab: dict[str, t.Any], reuse: bool = False, settings: str = "lab") -> dict[str, t.Any]:
+    """The bench image for the lab image and this checkout's agent, baked with ``settings`` (AGENT_SETTINGS):
+    built once, then taken from the cache.
 
     With ``reuse``, the newest bench image of the lab's image is taken even if the agent changed since
     (others keep changing it; a build takes minutes): its manifest names the commit it was built at.
     """
+    if settings not in AGENT_SETTINGS:
+        raise SystemExit(f"unknown agent settings {settings!r}: one of {', '.join(AGENT_SETTINGS)}")
     if reuse:
-        found = newest_image(lab)
+        found = newest_image(lab, settings)
         if found:
             print(f"reusing the bench image {found['dir']} (agent of commit {found['commit']})", flush=True)
             return found
-    key = _inputs_digest(lab)
+    key = _inputs_digest(lab, settings)
     IMAGES.mkdir(parents=True, exist_ok=True)
     # One build at a time: a second bench started meanwhile waits and takes the image this one builds.
     with open(IMAGES / ".build.lock", "w", encoding="utf-8") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _build_image(lab, key)
+        return _build_image(lab, key, settings)
 
 
-def _build_image(lab: dict[str, t.Any], key: str) -> dict[str, t.Any]:
+def _build_image(lab: dict[str, t.Any], key: str, settings: str) -> dict[str, t.Any]:
     directory = IMAGES / key
     manifest = directory / "image.json"
     if manifest.exists():
         return json.loads(manifest.read_text())
-    print(f"building the bench image {directory} (lab image + this checkout's agent + network) ...", flush=True)
+    print(f"building the bench image {directory} (lab image + this checkout's agent with {settings} settings + network) ...",
+          flush=True)
     started = time.monotonic()
     work = pathlib.Path(tempfile.mkdtemp(prefix=f".{key}.", dir=IMAGES))
     try:
@@ -146,7 +159,7 @@ def _build_image(lab: dict[str, t.Any], key: str) -> dict[str, t.Any]:
         _run(["flock", str(lab_dir / ".seal.lock"), "cp", "-a", "--reflink=auto", lab["image"]["rootfs"], str(rootfs)])
         playbook = work / "bake.yml"
         playbook.write_text(BAKE_PLAYBOOK.format(vars_file=benchlib.REPO / "playbooks" / "vars" / "lab_image.yml",
-                                                 rootfs=rootfs))
+                                                 rootfs=rootfs, settings=settings, agent_vars=AGENT_SETTINGS[settings]))
         baked = run_playbook(playbook, timeout=1800)
         if baked.returncode != 0:
             raise SystemExit(f"baking the agent failed:\n{baked.stdout[-4000:]}\n{baked.stderr[-2000:]}")
@@ -174,7 +187,7 @@ def _build_image(lab: dict[str, t.Any], key: str) -> dict[str, t.Any]:
         data = {
             "key": key, "dir": str(directory), "disk": str(directory / "disk.qcow2"), "kernel": lab["image"]["kernel"],
             "initrd": lab["image"]["initrd"], "cmdline": lab["image"]["cmdline"], "lab_image": lab["image"]["disk"],
-            "agent_files": len(agent_files), "commit": benchlib.machine_facts()["commit"], "protocol": wire.PROTOCOL_VERSION,
+            "agent_settings": settings, "agent_files": len(agent_files), "commit": benchlib.machine_facts()["commit"], "protocol": wire.PROTOCOL_VERSION,
             "built_s": round(time.monotonic() - started, 1),
         }
         (work / "image.json").write_text(json.dumps(data, indent=2) + "\n")
@@ -279,11 +292,14 @@ def keyscan(port: int, key_type: str = "ed25519", timeout: int = 3) -> str | Non
     scanned = subprocess.run(["ssh-keyscan", "-T", str(timeout), "-t", key_type, "-p", str(port), "127.0.0.1"],
                              capture_output=True, text=True, check=False)
     lines = [line for line in scanned.stdout.splitlines() if line and not line.startswith("#")]
-    if not lines:
-        return None
-    listed = subprocess.run(["ssh-keygen", "-lf", "-"], input=lines[0] + "\n", capture_output=True, text=True, check=False)
+    return key_fingerprint(lines[0]) if lines else None
+
+
+def key_fingerprint(key_line: str) -> str | None:
+    """OpenSSH's fingerprint (``ssh-keygen -lf``) of one known_hosts or ssh-keyscan line, or None."""
+    listed = subprocess.run(["ssh-keygen", "-lf", "-"], input=key_line + "\n", capture_output=True, text=True, check=False)
     fields = listed.stdout.split()
-    return fields[1] if len(fields) > 1 else None
+    return fields[1] if listed.returncode == 0 and len(fields) > 1 else None
 
 
 def wait_for_new_key(port: int, old: set[str], timeout: float, interval: float = 0.25) -> tuple[str, float]:

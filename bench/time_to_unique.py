@@ -15,8 +15,9 @@ that is not the golden's (and, on our paths, is the one the clone's signed proof
 
 (a) ours, the user's path: ``ansible-playbook playbooks/clone_fleet.yml -e clonesafe_clone_count=N``
     (template present: restore N clones paused with the network held, one multicast that regenerates
-    every secret, verify_unique on the controller, network released for the verified clones), wall
-    clock of the whole command; then the port forwards and ssh-keyscan.
+    every secret, verify_unique on the controller writing the attested host keys to a known_hosts file,
+    network released for the verified clones), wall clock of the whole command; then the port forwards
+    and ssh-keyscan, whose key must be the one in that known_hosts file.
 (b) ours, through the library: the same steps as the play's modules, called in this process (no Ansible
     start-up, no task round trips); then the same port forwards and ssh-keyscan.
 (c) the usual path, scripted in parallel as a user would: per clone ``virt-clone`` (full copy; the
@@ -82,6 +83,9 @@ PATHS = ("ansible", "library", "usual")
 IDLE_SAMPLE_S = 2.0
 SYSPREP_OPERATIONS = "ssh-hostkeys,machine-id"
 SSH_TIMEOUT = 900.0
+# clone_fleet.yml's hello_timeout (clonesafe_hello_timeout's default), for the library path too: an agent with the
+# role's default triggers answers its first hello only when its own regeneration is done.
+PLAY_HELLO_TIMEOUT_S = 180.0
 
 
 def runner(argv):
@@ -202,26 +206,43 @@ def remove_clones(conn: LibvirtConnection, name: str) -> None:
 
 
 def ansible_path(conn: LibvirtConnection, golden: bench_golden.Golden, name: str, count: int, work: pathlib.Path) -> dict:
-    """(a): the whole clone_fleet.yml play, wall clock; then ssh-keyscan of every clone."""
-    report_file = work / f"report-{count}.json"
+    """(a): the whole clone_fleet.yml play, wall clock; then ssh-keyscan of every clone.
+
+    The play writes the verified clones' attested host keys to a known_hosts file (verify_unique's
+    ``known_hosts``, what a user who then connects to the clones asks for); ssh-keyscan's key must be the
+    one attested there, compared whole by OpenSSH's fingerprints."""
+    known_hosts = work / f"known_hosts-{count}"
+    known_hosts.unlink(missing_ok=True)
     started = time.monotonic()
     run = run_playbook("playbooks/clone_fleet.yml", "-i", "playbooks/inventory/lab.yml", "-e", f"clonesafe_golden={golden.name}",
                        "-e", f"clonesafe_template={name}", "-e", f"clonesafe_clone_count={count}",
-                       "-e", f"clonesafe_report_file={report_file}", timeout=3600)
+                       "-e", f"clonesafe_known_hosts_file={known_hosts}", timeout=3600)
     play_s = time.monotonic() - started
+    # The play fails unless verify_unique proved every clone unique (its fail_on_duplicate default).
     if run.returncode != 0:
         raise RuntimeError(f"clone_fleet.yml failed:\n{run.stdout[-5000:]}\n{run.stderr[-2000:]}")
-    report = json.loads(report_file.read_text())["after"]
-    names = sorted(report["verified"].get("localhost", []))
-    if not report["unique"] or len(names) != count:
-        raise RuntimeError(f"clone_fleet.yml did not prove {count} clones unique: {report['msg']}")
-    # The table holds shortened fingerprints ("SHA256:" + 16 characters): ssh-keyscan's must start with them.
-    attested = {row["clone"]: row["fingerprint"] for row in report["table"] if row["provider"] == "ssh_host_key.ed25519"}
+    attested = attested_ed25519_keys(known_hosts)
+    names = sorted(attested)
+    if len(names) != count:
+        raise RuntimeError(f"clone_fleet.yml passed but {known_hosts} holds the attested keys of {len(names)} clones, not {count}")
     scan = scan_clones(conn, names, golden.ssh_fingerprint, attested)
     total_s = time.monotonic() - started
     tasks = sum(1 for line in run.stdout.splitlines() if line.startswith("TASK ["))
     return {"path": "ansible", "clones": count, "play_s": round(play_s, 2), "ssh_after_play_s": round(max(scan.values()), 2),
-            "to_ssh_s": round(total_s, 2), "tasks": tasks, "verified": len(names), "unique": report["unique"], **guest_cpu(names, total_s)}
+            "to_ssh_s": round(total_s, 2), "tasks": tasks, "verified": len(names), "unique": True, **guest_cpu(names, total_s)}
+
+
+def attested_ed25519_keys(known_hosts: pathlib.Path) -> dict[str, str]:
+    """Clone name -> fingerprint of the ed25519 host key verify_unique wrote for it (the line's comment is clone@host)."""
+    found = {}
+    for line in known_hosts.read_text().splitlines():
+        fields = line.split()
+        if len(fields) == 4 and fields[1] == "ssh-ed25519":
+            fingerprint = bench_golden.key_fingerprint(line)
+            if not fingerprint:
+                raise RuntimeError(f"{known_hosts}: ssh-keygen cannot read the line of {fields[3]}")
+            found[fields[3].rsplit("@", 1)[0]] = fingerprint
+    return found
 
 
 def library_path(conn: LibvirtConnection, golden: bench_golden.Golden, name: str, count: int) -> dict:
@@ -237,7 +258,8 @@ def library_path(conn: LibvirtConnection, golden: bench_golden.Golden, name: str
     found = template.load_template(template.DEFAULT_TEMPLATES_DIR, name)
     run_secret = secrets.token_hex(32)
     settings = Settings(operation="regenerate", entropy_source="combined", hash_key=template_hash_key(template.DEFAULT_TEMPLATES_DIR, name),
-                        run_secret=run_secret, template_vmgenid_events=found.summary()["golden_vmgenid_events"])
+                        run_secret=run_secret, template_vmgenid_events=found.summary()["golden_vmgenid_events"],
+                        hello_timeout=PLAY_HELLO_TIMEOUT_S)
     targets, _resumed = resume_paused(conn, select_targets(conn, name, None, None))
     targets = [dataclasses.replace(target, domain_uuid=conn.get_domain(target.name).UUIDString()) for target in targets]
     mark = time.monotonic()
@@ -417,6 +439,9 @@ def main() -> None:
                         help="runs of each of our paths per N (the ratio takes their median; the usual path runs once)")
     parser.add_argument("--keep-going", action="store_true", help="record a failed path and go on with the next")
     parser.add_argument("--out", default="time_to_unique", help="results file name under bench/results (without .json)")
+    parser.add_argument("--agent-settings", default="lab", choices=sorted(bench_golden.AGENT_SETTINGS),
+                        help="bake the golden's agent as playbooks/lab.yml does (lab: ed25519 and ecdsa host keys, "
+                             "VM Generation ID and network triggers off) or with the guest_agent role's defaults")
     parser.add_argument("--reuse-image", action="store_true",
                         help="take the newest bench image of the lab image even if the agent changed since it was built")
     args = parser.parse_args()
@@ -427,7 +452,7 @@ def main() -> None:
     result = benchlib.header("time_to_unique", lab)
     guest = {"memory_mib": bench_golden.GUEST_MEMORY_MIB, "vcpus": bench_golden.GUEST_VCPUS}
     result.update({"clones": args.clones, "paths": args.paths, "repeats": args.repeats, "guest": guest})
-    image = bench_golden.ensure_image(lab, reuse=args.reuse_image)
+    image = bench_golden.ensure_image(lab, reuse=args.reuse_image, settings=args.agent_settings)
     result["image"] = image
     tag = uuid.uuid4().hex[:6]
     name = f"bench{tag}"
