@@ -86,6 +86,8 @@ SSH_TIMEOUT = 900.0
 # clone_fleet.yml's hello_timeout (clonesafe_hello_timeout's default), for the library path too: an agent with the
 # role's default triggers answers its first hello only when its own regeneration is done.
 PLAY_HELLO_TIMEOUT_S = 180.0
+# And its clonesafe_rotate_timeout's default: 8 clones making 3072-bit RSA host keys on 2 TCG cores took over 60 s.
+PLAY_ROTATE_TIMEOUT_S = 180.0
 
 
 def runner(argv):
@@ -205,7 +207,8 @@ def remove_clones(conn: LibvirtConnection, name: str) -> None:
                                                       clones_dir=clones.DEFAULT_CLONES_DIR, state="absent"), False)
 
 
-def ansible_path(conn: LibvirtConnection, golden: bench_golden.Golden, name: str, count: int, work: pathlib.Path) -> dict:
+def ansible_path(conn: LibvirtConnection, golden: bench_golden.Golden, name: str, count: int, work: pathlib.Path,
+                 trigger: str = "channel") -> dict:
     """(a): the whole clone_fleet.yml play, wall clock; then ssh-keyscan of every clone.
 
     The play writes the verified clones' attested host keys to a known_hosts file (verify_unique's
@@ -216,7 +219,7 @@ def ansible_path(conn: LibvirtConnection, golden: bench_golden.Golden, name: str
     started = time.monotonic()
     run = run_playbook("playbooks/clone_fleet.yml", "-i", "playbooks/inventory/lab.yml", "-e", f"clonesafe_golden={golden.name}",
                        "-e", f"clonesafe_template={name}", "-e", f"clonesafe_clone_count={count}",
-                       "-e", f"clonesafe_known_hosts_file={known_hosts}", timeout=3600)
+                       "-e", f"clonesafe_known_hosts_file={known_hosts}", "-e", f"clonesafe_trigger={trigger}", timeout=3600)
     play_s = time.monotonic() - started
     # The play fails unless verify_unique proved every clone unique (its fail_on_duplicate default).
     if run.returncode != 0:
@@ -245,7 +248,7 @@ def attested_ed25519_keys(known_hosts: pathlib.Path) -> dict[str, str]:
     return found
 
 
-def library_path(conn: LibvirtConnection, golden: bench_golden.Golden, name: str, count: int) -> dict:
+def library_path(conn: LibvirtConnection, golden: bench_golden.Golden, name: str, count: int, trigger: str = "channel") -> dict:
     """(b): what the play's modules do, called in this process; then ssh-keyscan of every clone."""
     phases = {}
     started = time.monotonic()
@@ -257,9 +260,10 @@ def library_path(conn: LibvirtConnection, golden: bench_golden.Golden, name: str
     phases["restore_s"] = time.monotonic() - started
     found = template.load_template(template.DEFAULT_TEMPLATES_DIR, name)
     run_secret = secrets.token_hex(32)
-    settings = Settings(operation="regenerate", entropy_source="combined", hash_key=template_hash_key(template.DEFAULT_TEMPLATES_DIR, name),
+    # The play's multicast: entropy_source left to the default (combined, guest with trigger=generation).
+    settings = Settings(operation="regenerate", trigger=trigger, hash_key=template_hash_key(template.DEFAULT_TEMPLATES_DIR, name),
                         run_secret=run_secret, template_vmgenid_events=found.summary()["golden_vmgenid_events"],
-                        hello_timeout=PLAY_HELLO_TIMEOUT_S)
+                        hello_timeout=PLAY_HELLO_TIMEOUT_S, generation_timeout=PLAY_HELLO_TIMEOUT_S, timeout=PLAY_ROTATE_TIMEOUT_S)
     targets, _resumed = resume_paused(conn, select_targets(conn, name, None, None))
     targets = [dataclasses.replace(target, domain_uuid=conn.get_domain(target.name).UUIDString()) for target in targets]
     mark = time.monotonic()
@@ -439,6 +443,9 @@ def main() -> None:
                         help="runs of each of our paths per N (the ratio takes their median; the usual path runs once)")
     parser.add_argument("--keep-going", action="store_true", help="record a failed path and go on with the next")
     parser.add_argument("--out", default="time_to_unique", help="results file name under bench/results (without .json)")
+    parser.add_argument("--trigger", default="channel", choices=["channel", "generation"],
+                        help="our paths' secret_multicast trigger (clone_fleet.yml's clonesafe_trigger): generation proves "
+                             "the regeneration an agent with the role's default triggers makes by itself")
     parser.add_argument("--agent-settings", default="lab", choices=sorted(bench_golden.AGENT_SETTINGS),
                         help="bake the golden's agent as playbooks/lab.yml does (lab: ed25519 and ecdsa host keys, "
                              "VM Generation ID and network triggers off) or with the guest_agent role's defaults")
@@ -451,7 +458,7 @@ def main() -> None:
         require_tools()
     result = benchlib.header("time_to_unique", lab)
     guest = {"memory_mib": bench_golden.GUEST_MEMORY_MIB, "vcpus": bench_golden.GUEST_VCPUS}
-    result.update({"clones": args.clones, "paths": args.paths, "repeats": args.repeats, "guest": guest})
+    result.update({"clones": args.clones, "paths": args.paths, "repeats": args.repeats, "guest": guest, "trigger": args.trigger})
     image = bench_golden.ensure_image(lab, reuse=args.reuse_image, settings=args.agent_settings)
     result["image"] = image
     tag = uuid.uuid4().hex[:6]
@@ -490,9 +497,9 @@ def main() -> None:
                 host_cpu = HostCpu()
                 try:
                     if path == "ansible":
-                        row = ansible_path(conn, golden, name, count, work)
+                        row = ansible_path(conn, golden, name, count, work, args.trigger)
                     elif path == "library":
-                        row = library_path(conn, golden, name, count)
+                        row = library_path(conn, golden, name, count, args.trigger)
                     else:
                         row = usual.run(count)
                 except (RuntimeError, TimeoutError, OSError, ValueError) as error:  # OSError: a clone's QEMU gone

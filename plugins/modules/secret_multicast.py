@@ -88,15 +88,21 @@ options:
   entropy_source:
     description:
       - V(guest) uses the guest's getrandom, V(hypervisor) bytes sent from this host, V(combined) both through HKDF.
+      - When omitted, V(combined); with O(trigger=generation), V(guest), the only entropy of an agent's own regeneration
+        (its kernel reseeded by the VM Generation ID change). O(trigger=generation) refuses any other source.
     type: str
     choices: [guest, hypervisor, combined]
-    default: combined
     version_added: 0.1.0
   trigger:
     description:
       - V(channel) sends the instruction over the agent channel.
       - V(generation) waits for the agent's own regeneration on the VM Generation ID change that the restore of a
         memory clone raised, then asks for its proof; V(both) waits for it and sends the instruction too.
+      - An agent with the M(clonesafe.fleet.guest_agent) role's default triggers regenerates by itself when a memory clone
+        is resumed, so with V(channel) or V(both) each clone regenerates twice; V(generation) proves the first one and
+        spares the second (under TCG, 3072-bit RSA host keys make that most of the multicast's time).
+      - V(generation) takes a regeneration only when the agent's C(trigger_operation) was V(regenerate), and fails the
+        clone, naming it, otherwise.
       - A regeneration counts only when the agent recorded it after a VM Generation ID change the template had not seen
         (the template manifest holds its golden's event count), so a record a clone inherited from its golden is never
         taken for the clone's own. V(generation) needs O(template) with such a manifest, and fails each clone otherwise.
@@ -339,7 +345,7 @@ def main() -> None:
             "operation": {"type": "str", "default": "regenerate", "choices": ["erase", "modify", "regenerate", "attest"]},
             "providers": {"type": "list", "elements": "str",
                           "choices": list(PROVIDERS)},
-            "entropy_source": {"type": "str", "default": "combined", "choices": ["guest", "hypervisor", "combined"]},
+            "entropy_source": {"type": "str", "choices": ["guest", "hypervisor", "combined"]},
             "trigger": {"type": "str", "default": "channel", "choices": ["channel", "generation", "both"]},
             "hash_key": {"type": "str", "no_log": True},
             "run_secret": {"type": "str", "no_log": True},

@@ -49,7 +49,8 @@ class Settings:
 
     operation: str = "regenerate"
     providers: list[str] | None = None
-    entropy_source: str = "combined"
+    # None: combined, or guest with trigger=generation (an agent's own regeneration draws on the guest alone).
+    entropy_source: str | None = None
     trigger: str = "channel"
     hash_key: str = ""
     # The secret the controller holds for this run: every nonce derives from it (proof.derive_nonce).
@@ -71,7 +72,9 @@ class Settings:
     allow_unsigned: bool = False
 
     def validate(self) -> None:
-        """Reject settings that cannot work, naming the bad one."""
+        """Reject settings that cannot work, naming the bad one; settle the entropy source left to the default."""
+        if self.entropy_source is None:
+            self.entropy_source = "guest" if self.trigger == "generation" else "combined"
         checks = (
             ("operation", self.operation, OPERATIONS),
             ("entropy_source", self.entropy_source, ENTROPY_SOURCES),
@@ -95,6 +98,13 @@ class Settings:
             raise ClonesafeError("operation=attest only collects proofs: use trigger=channel")
         if self.trigger == "generation" and self.operation != "regenerate":
             raise ClonesafeError("trigger=generation waits for the agent's own regeneration: use operation=regenerate")
+        if self.trigger == "generation" and self.entropy_source != "guest":
+            # The proof would not say that the hypervisor's bytes were never used: refuse rather than ignore them.
+            raise ClonesafeError(
+                f"trigger=generation proves the agent's own regeneration, made from the guest's entropy alone (its kernel "
+                f"reseeded by the VM Generation ID change), so entropy_source={self.entropy_source} cannot be honoured: "
+                "leave entropy_source out or set it to guest, or use trigger=channel or trigger=both"
+            )
 
 
 @dataclasses.dataclass
@@ -309,6 +319,13 @@ def _wait_for_own_regeneration(
             if trigger.get("trigger") == "generation" and regenerated_after_restore(trigger, t.cast(int, settings.template_vmgenid_events)):
                 outcomes[name].trigger = "generation"
                 outcomes[name].generation = trigger.get("generation")
+                # The agent's triggers rotate with its configured trigger_operation and the guest's entropy.
+                outcomes[name].entropy_source = "guest"
+                if settings.trigger == "generation" and trigger.get("operation") != "regenerate":
+                    outcomes[name].status = "failed"
+                    outcomes[name].reason = (
+                        f"its agent answered the VM Generation ID change with operation={trigger.get('operation')!r} (its "
+                        "trigger_operation), not regenerate: use trigger=channel to have it regenerate")
             else:
                 still.append(name)
         waiting = still
@@ -389,7 +406,8 @@ def multicast(targets: t.Sequence[Target], settings: Settings, check_mode: bool 
                     f"its agent did not regenerate on a VM Generation ID change within {settings.generation_timeout:g} s "
                     "(was the clone restored from a memory template, and resumed?)"
                 )
-            _attest_all(outcomes, [target for target in ready if target.name not in waiting], settings, "rotated")
+            regenerated = [target for target in ready if target.name not in waiting and outcomes[target.name].status != "failed"]
+            _attest_all(outcomes, regenerated, settings, "rotated")
             return _finish(outcomes, started)
 
     if settings.operation == "attest":

@@ -8,7 +8,10 @@ import secrets
 import shutil
 import time
 
+import pytest
 from agent_testlib import vmgenid_event
+
+from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.golden_proof import golden_proof
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.multicast import Settings, multicast
@@ -41,6 +44,39 @@ def test_an_inherited_generation_record_is_not_taken_for_the_clones_own(fleet, a
     clone_agent.on_trigger("generation")  # the clone's agent reacts to its own restore
     done = multicast([clone], settings(template["golden_vmgenid_events"])).clones[0]
     assert done.status == "rotated", done.reason
+    # The agent's own regeneration drew on the guest alone, and the outcome says so.
+    assert done.entropy_source == "guest"
+
+
+def test_trigger_generation_takes_the_guests_entropy_and_refuses_any_other_source():
+    left_out = settings(0)
+    left_out.validate()
+    assert left_out.entropy_source == "guest"
+    channel = Settings(hash_key=secrets.token_hex(32))
+    channel.validate()
+    assert channel.entropy_source == "combined"
+    for source in ("combined", "hypervisor"):
+        asked = dataclasses.replace(settings(0), entropy_source=source)
+        with pytest.raises(ClonesafeError, match=f"entropy_source={source} cannot be honoured"):
+            asked.validate()
+    both = Settings(hash_key=secrets.token_hex(32), trigger="both")
+    both.validate()
+    assert both.entropy_source == "combined"
+
+
+def test_a_regeneration_made_with_another_trigger_operation_fails_the_clone_naming_it(fleet, agent_module, tmp_path):
+    golden = fleet.serve("golden", fleet.golden_root)
+    template = golden_proof("golden", golden.socket_path, "running", seal=False, domain_uuid=golden.domain_uuid)
+    clone_root = tmp_path / "clone"
+    shutil.copytree(fleet.golden_root, clone_root, symlinks=True)
+    vmgenid_event(clone_root)
+    clone_agent = agent_module.Agent(str(clone_root))
+    clone_agent.config["trigger_operation"] = "modify"
+    clone_agent.on_trigger("generation")
+    clone = fleet.serve("clone", clone_root)
+    outcome = multicast([clone], settings(template["golden_vmgenid_events"])).clones[0]
+    assert outcome.status == "failed" and "operation='modify'" in outcome.reason and "trigger=channel" in outcome.reason
+    assert not outcome.fingerprints, "a clone that failed was asked for a proof"
 
 
 def test_without_the_templates_record_trigger_generation_fails_loudly(fleet):
