@@ -156,9 +156,6 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--samples", type=int, default=30, help="first rotations per N (batches of N fresh clones)")
     parser.add_argument("--steady", type=int, default=3, help="multicasts after the first one, per batch")
-    parser.add_argument("--agent-settings", default="lab", choices=sorted(bench_golden.AGENT_SETTINGS),
-                        help="bake the golden's agent as playbooks/lab.yml does (lab: ed25519 and ecdsa host keys, "
-                             "VM Generation ID and network triggers off) or with the guest_agent role's defaults")
     parser.add_argument("--reuse-image", action="store_true",
                         help="take the newest bench image of the lab image even if the agent changed since it was built")
     parser.add_argument("--out", default="latency", help="results file name under bench/results (without .json)")
@@ -166,7 +163,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     lab = benchlib.lab_summary()
     result = benchlib.header("latency", lab)
-    image = bench_golden.ensure_image(lab, reuse=args.reuse_image, settings=args.agent_settings)
+    image = bench_golden.ensure_image(lab, reuse=args.reuse_image)
     result.update({"sizes": args.sizes, "samples_per_n": args.samples, "steady_per_batch": args.steady, "image": image,
                    "guest": {"memory_mib": bench_golden.GUEST_MEMORY_MIB, "vcpus": bench_golden.GUEST_VCPUS}})
     tag = uuid.uuid4().hex[:6]

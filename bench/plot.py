@@ -13,6 +13,8 @@
 - guest_cost.png: host CPU time of a clone's QEMU process per rotation against N, and where the agent's
   time goes (its phases, p50) at N=1.
 - fanout.png: the host's own time and CPU per clone in a multicast to many fake agents.
+- time_to_unique-role-defaults*.png: as time_to_unique.png, for the runs whose golden agent was baked
+  with the guest_agent role's defaults (time_to_unique --agent-settings role-defaults [--trigger ...]).
 
 Needs matplotlib (bench/requirements.txt). A figure whose results file is missing is skipped.
 """
@@ -30,6 +32,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=wrong-import-position
 
 HERE = pathlib.Path(__file__).resolve().parent
+# time_to_unique runs with the golden's agent baked with the guest_agent role's defaults (--out of each).
+ROLE_DEFAULT_RUNS = ("time_to_unique-role-defaults", "time_to_unique-role-defaults-generation")
 
 
 def _load(directory: pathlib.Path, name: str) -> dict | None:
@@ -49,6 +53,13 @@ def _median_time(rows: list[dict], size: int, path: str) -> float | None:
     """The median of a path's runs for N = ``size`` (time_to_unique --repeats), None without a run."""
     times = [row["to_ssh_s"] for row in rows if row["clones"] == size and row["path"] == path]
     return statistics.median(times) if times else None
+
+
+def _agent_settings(data: dict) -> str:
+    """How the run's golden agent was baked and which trigger our paths used (time_to_unique --agent-settings, --trigger)."""
+    settings = data.get("image", {}).get("agent_settings", "lab")
+    baked = "the guest_agent role's defaults" if settings == "role-defaults" else "the lab's settings (playbooks/vars/lab_image.yml)"
+    return f"{baked}; clonesafe_trigger={data.get('trigger') or 'channel'}"
 
 
 def plot_time_to_unique(data: dict, out: pathlib.Path) -> None:
@@ -80,7 +91,8 @@ def plot_time_to_unique(data: dict, out: pathlib.Path) -> None:
     axes.set_ylabel("seconds to N unique running clones (log)")
     template = data.get("template", {}).get("create_s")
     axes.set_title("Time to N proven-unique clones, until ssh-keyscan sees each new host key"
-                   + (f"\n(memory template made once beforehand: {template:.1f} s)" if template else ""), fontsize=10)
+                   + (f"\n(memory template made once beforehand: {template:.1f} s)" if template else "")
+                   + f"\nagent: {_agent_settings(data)}", fontsize=10)
     axes.legend(fontsize=8, loc="upper left")
     axes.set_ylim(top=axes.get_ylim()[1] * 3)
     _footer(figure, data)
@@ -195,6 +207,16 @@ def headline_table(directory: pathlib.Path) -> list[str]:
             rows.append(f"| the same through the library >= 50x | {library} | same run |")
         if ttu.get("template"):
             rows.append(f"| (memory template, made once, not in the ratios) | {ttu['template']['create_s']} s | same run |")
+    for name in ROLE_DEFAULT_RUNS:
+        run = _load(directory, name)
+        for entry in (run or {}).get("ratios", []):
+            if "usual_s" not in entry:
+                continue
+            library = (f"library {entry['library_ratio']}x ({entry['library_s']} s)" if "library_ratio" in entry
+                       else "library failed (see the JSON)")
+            rows.append(f"| the same, agent baked with {_agent_settings(run)}, N={entry['clones']} | ansible-playbook "
+                        f"{entry.get('ansible_ratio', '-')}x ({entry.get('ansible_s', '-')} s vs {entry['usual_s']} s); {library} "
+                        f"| `{run['command']}` |")
     latency = _load(directory, "latency")
     if latency and latency.get("per_n"):
         first = latency["per_n"][0]
@@ -235,8 +257,10 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="also print the headline figures as a Markdown table")
     args = parser.parse_args()
     drawn = []
-    for name, source, draw in (("time_to_unique", "time_to_unique", plot_time_to_unique), ("latency", "latency", plot_latency),
-                               ("guest_cost", "latency", plot_guest_cost), ("fanout", "fanout-1000", plot_fanout)):
+    figures = [("time_to_unique", "time_to_unique", plot_time_to_unique), ("latency", "latency", plot_latency),
+               ("guest_cost", "latency", plot_guest_cost), ("fanout", "fanout-1000", plot_fanout)]
+    figures += [(name, name, plot_time_to_unique) for name in ROLE_DEFAULT_RUNS]
+    for name, source, draw in figures:
         data = _load(args.results, source)
         if data is None:
             print(f"{name}: no {source}.json, skipped")

@@ -141,7 +141,9 @@ def scan_clones(conn: LibvirtConnection, names: list[str], golden_key: str, atte
         bench_golden.forward_ssh(domain, port)
         fingerprint, _waited = bench_golden.wait_for_new_key(port, {golden_key}, SSH_TIMEOUT)
         expected = attested.get(name)
-        if expected and not fingerprint.startswith(expected):
+        if not expected:
+            raise RuntimeError(f"clone {name}: its proof attested no ed25519 host key")
+        if fingerprint != expected:
             raise RuntimeError(f"clone {name}: sshd serves {fingerprint}, its proof attested {expected}")
         return time.monotonic() - started
 
@@ -452,6 +454,9 @@ def main() -> None:
     parser.add_argument("--reuse-image", action="store_true",
                         help="take the newest bench image of the lab image even if the agent changed since it was built")
     args = parser.parse_args()
+    if args.trigger == "generation" and args.agent_settings == "lab":
+        parser.error("--trigger generation needs --agent-settings role-defaults: the lab's agent has its VM Generation ID "
+                     "triggers off and never regenerates by itself")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     lab = benchlib.lab_summary()
     if "usual" in args.paths:

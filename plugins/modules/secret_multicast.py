@@ -66,7 +66,9 @@ options:
     default: regenerate
     version_added: 0.1.0
   providers:
-    description: Secret providers to act on; all the agent has enabled when omitted.
+    description:
+      - Secret providers to act on; all the agent has enabled when omitted.
+      - O(trigger=generation) refuses a list (the agent's own regeneration rotates every provider it has enabled).
     type: list
     elements: str
     choices:
@@ -98,11 +100,12 @@ options:
       - V(channel) sends the instruction over the agent channel.
       - V(generation) waits for the agent's own regeneration on the VM Generation ID change that the restore of a
         memory clone raised, then asks for its proof; V(both) waits for it and sends the instruction too.
-      - An agent with the M(clonesafe.fleet.guest_agent) role's default triggers regenerates by itself when a memory clone
+      - An agent with the C(clonesafe.fleet.guest_agent) role's default triggers regenerates by itself when a memory clone
         is resumed, so with V(channel) or V(both) each clone regenerates twice; V(generation) proves the first one and
         spares the second (under TCG, 3072-bit RSA host keys make that most of the multicast's time).
       - V(generation) takes a regeneration only when the agent's C(trigger_operation) was V(regenerate), and fails the
-        clone, naming it, otherwise.
+        clone, naming it, otherwise. A cold-booted clone (not restored from a memory template) has no such
+        regeneration: it fails after O(generation_timeout).
       - A regeneration counts only when the agent recorded it after a VM Generation ID change the template had not seen
         (the template manifest holds its golden's event count), so a record a clone inherited from its golden is never
         taken for the clone's own. V(generation) needs O(template) with such a manifest, and fails each clone otherwise.
@@ -236,6 +239,19 @@ clones:
       description: The agent's generation counter after the rotation.
       type: int
       sample: 2
+    trigger:
+      description:
+        - V(generation) when the clone's own regeneration on its VM Generation ID change was waited for and seen
+          (O(trigger=generation), which proves it, or O(trigger=both), which then sends the instruction too), V(channel)
+          when it rotated on the instruction alone; null when it did not rotate.
+      type: str
+      sample: channel
+    entropy_source:
+      description:
+        - The entropy the rotation drew on, as its agent reported it; V(guest) for an agent's own regeneration.
+        - Null when the clone did not rotate.
+      type: str
+      sample: combined
     registered_vcpus:
       description: vCPUs the agent steered the channel interrupt to.
       type: list

@@ -72,12 +72,10 @@ class Settings:
     allow_unsigned: bool = False
 
     def validate(self) -> None:
-        """Reject settings that cannot work, naming the bad one; settle the entropy source left to the default."""
-        if self.entropy_source is None:
-            self.entropy_source = "guest" if self.trigger == "generation" else "combined"
+        """Reject settings that cannot work, naming the bad one."""
         checks = (
             ("operation", self.operation, OPERATIONS),
-            ("entropy_source", self.entropy_source, ENTROPY_SOURCES),
+            ("entropy_source", self.source(), ENTROPY_SOURCES),
             ("trigger", self.trigger, TRIGGERS),
             ("missing_agent", self.missing_agent, POLICIES),
         )
@@ -98,13 +96,24 @@ class Settings:
             raise ClonesafeError("operation=attest only collects proofs: use trigger=channel")
         if self.trigger == "generation" and self.operation != "regenerate":
             raise ClonesafeError("trigger=generation waits for the agent's own regeneration: use operation=regenerate")
-        if self.trigger == "generation" and self.entropy_source != "guest":
+        if self.trigger == "generation" and self.source() != "guest":
             # The proof would not say that the hypervisor's bytes were never used: refuse rather than ignore them.
             raise ClonesafeError(
                 f"trigger=generation proves the agent's own regeneration, made from the guest's entropy alone (its kernel "
-                f"reseeded by the VM Generation ID change), so entropy_source={self.entropy_source} cannot be honoured: "
+                f"reseeded by the VM Generation ID change), so entropy_source={self.source()} cannot be honoured: "
                 "leave entropy_source out or set it to guest, or use trigger=channel or trigger=both"
             )
+        if self.trigger == "generation" and self.providers:
+            raise ClonesafeError(
+                "trigger=generation proves the agent's own regeneration, which rotates every provider its configuration "
+                f"enables, so providers={self.providers} cannot be honoured: leave providers out, or use trigger=channel"
+            )
+
+    def source(self) -> str:
+        """The entropy source asked for: entropy_source, or when left out combined (guest with trigger=generation)."""
+        if self.entropy_source is not None:
+            return self.entropy_source
+        return "guest" if self.trigger == "generation" else "combined"
 
 
 @dataclasses.dataclass
@@ -223,11 +232,11 @@ def _rotate_args(settings: Settings, nonce: str, domain_uuid: str) -> dict[str, 
         "nonce": nonce,
         "hash_key": settings.hash_key,
         "domain_uuid": domain_uuid,
-        "entropy_source": settings.entropy_source,
+        "entropy_source": settings.source(),
     }
     if settings.providers:
         args["providers"] = list(settings.providers)
-    if settings.entropy_source in ("hypervisor", "combined"):
+    if settings.source() in ("hypervisor", "combined"):
         args["entropy"] = base64.b64encode(os.urandom(HYPERVISOR_ENTROPY_BYTES)).decode("ascii")
     return args
 

@@ -51,17 +51,21 @@ def test_an_inherited_generation_record_is_not_taken_for_the_clones_own(fleet, a
 def test_trigger_generation_takes_the_guests_entropy_and_refuses_any_other_source():
     left_out = settings(0)
     left_out.validate()
-    assert left_out.entropy_source == "guest"
-    channel = Settings(hash_key=secrets.token_hex(32))
-    channel.validate()
-    assert channel.entropy_source == "combined"
+    assert left_out.source() == "guest"
+    # Left out, the source follows the trigger, also in a copy made after a validation.
+    assert dataclasses.replace(left_out, trigger="channel").source() == "combined"
+    assert Settings(hash_key=secrets.token_hex(32), trigger="both").source() == "combined"
     for source in ("combined", "hypervisor"):
         asked = dataclasses.replace(settings(0), entropy_source=source)
         with pytest.raises(ClonesafeError, match=f"entropy_source={source} cannot be honoured"):
             asked.validate()
-    both = Settings(hash_key=secrets.token_hex(32), trigger="both")
-    both.validate()
-    assert both.entropy_source == "combined"
+    dataclasses.replace(settings(0), entropy_source="guest").validate()
+
+
+def test_trigger_generation_refuses_a_choice_of_providers_it_cannot_honour():
+    with pytest.raises(ClonesafeError, match="providers=.*cannot be honoured"):
+        dataclasses.replace(settings(0), providers=["ssh_host_keys"]).validate()
+    Settings(hash_key=secrets.token_hex(32), providers=["ssh_host_keys"]).validate()
 
 
 def test_a_regeneration_made_with_another_trigger_operation_fails_the_clone_naming_it(fleet, agent_module, tmp_path):

@@ -148,6 +148,12 @@ def test_skip_policy_lists_skipped_clones(fleet, tmp_path):
 def test_hypervisor_entropy_is_used(fleet):
     report = multicast(fleet(1), Settings(hash_key=HASH_KEY, entropy_source="hypervisor"))
     assert report.clones[0].entropy_source == "hypervisor"
+    assert report.clones[0].trigger == "channel"
+
+
+def test_entropy_left_out_is_combined_on_the_channel(fleet):
+    report = multicast(fleet(1), Settings(hash_key=HASH_KEY))
+    assert report.clones[0].status == "rotated" and report.clones[0].entropy_source == "combined"
 
 
 @pytest.mark.parametrize(
