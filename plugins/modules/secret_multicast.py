@@ -105,7 +105,7 @@ options:
         spares the second (under TCG, 3072-bit RSA host keys make that most of the multicast's time).
       - V(generation) takes a regeneration only when the agent's C(trigger_operation) was V(regenerate), and fails the
         clone, naming it, otherwise. A cold-booted clone (not restored from a memory template) has no such
-        regeneration: it fails after O(generation_timeout).
+        regeneration, and fails after O(generation_timeout).
       - A regeneration counts only when the agent recorded it after a VM Generation ID change the template had not seen
         (the template manifest holds its golden's event count), so a record a clone inherited from its golden is never
         taken for the clone's own. V(generation) needs O(template) with such a manifest, and fails each clone otherwise.
