@@ -77,14 +77,16 @@ def plot_time_to_unique(data: dict, out: pathlib.Path) -> None:
         bars = axes.bar(positions, values, width, label=label, color=color)
         for rect, size, value in zip(bars, sizes, values):
             if (size, path) in failed:
-                axes.annotate("failed\n(see JSON)", (rect.get_x() + rect.get_width() / 2, 10), ha="center", va="bottom",
-                              fontsize=7, color=color)
+                # In axes coordinates: on a log scale a fixed data height may lie below the axis.
+                axes.annotate("failed\n(see JSON)", (rect.get_x() + rect.get_width() / 2, 0.02), xycoords=("data", "axes fraction"),
+                              ha="center", va="bottom", fontsize=7, color=color)
             if not value:
                 continue
             text = f"{value:.1f} s"
             usual = _median_time(rows, size, "usual")
             if path != "usual" and usual:
-                text += f"\n{usual / value:.0f}x"
+                ratio = usual / value
+                text += f"\n{ratio:.1f}x" if ratio < 10 else f"\n{ratio:.0f}x"
             axes.annotate(text, (rect.get_x() + rect.get_width() / 2, value), ha="center", va="bottom", fontsize=7)
     axes.set_yscale("log")
     axes.set_xticks(range(len(sizes)), [f"N = {size}" for size in sizes])
@@ -212,8 +214,10 @@ def headline_table(directory: pathlib.Path) -> list[str]:
         for entry in (run or {}).get("ratios", []):
             if "usual_s" not in entry:
                 continue
-            library = (f"library {entry['library_ratio']}x ({entry['library_s']} s)" if "library_ratio" in entry
-                       else "library failed (see the JSON)")
+            if "library_ratio" in entry:
+                library = f"library {entry['library_ratio']}x ({entry['library_s']} s)"
+            else:
+                library = "library failed (see the JSON)" if entry.get("library_failed_runs") else "library not run"
             rows.append(f"| the same, agent baked with {_agent_settings(run)}, N={entry['clones']} | ansible-playbook "
                         f"{entry.get('ansible_ratio', '-')}x ({entry.get('ansible_s', '-')} s vs {entry['usual_s']} s); {library} "
                         f"| `{run['command']}` |")

@@ -15,9 +15,10 @@ that is not the golden's (and, on our paths, is the one the clone's signed proof
 
 (a) ours, the user's path: ``ansible-playbook playbooks/clone_fleet.yml -e clonesafe_clone_count=N``
     (template present: restore N clones paused with the network held, one multicast that regenerates
-    every secret, verify_unique on the controller writing the attested host keys to a known_hosts file,
-    network released for the verified clones), wall clock of the whole command; then the port forwards
-    and ssh-keyscan, whose key must be the one in that known_hosts file.
+    every secret, or with --trigger generation proves the regeneration each clone made by itself,
+    verify_unique on the controller writing the attested host keys to a known_hosts file, network
+    released for the verified clones), wall clock of the whole command; then the port forwards and
+    ssh-keyscan, whose key must be the one in that known_hosts file.
 (b) ours, through the library: the same steps as the play's modules, called in this process (no Ansible
     start-up, no task round trips); then the same port forwards and ssh-keyscan.
 (c) the usual path, scripted in parallel as a user would: per clone ``virt-clone`` (full copy; the

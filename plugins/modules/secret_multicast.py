@@ -242,14 +242,16 @@ clones:
     trigger:
       description:
         - V(generation) when the clone's own regeneration on its VM Generation ID change was waited for and seen
-          (O(trigger=generation), which proves it, or O(trigger=both), which then sends the instruction too), V(channel)
-          when it rotated on the instruction alone; null when it did not rotate.
+          (O(trigger=generation), which proves it, or O(trigger=both), which then sends the instruction too), also when
+          the clone then failed; V(channel) when it rotated on the instruction alone; otherwise null.
       type: str
       sample: channel
     entropy_source:
       description:
-        - The entropy the rotation drew on, as its agent reported it; V(guest) for an agent's own regeneration.
-        - Null when the clone did not rotate.
+        - The entropy the rotation drew on, as its agent reported it in its answer to the instruction.
+        - V(guest), set by this module, when the clone's own regeneration was seen (RV(clones[].trigger=generation)), as
+          an agent's triggers draw on the guest's entropy alone.
+        - Null when neither happened.
       type: str
       sample: combined
     registered_vcpus:

@@ -106,7 +106,7 @@ class Settings:
         if self.trigger == "generation" and self.providers:
             raise ClonesafeError(
                 "trigger=generation proves the agent's own regeneration, which rotates every provider its configuration "
-                f"enables, so providers={self.providers} cannot be honoured: leave providers out, or use trigger=channel"
+                f"enables, so providers={self.providers} cannot be honoured: leave providers out, or use trigger=channel or trigger=both"
             )
 
     def source(self) -> str:

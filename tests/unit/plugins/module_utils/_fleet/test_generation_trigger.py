@@ -60,6 +60,9 @@ def test_trigger_generation_takes_the_guests_entropy_and_refuses_any_other_sourc
         with pytest.raises(ClonesafeError, match=f"entropy_source={source} cannot be honoured"):
             asked.validate()
     dataclasses.replace(settings(0), entropy_source="guest").validate()
+    asked_on_the_channel = Settings(hash_key=secrets.token_hex(32), entropy_source="guest")
+    asked_on_the_channel.validate()
+    assert asked_on_the_channel.source() == "guest"
 
 
 def test_trigger_generation_refuses_a_choice_of_providers_it_cannot_honour():
