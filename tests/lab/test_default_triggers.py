@@ -121,8 +121,8 @@ def test_memory_clones_of_a_role_default_golden_regenerate_once_by_themselves_wi
             verdict = json.loads(report_file.read_text())["after"]
             code, listed = run_module("clonesafe.fleet.clone_info", {"uri": golden.uri, "template": template})
             assert code == 0, listed
-            clones = {"clones": listed["clones"]}
-            names = sorted(clone["name"] for clone in clones["clones"])
+            clones = listed["clones"]
+            names = sorted(clone["name"] for clone in clones)
             assert len(names) == CLONES and verdict["unique"], verdict["msg"]
             assert sorted(verdict["verified"]["localhost"]) == names, verdict["verified"]
             # What each clone proved, from the verdict's table (fingerprints shortened as verify_unique prints them).
@@ -143,7 +143,7 @@ def test_memory_clones_of_a_role_default_golden_regenerate_once_by_themselves_wi
                 assert uniqueness.short(golden_value) not in values, f"a clone kept the golden's {secret}: {held}"
 
             # The independent oracle for RSA: each clone's public key as its disk holds it, read by the host.
-            on_disk = {clone["name"]: rsa_fingerprint_on_disk(clone["overlay"], tmp_path) for clone in clones["clones"]}
+            on_disk = {clone["name"]: rsa_fingerprint_on_disk(clone["overlay"], tmp_path) for clone in clones}
             for name, fingerprint in on_disk.items():
                 assert fingerprint.startswith(proved[name][RSA]), f"{name}: its disk ({fingerprint}) and its proof disagree"
             for (first, a), (second, b) in itertools.combinations(on_disk.items(), 2):
@@ -154,7 +154,7 @@ def test_memory_clones_of_a_role_default_golden_regenerate_once_by_themselves_wi
             # (still one after the seconds the disk reads took: neither watcher fired a second time, and the
             # play asked for no regeneration of its own).
             time.sleep(2)
-            for clone in clones["clones"]:
+            for clone in clones:
                 text = lab_vm.console_text(clone["console_log"])
                 assert text.count(lab_vm.FORK_LINE) == 1, f"{clone['name']}: {text.count(lab_vm.FORK_LINE)} fork lines"
                 with AgentChannel(clone["channel_sockets"]["org.clonesafe.agent.0"]) as clone_channel:

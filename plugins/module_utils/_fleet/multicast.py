@@ -227,16 +227,17 @@ def _nonce(settings: Settings, target: Target) -> tuple[str, str]:
 
 
 def _rotate_args(settings: Settings, nonce: str, domain_uuid: str) -> dict[str, t.Any]:
+    source = settings.source()
     args: dict[str, t.Any] = {
         "operation": settings.operation,
         "nonce": nonce,
         "hash_key": settings.hash_key,
         "domain_uuid": domain_uuid,
-        "entropy_source": settings.source(),
+        "entropy_source": source,
     }
     if settings.providers:
         args["providers"] = list(settings.providers)
-    if settings.source() in ("hypervisor", "combined"):
+    if source in ("hypervisor", "combined"):
         args["entropy"] = base64.b64encode(os.urandom(HYPERVISOR_ENTROPY_BYTES)).decode("ascii")
     return args
 
