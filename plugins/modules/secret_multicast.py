@@ -92,6 +92,8 @@ options:
       - V(guest) uses the guest's getrandom, V(hypervisor) bytes sent from this host, V(combined) both through HKDF.
       - When omitted, V(combined); with O(trigger=generation), V(guest), the only entropy of an agent's own regeneration
         (its kernel reseeded by the VM Generation ID change). O(trigger=generation) refuses any other source.
+      - With O(trigger=auto), a clone whose own regeneration is taken drew on V(guest) (RV(clones[].entropy_source));
+        setting V(hypervisor) or V(combined) has every clone get the instruction.
     type: str
     choices: [guest, hypervisor, combined]
     version_added: 0.1.0
@@ -109,8 +111,15 @@ options:
       - A regeneration counts only when the agent recorded it after a VM Generation ID change the template had not seen
         (the template manifest holds its golden's event count), so a record a clone inherited from its golden is never
         taken for the clone's own. V(generation) needs O(template) with such a manifest, and fails each clone otherwise.
+      - V(auto) takes a clone's own regeneration where it stands for what was asked, and sends the instruction to
+        every other clone. It waits for the regeneration of each agent that says in its C(hello) that it was restored
+        from RAM and watches for VM Generation ID changes (C(kmsg) or C(uevent) on, the role's defaults); an agent that
+        answers C(hello) for 10 seconds without one, or that made one with another C(trigger_operation), gets the
+        instruction. Only an O(operation=regenerate) of every provider with O(entropy_source) left out (or V(guest)),
+        and O(template) with its golden's VM Generation ID events, can be met by an agent's own regeneration; with
+        anything else V(auto) sends the instruction to every clone, as V(channel) does.
     type: str
-    choices: [channel, generation, both]
+    choices: [channel, generation, both, auto]
     default: channel
     version_added: 0.1.0
   hash_key:
@@ -152,7 +161,7 @@ options:
       - Seconds to wait for every clone's answer to C(hello). A deadline, not a delay.
       - A clone restored from RAM answers once its guest runs again; on a loaded host without KVM that took
         longer than 15 seconds for 8 clones restored together.
-      - With O(trigger=generation) or O(trigger=both) the first C(hello) may take up to O(generation_timeout)
+      - With O(trigger=generation), O(trigger=both) or O(trigger=auto) the first C(hello) may take up to O(generation_timeout)
         instead (an agent regenerating by itself answers only when its regeneration is done); one
         O(generation_timeout) from the start covers that C(hello) and the waiting for the regenerations.
     type: float
@@ -160,8 +169,8 @@ options:
     version_added: 0.1.0
   generation_timeout:
     description:
-      - With O(trigger=generation) or O(trigger=both), seconds to wait for the agents' own regeneration, counted
-        from the start of the task.
+      - With O(trigger=generation), O(trigger=both) or O(trigger=auto), seconds to wait for the agents' own
+        regeneration, counted from the start of the task.
       - A clone without an agent is given up only then, also with O(missing_agent=skip).
       - Every clone regenerates at once; under TCG a 3072-bit RSA host key alone takes tens of seconds.
     type: float
@@ -196,6 +205,13 @@ EXAMPLES = r"""
     entropy_source: combined
     run_secret: "{{ hostvars['localhost'].clonesafe_run_secret }}"
   register: clonesafe_multicast
+
+- name: Memory clones of template web whose agents regenerate by themselves on the restore; prove that, else instruct
+  clonesafe.fleet.secret_multicast:
+    template: web
+    trigger: auto
+    run_secret: "{{ hostvars['localhost'].clonesafe_run_secret }}"
+    timeout: 180
 
 - name: Rotate only the SSH host keys of two clones, skipping clones without an agent
   clonesafe.fleet.secret_multicast:
@@ -242,8 +258,9 @@ clones:
     trigger:
       description:
         - V(generation) when the clone's own regeneration on its VM Generation ID change was waited for and seen
-          (O(trigger=generation), which proves it, or O(trigger=both), which then sends the instruction too), also when
-          the clone then failed; V(channel) when it rotated on the instruction alone; otherwise null.
+          (O(trigger=generation) or O(trigger=auto), which prove it, or O(trigger=both), which then sends the
+          instruction too), also when the clone then failed; V(channel) when it rotated on the instruction alone;
+          otherwise null.
       type: str
       sample: channel
     entropy_source:
@@ -364,7 +381,7 @@ def main() -> None:
             "providers": {"type": "list", "elements": "str",
                           "choices": list(PROVIDERS)},
             "entropy_source": {"type": "str", "choices": ["guest", "hypervisor", "combined"]},
-            "trigger": {"type": "str", "default": "channel", "choices": ["channel", "generation", "both"]},
+            "trigger": {"type": "str", "default": "channel", "choices": ["channel", "generation", "both", "auto"]},
             "hash_key": {"type": "str", "no_log": True},
             "run_secret": {"type": "str", "no_log": True},
             "templates_dir": {"type": "path", "default": "/var/lib/clonesafe/templates"},

@@ -24,7 +24,9 @@ from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import p
 # "attest" changes nothing: it collects proofs of the secrets as they are (an audit, or the "before" picture).
 OPERATIONS = wire.ROTATE_OPERATIONS + ("attest",)
 ENTROPY_SOURCES = wire.ENTROPY_SOURCES
-TRIGGERS = ("channel", "generation", "both")
+TRIGGERS = ("channel", "generation", "both", "auto")
+# The guest-side watchers through which an agent regenerates by itself on a VM Generation ID change.
+GENERATION_WATCHERS = ("kmsg", "uevent")
 POLICIES = ("fail", "skip")
 HYPERVISOR_ENTROPY_BYTES = 64
 # Output bounds (guest text is escaped, so a string may grow up to four times before it is cut).
@@ -70,6 +72,11 @@ class Settings:
     template_vmgenid_events: int | None = None
     # Only an erase may answer unsigned: its identity key is gone, by request.
     allow_unsigned: bool = False
+    # trigger=auto: how long an agent may keep answering hello without its own regeneration before it gets
+    # the instruction instead. The kernel logs the fork within 0.03-0.14 s of the restore (lab notes) and
+    # the agent reads it in the same serve loop that answers hello: an agent still idle after this will
+    # not regenerate by itself (a kernel without the vmgenid driver, say).
+    auto_grace: float = 10.0
 
     def validate(self) -> None:
         """Reject settings that cannot work, naming the bad one."""
@@ -92,7 +99,7 @@ class Settings:
             )
         if not isinstance(self.run_secret, str) or len(self.run_secret) < proof.MIN_RUN_SECRET_LENGTH:
             raise ClonesafeError(f"run_secret must have at least {proof.MIN_RUN_SECRET_LENGTH} characters")
-        if self.operation == "attest" and self.trigger != "channel":
+        if self.operation == "attest" and self.trigger not in ("channel", "auto"):
             raise ClonesafeError("operation=attest only collects proofs: use trigger=channel")
         if self.trigger == "generation" and self.operation != "regenerate":
             raise ClonesafeError("trigger=generation waits for the agent's own regeneration: use operation=regenerate")
@@ -110,10 +117,23 @@ class Settings:
             )
 
     def source(self) -> str:
-        """The entropy source asked for: entropy_source, or when left out combined (guest with trigger=generation)."""
+        """The entropy source of the instruction: entropy_source, or when left out combined (guest with trigger=generation).
+
+        With trigger=auto a clone whose own regeneration is taken drew on the guest alone: its outcome says so.
+        """
         if self.entropy_source is not None:
             return self.entropy_source
         return "guest" if self.trigger == "generation" else "combined"
+
+    def takes_own_regeneration(self) -> bool:
+        """trigger=auto: whether an agent's own regeneration is all this run asked for, so it may stand.
+
+        It is a regeneration of every provider the agent enables, from the guest's entropy alone: an
+        instruction asking for anything else (another operation, some providers, the hypervisor's
+        bytes) is sent as with trigger=channel.
+        """
+        return (self.trigger == "auto" and self.operation == "regenerate" and not self.providers
+                and self.entropy_source in (None, "guest") and self.template_vmgenid_events is not None)
 
 
 @dataclasses.dataclass
@@ -245,11 +265,11 @@ def _rotate_args(settings: Settings, nonce: str, domain_uuid: str) -> dict[str, 
 def _first_hello_timeout(settings: Settings) -> float:
     """The deadline of the first hello: an agent busy with its own regeneration answers only when done.
 
-    With trigger=generation or both the clones were just restored and regenerate by themselves
-    (their agents rotate in their serve loop): a hello sent meanwhile waits for the rotation, which
-    the user gave generation_timeout seconds.
+    With trigger=generation or both (or auto, where an own regeneration may stand) the clones were just
+    restored and regenerate by themselves (their agents rotate in their serve loop): a hello sent
+    meanwhile waits for the rotation, which the user gave generation_timeout seconds.
     """
-    if settings.trigger in ("generation", "both"):
+    if settings.trigger in ("generation", "both") or settings.takes_own_regeneration():
         return max(settings.hello_timeout, settings.generation_timeout)
     return settings.hello_timeout
 
@@ -313,40 +333,70 @@ def regenerated_after_restore(trigger: dict[str, t.Any], template_events: int) -
     return isinstance(events, int) and not isinstance(events, bool) and events > template_events
 
 
+def regenerates_by_itself(hello: dict[str, t.Any]) -> bool:
+    """Whether this agent, by its hello, was restored from RAM and watches for VM Generation ID changes.
+
+    Such an agent regenerates by itself after the restore, with its configured trigger_operation.
+    """
+    triggers = hello.get("triggers")
+    watching = isinstance(triggers, dict) and any(triggers.get(name) == "on" for name in GENERATION_WATCHERS)
+    return hello.get("uuid_restored") is True and watching
+
+
 def _wait_for_own_regeneration(
     outcomes: dict[str, CloneOutcome], sockets: dict[str, str], settings: Settings, started: float
 ) -> list[str]:
     """Poll hello until each agent reports a rotation caused by the generation change; return those still waiting.
 
     One deadline, generation_timeout after the multicast started, covers the first hello and the polls.
+    With trigger=auto a clone is given up sooner: when its agent answered hello for auto_grace seconds
+    without a regeneration of its own, or made one with another operation than regenerate; it then gets
+    the instruction (it is returned, and its outcome says nothing of a generation trigger).
     """
     waiting = list(sockets)
     deadline = started + settings.generation_timeout
+    answered_idle: dict[str, float] = {}
+    given_up: list[str] = []
     while True:
         still = []
+        now = time.monotonic()
         for name in waiting:
             trigger = outcomes[name].hello.get("last_trigger") or {}
-            if trigger.get("trigger") == "generation" and regenerated_after_restore(trigger, t.cast(int, settings.template_vmgenid_events)):
-                outcomes[name].trigger = "generation"
-                outcomes[name].generation = trigger.get("generation")
-                # The agent's triggers rotate with its configured trigger_operation and the guest's entropy.
-                outcomes[name].entropy_source = "guest"
-                if settings.trigger == "generation" and trigger.get("operation") != "regenerate":
-                    outcomes[name].status = "failed"
-                    outcomes[name].reason = (
-                        f"its agent answered the VM Generation ID change with operation={trigger.get('operation')!r} (its "
-                        "trigger_operation), not regenerate: use trigger=channel to have it regenerate")
+            own = trigger.get("trigger") == "generation" and regenerated_after_restore(
+                trigger, t.cast(int, settings.template_vmgenid_events))
+            if own and settings.trigger == "auto" and trigger.get("operation") != "regenerate":
+                given_up.append(name)
+            elif own:
+                _take_own_regeneration(outcomes[name], trigger, settings)
+            elif settings.trigger == "auto" and now - answered_idle.setdefault(name, now) >= settings.auto_grace:
+                given_up.append(name)
             else:
                 still.append(name)
         waiting = still
         if not waiting or time.monotonic() + settings.poll_interval >= deadline:
-            return waiting
+            return waiting + given_up
         time.sleep(settings.poll_interval)
         calls = [ChannelCall(name, sockets[name], "hello", {}) for name in waiting]
         call_all(calls, max(1.0, min(settings.hello_timeout, deadline - time.monotonic())))
         for call in calls:
             if call.result is not None:
                 outcomes[call.clone].hello["last_trigger"] = call.result["last_trigger"]
+            else:
+                # Not an idle answer: an agent busy with its own regeneration answers when done.
+                answered_idle.pop(call.clone, None)
+
+
+def _take_own_regeneration(outcome: CloneOutcome, trigger: dict[str, t.Any], settings: Settings) -> None:
+    """Record the clone's own regeneration on its outcome (its proof is asked for next)."""
+    outcome.trigger = "generation"
+    outcome.generation = trigger.get("generation")
+    # The agent's triggers rotate with its configured trigger_operation and the guest's entropy.
+    outcome.entropy_source = "guest"
+    if settings.trigger == "generation" and trigger.get("operation") != "regenerate":
+        outcome.status = "failed"
+        outcome.reason = (
+            f"its agent answered the VM Generation ID change with operation={trigger.get('operation')!r} (its "
+            "trigger_operation), not regenerate: use trigger=channel to have it regenerate")
 
 
 def _attest_all(outcomes: dict[str, CloneOutcome], targets: t.Sequence[Target], settings: Settings, status: str) -> None:
@@ -419,6 +469,13 @@ def multicast(targets: t.Sequence[Target], settings: Settings, check_mode: bool 
             regenerated = [target for target in ready if target.name not in waiting and outcomes[target.name].status != "failed"]
             _attest_all(outcomes, regenerated, settings, "rotated")
             return _finish(outcomes, started)
+    if settings.takes_own_regeneration():
+        # Agents that regenerated by themselves are asked for its proof; every other clone gets the instruction.
+        candidates = {target.name: target.socket_path or "" for target in ready if regenerates_by_itself(hellos[target.name])}
+        instruct = set(_wait_for_own_regeneration(outcomes, candidates, settings, started)) if candidates else set()
+        _attest_all(outcomes, [target for target in ready if target.name in candidates and target.name not in instruct],
+                    settings, "rotated")
+        ready = [target for target in ready if target.name not in candidates or target.name in instruct]
 
     if settings.operation == "attest":
         _attest_all(outcomes, ready, settings, "attested")

@@ -1,0 +1,132 @@
+"""trigger=auto (clone_fleet.yml's default): a clone's own regeneration is proven where it stands for
+what was asked; every other clone gets the instruction. Real agents on scratch roots, real sockets."""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import shutil
+import time
+
+import pytest
+from agent_testlib import vmgenid_event
+
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.golden_proof import golden_proof
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.multicast import Settings, multicast, regenerates_by_itself
+
+
+def auto(template_events, **changes):
+    base = Settings(hash_key=secrets.token_hex(32), trigger="auto", timeout=10, generation_timeout=5, auto_grace=0.6,
+                    poll_interval=0.1, template_vmgenid_events=template_events)
+    return dataclasses.replace(base, **changes)
+
+
+def triggers_off(agent):
+    """The lab's image: the agent watches for no VM Generation ID change."""
+    agent.config["triggers"].update(kmsg=False, uevent=False)
+    return agent
+
+
+@pytest.fixture
+def restored(fleet, agent_module, tmp_path):
+    """A template of the fleet's golden, and a function restoring a clone of it: (target, agent)."""
+    golden = fleet.serve("golden", fleet.golden_root)
+    template = golden_proof("golden", golden.socket_path, "running", seal=False, domain_uuid=golden.domain_uuid)
+
+    def restore(name, regenerate_by_itself=True, trigger_operation="regenerate", wrap=None):
+        root = tmp_path / name
+        shutil.copytree(fleet.golden_root, root, symlinks=True)
+        vmgenid_event(root)  # the restore: one more VM Generation ID event
+        agent = agent_module.Agent(str(root))
+        agent.config["trigger_operation"] = trigger_operation
+        if regenerate_by_itself:
+            agent.on_trigger("generation")
+        return fleet.serve(name, root, wrap=wrap), agent
+
+    restore.template_events = template["golden_vmgenid_events"]
+    return restore
+
+
+def generation(agent_module, target_root):
+    return agent_module.Agent(str(target_root)).state()["generation"]
+
+
+def test_an_own_regeneration_is_proven_and_not_asked_for_again(restored, agent_module, tmp_path):
+    target, agent = restored("clone")
+    before = agent.state()["generation"]
+    outcome = multicast([target], auto(restored.template_events)).clones[0]
+    assert outcome.status == "rotated" and outcome.trigger == "generation", outcome.reason
+    assert outcome.entropy_source == "guest"
+    assert outcome.fingerprints and outcome.attestation
+    assert generation(agent_module, tmp_path / "clone") == before, "the clone was made to regenerate a second time"
+
+
+def test_an_agent_that_watches_no_generation_change_gets_the_instruction_at_once(restored, agent_module, tmp_path):
+    target, _agent = restored("clone", regenerate_by_itself=False, wrap=triggers_off)
+    started = time.monotonic()
+    outcome = multicast([target], auto(restored.template_events, auto_grace=30)).clones[0]
+    assert time.monotonic() - started < 10, "a clone whose agent watches nothing was waited for"
+    assert outcome.status == "rotated" and outcome.trigger == "channel", outcome.reason
+    assert outcome.entropy_source == "combined"
+
+
+def test_an_agent_that_watches_but_never_regenerates_gets_the_instruction_after_the_grace(restored):
+    # Also the golden's inherited record: this clone's agent has not reacted, so nothing of its own is recorded.
+    target, _agent = restored("clone", regenerate_by_itself=False)
+    started = time.monotonic()
+    outcome = multicast([target], auto(restored.template_events, generation_timeout=30)).clones[0]
+    assert time.monotonic() - started < 10, "the clone was waited for beyond auto_grace"
+    assert outcome.status == "rotated" and outcome.trigger == "channel", outcome.reason
+    assert outcome.entropy_source == "combined"
+
+
+def test_a_regeneration_made_with_another_operation_is_followed_by_the_instruction(restored, agent_module, tmp_path):
+    target, agent = restored("clone", trigger_operation="modify")
+    after_modify = agent.state()["generation"]
+    outcome = multicast([target], auto(restored.template_events, auto_grace=30)).clones[0]
+    assert outcome.status == "rotated" and outcome.trigger == "channel", outcome.reason
+    assert generation(agent_module, tmp_path / "clone") == after_modify + 1
+
+
+@pytest.mark.parametrize("changes", [
+    {"entropy_source": "combined"},
+    {"entropy_source": "hypervisor"},
+    {"providers": ["ssh_host_keys"]},
+    {"operation": "modify"},
+    {"template_vmgenid_events": None},
+])
+def test_what_an_own_regeneration_cannot_stand_for_is_instructed(restored, agent_module, tmp_path, changes):
+    target, agent = restored("clone")
+    before = agent.state()["generation"]
+    settings = auto(restored.template_events, **changes)
+    settings.validate()
+    assert not settings.takes_own_regeneration()
+    outcome = multicast([target], settings).clones[0]
+    assert outcome.status == "rotated" and outcome.trigger == "channel", outcome.reason
+    assert generation(agent_module, tmp_path / "clone") == before + 1
+
+
+def test_a_mixed_fleet_each_clone_its_own_way(restored):
+    own, _ = restored("own")
+    lab, _ = restored("lab", regenerate_by_itself=False, wrap=triggers_off)
+    outcomes = {clone.name: clone for clone in multicast([own, lab], auto(restored.template_events)).clones}
+    assert (outcomes["own"].status, outcomes["own"].trigger) == ("rotated", "generation")
+    assert (outcomes["lab"].status, outcomes["lab"].trigger) == ("rotated", "channel")
+    assert outcomes["own"].fingerprints != outcomes["lab"].fingerprints
+
+
+def test_a_cold_booted_clone_is_not_waited_for():
+    watching = {"triggers": {"kmsg": "on", "uevent": "on"}}
+    assert regenerates_by_itself({**watching, "uuid_restored": True})
+    assert not regenerates_by_itself({**watching, "uuid_restored": False})
+    assert not regenerates_by_itself({**watching, "uuid_restored": None})
+    assert not regenerates_by_itself({"triggers": {"kmsg": "unavailable", "uevent": "off"}, "uuid_restored": True})
+    assert not regenerates_by_itself({"uuid_restored": True})
+
+
+def test_operation_attest_with_auto_only_collects_proofs(restored, agent_module, tmp_path):
+    target, agent = restored("clone", regenerate_by_itself=False)
+    before = agent.state()["generation"]
+    outcome = multicast([target], auto(restored.template_events, operation="attest")).clones[0]
+    assert outcome.status == "attested", outcome.reason
+    assert generation(agent_module, tmp_path / "clone") == before
