@@ -33,7 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=wrong-import-posi
 
 HERE = pathlib.Path(__file__).resolve().parent
 # time_to_unique runs with the golden's agent baked with the guest_agent role's defaults (--out of each).
-ROLE_DEFAULT_RUNS = ("time_to_unique-role-defaults", "time_to_unique-role-defaults-generation")
+ROLE_DEFAULT_RUNS = ("time_to_unique-role-defaults", "time_to_unique-role-defaults-generation", "time_to_unique-role-defaults-auto")
 
 
 def _load(directory: pathlib.Path, name: str) -> dict | None:

@@ -15,7 +15,8 @@ that is not the golden's (and, on our paths, is the one the clone's signed proof
 
 (a) ours, the user's path: ``ansible-playbook playbooks/clone_fleet.yml -e clonesafe_clone_count=N``
     (template present: restore N clones paused with the network held, one multicast that regenerates
-    every secret, or with --trigger generation proves the regeneration each clone made by itself,
+    every secret, or (with the play's default --trigger auto, or generation) proves the regeneration a
+    clone made by itself where its agent made one (the guest_agent role's defaults),
     verify_unique on the controller writing the attested host keys to a known_hosts file, network
     released for the verified clones), wall clock of the whole command; then the port forwards and
     ssh-keyscan, whose key must be the one in that known_hosts file.
@@ -211,7 +212,7 @@ def remove_clones(conn: LibvirtConnection, name: str) -> None:
 
 
 def ansible_path(conn: LibvirtConnection, golden: bench_golden.Golden, name: str, count: int, work: pathlib.Path,
-                 trigger: str = "channel") -> dict:
+                 trigger: str = "auto") -> dict:
     """(a): the whole clone_fleet.yml play, wall clock; then ssh-keyscan of every clone.
 
     The play writes the verified clones' attested host keys to a known_hosts file (verify_unique's
@@ -251,7 +252,7 @@ def attested_ed25519_keys(known_hosts: pathlib.Path) -> dict[str, str]:
     return found
 
 
-def library_path(conn: LibvirtConnection, golden: bench_golden.Golden, name: str, count: int, trigger: str = "channel") -> dict:
+def library_path(conn: LibvirtConnection, golden: bench_golden.Golden, name: str, count: int, trigger: str = "auto") -> dict:
     """(b): what the play's modules do, called in this process; then ssh-keyscan of every clone."""
     phases = {}
     started = time.monotonic()
@@ -263,7 +264,7 @@ def library_path(conn: LibvirtConnection, golden: bench_golden.Golden, name: str
     phases["restore_s"] = time.monotonic() - started
     found = template.load_template(template.DEFAULT_TEMPLATES_DIR, name)
     run_secret = secrets.token_hex(32)
-    # The play's multicast: entropy_source left to the default (combined, guest with trigger=generation).
+    # The play's multicast: entropy_source left out (combined for the instruction, guest for an own regeneration).
     settings = Settings(operation="regenerate", trigger=trigger, hash_key=template_hash_key(template.DEFAULT_TEMPLATES_DIR, name),
                         run_secret=run_secret, template_vmgenid_events=found.summary()["golden_vmgenid_events"],
                         hello_timeout=PLAY_HELLO_TIMEOUT_S, generation_timeout=PLAY_HELLO_TIMEOUT_S, timeout=PLAY_ROTATE_TIMEOUT_S)
@@ -446,9 +447,10 @@ def main() -> None:
                         help="runs of each of our paths per N (the ratio takes their median; the usual path runs once)")
     parser.add_argument("--keep-going", action="store_true", help="record a failed path and go on with the next")
     parser.add_argument("--out", default="time_to_unique", help="results file name under bench/results (without .json)")
-    parser.add_argument("--trigger", default="channel", choices=["channel", "generation"],
-                        help="our paths' secret_multicast trigger (clone_fleet.yml's clonesafe_trigger): generation proves "
-                             "the regeneration an agent with the role's default triggers makes by itself")
+    parser.add_argument("--trigger", default="auto", choices=["auto", "channel", "generation"],
+                        help="our paths' secret_multicast trigger (clone_fleet.yml's clonesafe_trigger, auto by default): "
+                             "auto and generation prove the regeneration an agent with the role's default triggers makes by "
+                             "itself (auto instructs any other clone), channel instructs every clone")
     parser.add_argument("--agent-settings", default="lab", choices=sorted(bench_golden.AGENT_SETTINGS),
                         help="bake the golden's agent as playbooks/lab.yml does (lab: ed25519 and ecdsa host keys, "
                              "VM Generation ID and network triggers off) or with the guest_agent role's defaults")
