@@ -43,6 +43,9 @@ class Target:
     state: str = "running"
     role: str = "clone"
     domain_uuid: str | None = None
+    # Resumed by this task (restored paused, as clonesafe.fleet.clone leaves its clones for the multicast):
+    # only such a clone's own regeneration is this run's (trigger=auto).
+    resumed: bool = False
 
 
 @dataclasses.dataclass
@@ -100,7 +103,7 @@ class Settings:
         if not isinstance(self.run_secret, str) or len(self.run_secret) < proof.MIN_RUN_SECRET_LENGTH:
             raise ClonesafeError(f"run_secret must have at least {proof.MIN_RUN_SECRET_LENGTH} characters")
         if self.operation == "attest" and self.trigger not in ("channel", "auto"):
-            raise ClonesafeError("operation=attest only collects proofs: use trigger=channel")
+            raise ClonesafeError("operation=attest only collects proofs: use trigger=channel or trigger=auto")
         if self.trigger == "generation" and self.operation != "regenerate":
             raise ClonesafeError("trigger=generation waits for the agent's own regeneration: use operation=regenerate")
         if self.trigger == "generation" and self.source() != "guest":
@@ -333,6 +336,23 @@ def regenerated_after_restore(trigger: dict[str, t.Any], template_events: int) -
     return isinstance(events, int) and not isinstance(events, bool) and events > template_events
 
 
+def own_regeneration(hello: dict[str, t.Any], template_events: int) -> dict[str, t.Any] | None:
+    """The clone's own regeneration on its restore, from its hello, or None while it has none to show.
+
+    The record must be a "generation" rotation counted past the template's VM Generation ID events,
+    and the agent must say that nothing is due since (``rotation_due`` false: that rotation was made in
+    this boot, at the event count the guest has now). The count restarts at every boot, so a record
+    the golden made in an earlier boot can pass the template's count: only the second condition tells
+    it from the clone's own.
+    """
+    trigger = hello.get("last_trigger")
+    if not isinstance(trigger, dict) or trigger.get("trigger") != "generation":
+        return None
+    if not regenerated_after_restore(trigger, template_events) or hello.get("rotation_due") is not False:
+        return None
+    return trigger
+
+
 def regenerates_by_itself(hello: dict[str, t.Any]) -> bool:
     """Whether this agent, by its hello, was restored from RAM and watches for VM Generation ID changes.
 
@@ -344,14 +364,16 @@ def regenerates_by_itself(hello: dict[str, t.Any]) -> bool:
 
 
 def _wait_for_own_regeneration(
-    outcomes: dict[str, CloneOutcome], sockets: dict[str, str], settings: Settings, started: float
+    outcomes: dict[str, CloneOutcome], hellos: dict[str, dict], sockets: dict[str, str], settings: Settings, started: float
 ) -> list[str]:
-    """Poll hello until each agent reports a rotation caused by the generation change; return those still waiting.
+    """Poll hello until each agent shows its own regeneration (own_regeneration); return those still waiting.
 
-    One deadline, generation_timeout after the multicast started, covers the first hello and the polls.
-    With trigger=auto a clone is given up sooner: when its agent answered hello for auto_grace seconds
-    without a regeneration of its own, or made one with another operation than regenerate; it then gets
-    the instruction (it is returned, and its outcome says nothing of a generation trigger).
+    ``hellos`` holds each clone's latest hello and is kept up to date. One deadline, generation_timeout
+    after the multicast started, covers the first hello and the polls. With trigger=auto a clone is
+    given up sooner: when its agent answered hello for auto_grace seconds (counted from the first
+    answer looked at) without a regeneration of its own, or made one with another operation than
+    regenerate; it then gets the instruction (it is returned, and its outcome says nothing of a
+    generation trigger).
     """
     waiting = list(sockets)
     deadline = started + settings.generation_timeout
@@ -361,13 +383,11 @@ def _wait_for_own_regeneration(
         still = []
         now = time.monotonic()
         for name in waiting:
-            trigger = outcomes[name].hello.get("last_trigger") or {}
-            own = trigger.get("trigger") == "generation" and regenerated_after_restore(
-                trigger, t.cast(int, settings.template_vmgenid_events))
-            if own and settings.trigger == "auto" and trigger.get("operation") != "regenerate":
+            own = own_regeneration(hellos[name], t.cast(int, settings.template_vmgenid_events))
+            if own and settings.trigger == "auto" and own.get("operation") != "regenerate":
                 given_up.append(name)
             elif own:
-                _take_own_regeneration(outcomes[name], trigger, settings)
+                _take_own_regeneration(outcomes[name], own, settings)
             elif settings.trigger == "auto" and now - answered_idle.setdefault(name, now) >= settings.auto_grace:
                 given_up.append(name)
             else:
@@ -380,6 +400,7 @@ def _wait_for_own_regeneration(
         call_all(calls, max(1.0, min(settings.hello_timeout, deadline - time.monotonic())))
         for call in calls:
             if call.result is not None:
+                hellos[call.clone] = call.result
                 outcomes[call.clone].hello["last_trigger"] = call.result["last_trigger"]
             else:
                 # Not an idle answer: an agent busy with its own regeneration answers when done.
@@ -399,8 +420,13 @@ def _take_own_regeneration(outcome: CloneOutcome, trigger: dict[str, t.Any], set
             "trigger_operation), not regenerate: use trigger=channel to have it regenerate")
 
 
-def _attest_all(outcomes: dict[str, CloneOutcome], targets: t.Sequence[Target], settings: Settings, status: str) -> None:
-    """Ask every target for a proof of its current secrets over a fresh nonce."""
+def _attest_all(outcomes: dict[str, CloneOutcome], targets: t.Sequence[Target], settings: Settings, status: str) -> list[str]:
+    """Ask every target for a proof of its current secrets over a fresh nonce.
+
+    A clone whose own regeneration was taken must prove that generation: if its agent rotated again
+    since (the proof is of other secrets, made by whatever rotated them), it fails, and is returned.
+    """
+    moved = []
     salts = {}
     calls = []
     for target in targets:
@@ -415,12 +441,19 @@ def _attest_all(outcomes: dict[str, CloneOutcome], targets: t.Sequence[Target], 
             outcome.status, outcome.reason = "failed", failure
             continue
         try:
+            taken = outcome.generation if outcome.trigger == "generation" else None
             outcome.status = status
             outcome.latency_ms = call.latency_ms
             outcome.generation = (call.result or {}).get("generation")
             _attach_attestation(outcome, call.result or {}, call.args["nonce"], salts[call.clone], settings.allow_unsigned)
+            if taken is not None and outcome.generation != taken:
+                moved.append(call.clone)
+                outcome.status = "failed"
+                outcome.reason = (f"its agent rotated again after its own regeneration (generation {taken}), before the "
+                                  f"proof (generation {outcome.generation}): the proof is not of that regeneration")
         except Exception as error:  # pylint: disable=broad-exception-caught
             _unusable(outcome, "attest", error)
+    return moved
 
 
 def multicast(targets: t.Sequence[Target], settings: Settings, check_mode: bool = False) -> Report:
@@ -457,8 +490,8 @@ def multicast(targets: t.Sequence[Target], settings: Settings, check_mode: bool 
                           "clone's own regeneration from one it inherited: use trigger=channel", "fail")
         return _finish(outcomes, started)
     if settings.trigger in ("generation", "both") and settings.template_vmgenid_events is not None:
-        waiting = _wait_for_own_regeneration(outcomes, {target.name: target.socket_path or "" for target in ready}, settings,
-                                             started)
+        waiting = _wait_for_own_regeneration(outcomes, hellos, {target.name: target.socket_path or "" for target in ready},
+                                             settings, started)
         if settings.trigger == "generation":
             for name in waiting:
                 outcomes[name].status = "failed"
@@ -471,11 +504,19 @@ def multicast(targets: t.Sequence[Target], settings: Settings, check_mode: bool 
             return _finish(outcomes, started)
     if settings.takes_own_regeneration():
         # Agents that regenerated by themselves are asked for its proof; every other clone gets the instruction.
-        candidates = {target.name: target.socket_path or "" for target in ready if regenerates_by_itself(hellos[target.name])}
-        instruct = set(_wait_for_own_regeneration(outcomes, candidates, settings, started)) if candidates else set()
-        _attest_all(outcomes, [target for target in ready if target.name in candidates and target.name not in instruct],
-                    settings, "rotated")
-        ready = [target for target in ready if target.name not in candidates or target.name in instruct]
+        candidates = {target.name: target.socket_path or "" for target in ready
+                      if target.resumed and regenerates_by_itself(hellos[target.name])}
+        instruct = set(_wait_for_own_regeneration(outcomes, hellos, candidates, settings, started)) if candidates else set()
+        moved = _attest_all(outcomes, [target for target in ready if target.name in candidates and target.name not in instruct],
+                            settings, "rotated")
+        for name in moved:
+            # Whatever rotated it since, the instruction makes the secrets this run proves.
+            outcomes[name] = CloneOutcome(name=name, role=outcomes[name].role, domain_uuid=outcomes[name].domain_uuid,
+                                          agent_version=outcomes[name].agent_version, hello=outcomes[name].hello,
+                                          hello_attempts=outcomes[name].hello_attempts,
+                                          generation_before=outcomes[name].generation_before,
+                                          registered_vcpus=outcomes[name].registered_vcpus)
+        ready = [target for target in ready if target.name not in candidates or target.name in instruct or target.name in moved]
 
     if settings.operation == "attest":
         _attest_all(outcomes, ready, settings, "attested")

@@ -59,7 +59,7 @@ def resume_paused(conn: LibvirtConnection, targets: list[Target]) -> tuple[list[
             domain = conn.get_domain(target.name)
             conn.call(f"resuming domain '{target.name}'", domain.resume)
             resumed.append(target.name)
-            target = Target(target.name, target.socket_path, conn.domain_state(domain), target.role)
+            target = Target(target.name, target.socket_path, conn.domain_state(domain), target.role, resumed=True)
         updated.append(target)
     return updated, resumed
 

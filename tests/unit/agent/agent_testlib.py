@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import types
+import uuid
 
 import pytest
 
@@ -107,6 +108,9 @@ def make_guest_root(root: pathlib.Path, config: dict | None = None) -> pathlib.P
     os.symlink("../vport1p1", root / "dev/virtio-ports/org.clonesafe.agent.0")
     (root / "proc").mkdir()
     (root / "proc/interrupts").write_text(INTERRUPTS)
+    # The boot the golden is in; a memory clone's copy goes on in it (forks.rotation_due compares boots).
+    (root / "proc/sys/kernel/random").mkdir(parents=True)
+    (root / "proc/sys/kernel/random/boot_id").write_text(f"{uuid.uuid4()}\n")
     for irq in (9, 24, 25, 26):
         (root / f"proc/irq/{irq}").mkdir(parents=True)
         (root / f"proc/irq/{irq}/smp_affinity_list").write_text("0\n")
