@@ -384,10 +384,11 @@ def _wait_for_own_regeneration(
         now = time.monotonic()
         for name in waiting:
             own = own_regeneration(hellos[name], t.cast(int, settings.template_vmgenid_events))
-            if own and settings.trigger == "auto" and own.get("operation") != "regenerate":
+            problem = why_not_provable(own, hellos[name]) if own else None
+            if own and problem and settings.trigger == "auto":
                 given_up.append(name)
             elif own:
-                _take_own_regeneration(outcomes[name], own, settings)
+                _take_own_regeneration(outcomes[name], own, problem if settings.trigger == "generation" else None)
             elif settings.trigger == "auto" and now - answered_idle.setdefault(name, now) >= settings.auto_grace:
                 given_up.append(name)
             else:
@@ -407,17 +408,34 @@ def _wait_for_own_regeneration(
                 answered_idle.pop(call.clone, None)
 
 
-def _take_own_regeneration(outcome: CloneOutcome, trigger: dict[str, t.Any], settings: Settings) -> None:
-    """Record the clone's own regeneration on its outcome (its proof is asked for next)."""
+def why_not_provable(own: dict[str, t.Any], hello: dict[str, t.Any]) -> str | None:
+    """Why the clone's own regeneration ``own`` cannot stand for the instruction, or None when it can.
+
+    It must be a regeneration (the agent's trigger_operation), and its agent must say that no provider
+    failed in it: a rotation of the agent's own triggers has no answer of its own to carry failures
+    (hooks have no fingerprint a proof could show unchanged), so hello's last_rotation carries them.
+    """
+    if own.get("operation") != "regenerate":
+        return (f"its agent answered the VM Generation ID change with operation={own.get('operation')!r} (its "
+                "trigger_operation), not regenerate")
+    last = hello.get("last_rotation")
+    if not isinstance(last, dict) or last.get("generation") != own.get("generation"):
+        return ("its agent does not say how its own regeneration went (an agent older than this collection, or one "
+                "restarted since)")
+    if last.get("failed"):
+        return "provider(s) failed in its own regeneration: " + ", ".join(wire.printable(str(name), 64) for name in last["failed"])
+    return None
+
+
+def _take_own_regeneration(outcome: CloneOutcome, trigger: dict[str, t.Any], problem: str | None) -> None:
+    """Record the clone's own regeneration on its outcome (its proof is asked for next), or fail it for ``problem``."""
     outcome.trigger = "generation"
     outcome.generation = trigger.get("generation")
     # The agent's triggers rotate with its configured trigger_operation and the guest's entropy.
     outcome.entropy_source = "guest"
-    if settings.trigger == "generation" and trigger.get("operation") != "regenerate":
+    if problem:
         outcome.status = "failed"
-        outcome.reason = (
-            f"its agent answered the VM Generation ID change with operation={trigger.get('operation')!r} (its "
-            "trigger_operation), not regenerate: use trigger=channel to have it regenerate")
+        outcome.reason = f"{problem}: use trigger=channel to have it regenerate on the instruction"
 
 
 def _attest_all(outcomes: dict[str, CloneOutcome], targets: t.Sequence[Target], settings: Settings, status: str) -> list[str]:

@@ -480,7 +480,7 @@ def _check_hello_result(result: dict[str, t.Any]) -> None:
         "hello result",
         ("agent_version", "protocol", "generation", "uuid", "vcpus", "interrupts", "providers",
          "identity_public_key", "last_trigger"),
-        ("registration_error", "triggers", "rotation_due", "uuid_restored"),
+        ("registration_error", "triggers", "rotation_due", "uuid_restored", "last_rotation"),
     )
     check_str(result["agent_version"], "agent_version", 64)
     # Whether the guest's RAM was restored since it read its SMBIOS UUID at boot (null: it cannot tell).
@@ -496,6 +496,15 @@ def _check_hello_result(result: dict[str, t.Any]) -> None:
                 raise ProtocolError("bad_message", f"trigger {name} must be one of {', '.join(TRIGGER_STATES)}")
     if "rotation_due" in result and not isinstance(result["rotation_due"], bool):
         raise ProtocolError("bad_message", "rotation_due must be a boolean")
+    if "last_rotation" in result:
+        # The providers that failed in the agent's last rotation (its own triggers' included), by generation.
+        check_fields(result["last_rotation"], "last_rotation", ("generation", "failed"))
+        check_int(result["last_rotation"]["generation"], "last_rotation generation")
+        failed = result["last_rotation"]["failed"]
+        if not isinstance(failed, list) or len(failed) > 64:
+            raise ProtocolError("bad_message", "last_rotation failed must be a list of at most 64 provider names")
+        for name in failed:
+            check_str(name, "last_rotation provider name", _MAX_PROVIDER_NAME)
     if "registration_error" in result:
         check_str(result["registration_error"], "registration_error", _MAX_ERROR_MESSAGE, free_text=True)
     check_int(result["protocol"], "protocol")

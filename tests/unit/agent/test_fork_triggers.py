@@ -202,9 +202,23 @@ def test_hello_reports_the_triggers_and_whether_a_rotation_is_due(golden, guest_
     assert hello["rotation_due"] is True and hello["triggers"]["network"] == "unavailable"
 
 
+def test_hello_says_how_the_last_rotation_of_this_process_went(golden):
+    """An own trigger's rotation has no answer: hello carries its failed providers, for that generation only."""
+    assert "last_rotation" not in type(golden)(golden.root).hello(), "a process that made no rotation cannot tell"
+    golden.on_trigger("generation")
+    hello = wire.parse_response(golden.handle_line(wire.encode_request("hello", {}, "h1")), "h1", "hello")["result"]
+    assert hello["last_rotation"] == {"generation": hello["generation"], "failed": []}
+    golden.last_rotation = {"generation": hello["generation"] - 1, "failed": []}
+    assert "last_rotation" not in golden.hello(), "a record of another generation is not this one's"
+
+
 @pytest.mark.parametrize("field, value", [
     ("triggers", {"network": "maybe"}), ("triggers", ["network"]), ("triggers", {"\x1b[2J": "on"}),
     ("triggers", {f"t{index}": "on" for index in range(17)}), ("rotation_due", "yes"),
+    ("last_rotation", {"generation": 1}), ("last_rotation", {"generation": "1", "failed": []}),
+    ("last_rotation", {"generation": 1, "failed": "hooks"}), ("last_rotation", {"generation": 1, "failed": [1]}),
+    ("last_rotation", {"generation": 1, "failed": ["h"] * 65}), ("last_rotation", {"generation": 1, "failed": ["\x1b[2J"]}),
+    ("last_rotation", {"generation": 1, "failed": [], "extra": 1}), ("last_rotation", [1]),
 ])
 def test_the_host_refuses_a_hello_with_bad_trigger_fields(golden, field, value):
     hello = golden.hello()

@@ -463,6 +463,15 @@ def test_a_watcher_that_fails_every_read_is_given_up_not_polled_for_ever(modules
     for _read in range(triggers.MAX_FAILED_READS):
         assert watch.changed(directory) is False
     assert watch.fds() == []
+    # hello says so, and the host does not wait for a regeneration this watcher can no longer start.
+    assert list(watch.stopped()) == ["kmsg"]
+
+
+def test_a_watcher_that_could_not_be_opened_is_reported_stopped(modules, monkeypatch):
+    triggers = modules["triggers"]
+    monkeypatch.setattr(triggers, "open_kmsg", lambda: None)
+    monkeypatch.setattr(triggers, "open_uevent", lambda: None)
+    assert list(triggers.GenerationWatch({"triggers": {"kmsg": True, "uevent": False}}, lambda: 7).stopped()) == ["kmsg"]
 
 
 # -- the unit ---------------------------------------------------------------------------------------

@@ -48,6 +48,8 @@ class Agent:
         self.restarts: list[str] = []
         # Triggers configured on that cannot work on this guest, and why (reported by hello).
         self.unavailable_triggers: dict[str, str] = {}
+        # The providers that failed in the last rotation (hello): an own trigger's rotation has no answer to carry them.
+        self.last_rotation: dict[str, t.Any] | None = None
         self._lock_held = False
 
     # -- configuration and state -------------------------------------------------------------
@@ -219,6 +221,8 @@ class Agent:
         phases.lap("after")
         if not defer_notifications:
             self.run_notifications()
+        self.last_rotation = {"generation": generation,
+                              "failed": sorted(name for name, outcome in outcomes.items() if outcome["status"] == "failed")}
         log(f"generation {generation}: {operation} by {trigger} ({entropy.source} entropy): "
             + ", ".join(f"{name} {outcome['status']}" for name, outcome in outcomes.items()))
         return {
@@ -311,6 +315,8 @@ class Agent:
                          for name, on in sorted(self.config["triggers"].items())},
             "rotation_due": self.rotation_due(state) is not None,
         }
+        if self.last_rotation is not None and self.last_rotation["generation"] == result["generation"]:
+            result["last_rotation"] = self.last_rotation
         if self.irq.registration_error:
             result["registration_error"] = self.irq.registration_error
         return result

@@ -282,6 +282,7 @@ def serve(agent: Agent) -> None:
     if registration_error:
         log(f"vCPU registration: {registration_error}")
     watch = GenerationWatch(agent.config, agent.irq.gpe_count)
+    agent.unavailable_triggers.update(watch.stopped())
     network = NetworkWatch(agent, generation_watched=lambda: bool(watch.fds()))
     network.start()
     port_path = agent.path(agent.config["port"])
@@ -335,6 +336,7 @@ def serve(agent: Agent) -> None:
             # The host connected (or data arrived): look at the port now, not at the next tick.
             hup_until, hup_backoff = 0.0, HUP_BACKOFF_SECONDS
         _check_triggers(agent, watch, events)
+        agent.unavailable_triggers.update(watch.stopped())
         network.check(events)
         if channel is None or not watching_port:
             continue
@@ -389,3 +391,4 @@ def _check_triggers(agent: Agent, watch: GenerationWatch, events: dict[int, int]
         if changed:
             agent.on_trigger("generation")
             watch.rotated()
+

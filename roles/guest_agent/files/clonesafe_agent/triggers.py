@@ -121,11 +121,20 @@ class GenerationWatch:
 
     def __init__(self, config: dict[str, t.Any], gpe_count: t.Callable[[], int | None]) -> None:
         triggers = config["triggers"]
+        self.configured = [name for name in ("kmsg", "uevent") if triggers.get(name, True)]
         self.kmsg = open_kmsg() if triggers.get("kmsg", True) else None
         self.uevents = open_uevent() if triggers.get("uevent", True) else None
         self.gpe_count = gpe_count
         self.gpe_seen = gpe_count()
         self.failed_reads: dict[int, int] = {}
+
+    def stopped(self) -> dict[str, str]:
+        """Watchers configured on that do not run (not opened, or given up), for hello to say unavailable.
+
+        The host waits for the own regeneration of an agent whose hello says a watcher is on (trigger=auto).
+        """
+        running = {"kmsg": self.kmsg is not None, "uevent": self.uevents is not None}
+        return {name: "not watched: it could not be opened, or every read failed" for name in self.configured if not running[name]}
 
     def fds(self) -> list[int]:
         """The descriptors to poll for reading."""

@@ -37,12 +37,18 @@ def restored(fleet, agent_module, tmp_path):
         root = tmp_path / name
         shutil.copytree(fleet.golden_root, root, symlinks=True)
         vmgenid_event(root)  # the restore: one more VM Generation ID event
-        agent = agent_module.Agent(str(root))
-        agent.config["trigger_operation"] = trigger_operation
-        if regenerate_by_itself:
-            agent.on_trigger("generation")
+        served = {}
+
+        def react(agent):
+            # The served agent is the one that regenerates: hello's last_rotation is its own record.
+            agent.config["trigger_operation"] = trigger_operation
+            if regenerate_by_itself:
+                agent.on_trigger("generation")
+            served["agent"] = agent
+            return wrap(agent) if wrap else agent
+
         # Restored paused, and resumed by the multicast's module (selection.resume_paused).
-        return dataclasses.replace(fleet.serve(name, root, wrap=wrap), resumed=True), agent
+        return dataclasses.replace(fleet.serve(name, root, wrap=react), resumed=True), served["agent"]
 
     restore.template_events = template["golden_vmgenid_events"]
     return restore
@@ -204,3 +210,46 @@ def test_a_record_from_an_earlier_boot_of_the_golden_is_not_the_clones_own(fleet
     assert outcome.status == "rotated" and outcome.trigger == "channel", outcome.reason
     waited = multicast([clone], auto(template["golden_vmgenid_events"], trigger="generation", generation_timeout=1.5)).clones[0]
     assert waited.status == "failed" and "did not regenerate" in waited.reason
+
+
+class FailingHook:
+    """An agent whose own regeneration had a provider fail (a hook's after-action, which no proof shows)."""
+
+    def __init__(self, agent) -> None:
+        self.agent = agent
+        agent.last_rotation = dict(agent.last_rotation, failed=["hooks"])
+
+    def handle_line(self, line):
+        return self.agent.handle_line(line)
+
+
+def test_an_own_regeneration_with_a_failed_provider_is_not_proven(restored, agent_module, tmp_path):
+    target, agent = restored("clone", wrap=FailingHook)
+    before = agent.state()["generation"]
+    outcome = multicast([target], auto(restored.template_events)).clones[0]
+    assert outcome.status == "rotated" and outcome.trigger == "channel", outcome.reason
+    assert generation(agent_module, tmp_path / "clone") == before + 1
+    target, _agent = restored("other", wrap=FailingHook)
+    failed = multicast([target], auto(restored.template_events, trigger="generation")).clones[0]
+    assert failed.status == "failed" and "provider(s) failed in its own regeneration: hooks" in failed.reason
+    assert not failed.fingerprints
+
+
+class Restarted:
+    """An agent restarted since its own regeneration: it no longer knows how that went."""
+
+    def __init__(self, agent) -> None:
+        self.agent = agent
+        agent.last_rotation = None
+
+    def handle_line(self, line):
+        return self.agent.handle_line(line)
+
+
+def test_an_own_regeneration_whose_outcome_the_agent_cannot_tell_is_not_proven(restored):
+    target, _agent = restored("clone", wrap=Restarted)
+    outcome = multicast([target], auto(restored.template_events)).clones[0]
+    assert outcome.status == "rotated" and outcome.trigger == "channel", outcome.reason
+    target, _agent = restored("other", wrap=Restarted)
+    failed = multicast([target], auto(restored.template_events, trigger="generation")).clones[0]
+    assert failed.status == "failed" and "does not say how its own regeneration went" in failed.reason

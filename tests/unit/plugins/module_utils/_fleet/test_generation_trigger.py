@@ -36,12 +36,12 @@ def test_an_inherited_generation_record_is_not_taken_for_the_clones_own(fleet, a
     clone_root = tmp_path / "clone"
     shutil.copytree(golden_root, clone_root, symlinks=True)
     vmgenid_event(clone_root)  # the clone's restore: its agent has not reacted yet
-    clone = fleet.serve("clone", clone_root)
+    served = {}
+    clone = fleet.serve("clone", clone_root, wrap=lambda agent: served.setdefault("agent", agent))
     waited = multicast([clone], settings(template["golden_vmgenid_events"])).clones[0]
     assert waited.status == "failed" and "did not regenerate" in waited.reason
 
-    clone_agent = agent_module.Agent(str(clone_root))
-    clone_agent.on_trigger("generation")  # the clone's agent reacts to its own restore
+    served["agent"].on_trigger("generation")  # the clone's agent reacts to its own restore
     done = multicast([clone], settings(template["golden_vmgenid_events"])).clones[0]
     assert done.status == "rotated", done.reason
     # The agent's own regeneration drew on the guest alone, and the outcome says so.
