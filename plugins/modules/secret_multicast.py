@@ -105,19 +105,26 @@ options:
       - An agent with the C(clonesafe.fleet.guest_agent) role's default triggers regenerates by itself when a memory clone
         is resumed, so with V(channel) or V(both) each clone regenerates twice; V(generation) proves the first one and
         spares the second (under TCG, 3072-bit RSA host keys make that most of the multicast's time).
-      - V(generation) takes a regeneration only when the agent's C(trigger_operation) was V(regenerate), and fails the
-        clone, naming it, otherwise. A cold-booted clone (not restored from a memory template) has no such
+      - V(generation) takes a regeneration only when the agent's C(trigger_operation) was V(regenerate), its agent says
+        that no provider failed in it (C(hello)'s C(last_rotation)), and its proof is of that generation; it fails the
+        clone, naming why, otherwise. A cold-booted clone (not restored from a memory template) has no such
         regeneration, and fails after O(generation_timeout).
       - A regeneration counts only when the agent recorded it after a VM Generation ID change the template had not seen
-        (the template manifest holds its golden's event count), so a record a clone inherited from its golden is never
-        taken for the clone's own. V(generation) needs O(template) with such a manifest, and fails each clone otherwise.
-      - V(auto) takes a clone's own regeneration where it stands for what was asked, and sends the instruction to
-        every other clone. It waits for the regeneration of each agent that says in its C(hello) that it was restored
-        from RAM and watches for VM Generation ID changes (C(kmsg) or C(uevent) on, the role's defaults); an agent that
-        answers C(hello) for 10 seconds without one, or that made one with another C(trigger_operation), gets the
-        instruction. Only an O(operation=regenerate) of every provider with O(entropy_source) left out (or V(guest)),
-        and O(template) with its golden's VM Generation ID events, can be met by an agent's own regeneration; with
-        anything else V(auto) sends the instruction to every clone, as V(channel) does.
+        (the template manifest holds its golden's event count) and says that no rotation is due since (it was made in
+        this boot, at the event count the guest has now), so a record a clone inherited from its golden, also one
+        the golden made in an earlier boot, is never taken for the clone's own. V(generation) needs O(template) with
+        such a manifest, and fails each clone otherwise.
+      - V(auto) takes a clone's own regeneration where it stands for what was asked, and sends the
+        instruction to every other clone. It waits for the regeneration of each clone that this task resumed and whose
+        agent says in its C(hello) that its RAM was restored and that it watches for VM Generation ID changes
+        (C(kmsg) or C(uevent) on, the role's defaults). A clone gets the instruction instead when its agent keeps
+        answering C(hello) for about 10 seconds without one (counted from its first answer looked at; a clone that
+        stops answering is waited for until O(generation_timeout)), made one with another C(trigger_operation),
+        does not say how it went or says that a provider failed in it, or rotated again before its proof. The
+        instruction goes out once the waiting is over, for all of them at once.
+      - Only an O(operation=regenerate) of every provider with O(entropy_source) left out (or V(guest)), and
+        O(template) with its golden's VM Generation ID events, can be met by an agent's own regeneration; with
+        anything else V(auto) sends the instruction to every clone at once, as V(channel) does.
     type: str
     choices: [channel, generation, both, auto]
     default: channel
@@ -161,16 +168,17 @@ options:
       - Seconds to wait for every clone's answer to C(hello). A deadline, not a delay.
       - A clone restored from RAM answers once its guest runs again; on a loaded host without KVM that took
         longer than 15 seconds for 8 clones restored together.
-      - With O(trigger=generation), O(trigger=both) or O(trigger=auto) the first C(hello) may take up to O(generation_timeout)
-        instead (an agent regenerating by itself answers only when its regeneration is done); one
-        O(generation_timeout) from the start covers that C(hello) and the waiting for the regenerations.
+      - With O(trigger=generation), O(trigger=both), or O(trigger=auto) where an own regeneration may count (see
+        O(trigger)), the first C(hello) may take up to O(generation_timeout) instead (an agent regenerating by itself
+        answers only when its regeneration is done); one O(generation_timeout) from the start covers that C(hello)
+        and the waiting for the regenerations.
     type: float
     default: 60
     version_added: 0.1.0
   generation_timeout:
     description:
-      - With O(trigger=generation), O(trigger=both) or O(trigger=auto), seconds to wait for the agents' own
-        regeneration, counted from the start of the task.
+      - With O(trigger=generation), O(trigger=both), or O(trigger=auto) where an own regeneration may count, seconds
+        to wait for the agents' own regeneration, counted from the start of the task.
       - A clone without an agent is given up only then, also with O(missing_agent=skip).
       - Every clone regenerates at once; under TCG a 3072-bit RSA host key alone takes tens of seconds.
     type: float
