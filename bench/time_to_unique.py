@@ -68,6 +68,7 @@ import libvirt  # noqa: E402
 from clonesafe_testlib import run_module, run_playbook  # noqa: E402
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet import uniqueness  # noqa: E402
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.fanout import ChannelCall, call_all  # noqa: E402
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.multicast import Settings, multicast  # noqa: E402
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.selection import (  # noqa: E402
     record_attestations,
@@ -236,7 +237,26 @@ def ansible_path(conn: LibvirtConnection, golden: bench_golden.Golden, name: str
     total_s = time.monotonic() - started
     tasks = sum(1 for line in run.stdout.splitlines() if line.startswith("TASK ["))
     return {"path": "ansible", "clones": count, "play_s": round(play_s, 2), "ssh_after_play_s": round(max(scan.values()), 2),
-            "to_ssh_s": round(total_s, 2), "tasks": tasks, "verified": len(names), "unique": True, **guest_cpu(names, total_s)}
+            "to_ssh_s": round(total_s, 2), "tasks": tasks, "verified": len(names), "unique": True, **guest_cpu(names, total_s),
+            "rotations_per_clone": regenerations(conn, name)}
+
+
+def regenerations(conn: LibvirtConnection, name: str) -> dict[str, int]:
+    """How many times each clone of template ``name`` rotated since the template: its agent's generation less the golden's.
+
+    Asked after the timing stopped. With the role's default triggers a clone rotates once by itself on its
+    restore; 2 means the instruction made it regenerate a second time (clonesafe_trigger=channel, or auto
+    falling back to the instruction).
+    """
+    found = template.load_template(template.DEFAULT_TEMPLATES_DIR, name)
+    golden_generation = found.manifest["proof"]["golden_generation"]
+    calls = [ChannelCall(target.name, target.socket_path or "", "hello", {}) for target in select_targets(conn, name, None, None)]
+    call_all(calls, 60)
+    counts: dict[str, int] = {}
+    for call in calls:
+        key = str(call.result["generation"] - golden_generation) if call.result else "no answer"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 def attested_ed25519_keys(known_hosts: pathlib.Path) -> dict[str, str]:
@@ -297,7 +317,11 @@ def library_path(conn: LibvirtConnection, golden: bench_golden.Golden, name: str
             "ssh_after_release_s": round(max(scan.values()), 2), "to_ssh_s": round(total_s, 2),
             "phases_s": {key: round(value, 2) for key, value in phases.items()}, "verified": len(names), "unique": verdict.unique,
             # Clones whose first hello went unanswered and was asked again (fanout.silence_allowed).
-            "hello_asked_again": sorted(clone.name for clone in report.clones if clone.hello_attempts > 1), **guest_cpu(names, total_s)}
+            "hello_asked_again": sorted(clone.name for clone in report.clones if clone.hello_attempts > 1), **guest_cpu(names, total_s),
+            # How each clone's secrets were proven (trigger=auto: generation, its own regeneration, or channel).
+            "proven_by": {trigger: sum(1 for clone in report.clones if str(clone.trigger) == trigger)
+                          for trigger in sorted({str(clone.trigger) for clone in report.clones})},
+            "rotations_per_clone": regenerations(conn, name)}
 
 
 # -- the usual path -------------------------------------------------------------------------------------
