@@ -391,4 +391,3 @@ def _check_triggers(agent: Agent, watch: GenerationWatch, events: dict[int, int]
         if changed:
             agent.on_trigger("generation")
             watch.rotated()
-

@@ -113,8 +113,8 @@ def test_what_an_own_regeneration_cannot_stand_for_is_instructed(restored, agent
 
 
 def test_a_mixed_fleet_each_clone_its_own_way(restored):
-    own, _ = restored("own")
-    lab, _ = restored("lab", regenerate_by_itself=False, wrap=triggers_off)
+    own, _own_agent = restored("own")
+    lab, _lab_agent = restored("lab", regenerate_by_itself=False, wrap=triggers_off)
     outcomes = {clone.name: clone for clone in multicast([own, lab], auto(restored.template_events)).clones}
     assert (outcomes["own"].status, outcomes["own"].trigger) == ("rotated", "generation")
     assert (outcomes["lab"].status, outcomes["lab"].trigger) == ("rotated", "channel")
