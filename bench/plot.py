@@ -55,6 +55,14 @@ def _median_time(rows: list[dict], size: int, path: str) -> float | None:
     return statistics.median(times) if times else None
 
 
+def _rerun_command(data: dict) -> str:
+    """The run's command as it would be typed now: --trigger defaulted to channel before it defaulted to auto."""
+    command = data["command"]
+    if (data.get("trigger") or "channel") == "channel" and "--trigger" not in command:
+        command += " --trigger channel"
+    return command
+
+
 def _agent_settings(data: dict) -> str:
     """How the run's golden agent was baked and which trigger our paths used (time_to_unique --agent-settings, --trigger)."""
     settings = data.get("image", {}).get("agent_settings", "lab")
@@ -220,7 +228,7 @@ def headline_table(directory: pathlib.Path) -> list[str]:
                 library = "library failed (see the JSON)" if entry.get("library_failed_runs") else "library not run"
             rows.append(f"| the same, agent baked with {_agent_settings(run)}, N={entry['clones']} | ansible-playbook "
                         f"{entry.get('ansible_ratio', '-')}x ({entry.get('ansible_s', '-')} s vs {entry['usual_s']} s); {library} "
-                        f"| `{run['command']}` |")
+                        f"| `{_rerun_command(run)}` |")
     latency = _load(directory, "latency")
     if latency and latency.get("per_n"):
         first = latency["per_n"][0]

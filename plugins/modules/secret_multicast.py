@@ -68,7 +68,8 @@ options:
   providers:
     description:
       - Secret providers to act on; all the agent has enabled when omitted.
-      - O(trigger=generation) refuses a list (the agent's own regeneration rotates every provider it has enabled).
+      - O(trigger=generation) refuses a list (the agent's own regeneration rotates every provider it has enabled);
+        with O(trigger=auto) a list sends the instruction to every clone.
     type: list
     elements: str
     choices:
@@ -115,12 +116,14 @@ options:
         the golden made in an earlier boot, is never taken for the clone's own. V(generation) needs O(template) with
         such a manifest, and fails each clone otherwise.
       - V(auto) takes a clone's own regeneration where it stands for what was asked, and sends the
-        instruction to every other clone. It waits for the regeneration of each clone that this task resumed and whose
-        agent says in its C(hello) that its RAM was restored and that it watches for VM Generation ID changes
-        (C(kmsg) or C(uevent) on, the role's defaults). A clone gets the instruction instead when its agent keeps
-        answering C(hello) for about 10 seconds without one (counted from its first answer looked at; a clone that
-        stops answering is waited for until O(generation_timeout)), made one with another C(trigger_operation),
-        does not say how it went or says that a provider failed in it, or rotated again before its proof. The
+        instruction to every other clone. It waits for the regeneration of each clone whose network is held (its
+        links down since its restore, as M(clonesafe.fleet.clone) leaves it with C(network=held)) and whose agent
+        says in its C(hello) that its RAM was restored and that it watches for VM Generation ID changes (C(kmsg) or
+        C(uevent) on, the role's defaults). A clone gets the instruction instead when its agent keeps answering
+        C(hello) for about 10 seconds without one (counted from its first answer looked at; a clone that stops
+        answering is waited for until O(generation_timeout)), made one with another C(trigger_operation), does not
+        say how it went or says that a provider failed in it, rotated again before its proof, or when its domain
+        records a rotation that a multicast proved at or after that regeneration (a clone of an earlier run). The
         instruction goes out once the waiting is over, for all of them at once.
       - Only an O(operation=regenerate) of every provider with O(entropy_source) left out (or V(guest)), and
         O(template) with its golden's VM Generation ID events, can be met by an agent's own regeneration; with
@@ -265,10 +268,10 @@ clones:
       sample: 2
     trigger:
       description:
-        - V(generation) when the clone's own regeneration on its VM Generation ID change was waited for and seen
+        - V(generation) when the clone's own regeneration on its VM Generation ID change was taken
           (O(trigger=generation) or O(trigger=auto), which prove it, or O(trigger=both), which then sends the
-          instruction too), also when the clone then failed; V(channel) when it rotated on the instruction alone;
-          otherwise null.
+          instruction too), also when the clone then failed; V(channel) when it rotated on the instruction alone,
+          with O(trigger=auto) also after an own regeneration that could not stand for it; otherwise null.
       type: str
       sample: channel
     entropy_source:
@@ -322,8 +325,9 @@ clones:
       description:
         - How many times the first C(hello) was sent. An agent that sends not a byte back for 3 s is asked again on a
           new connection (its guest may have dropped the first asking), then after 6 s and every 12 s until its
-          deadline (O(hello_timeout), or O(generation_timeout) when longer with O(trigger=generation) or
-          O(trigger=both)); 0 when the channel could not be opened.
+          deadline (O(hello_timeout), or O(generation_timeout) when longer with O(trigger=generation),
+          O(trigger=both), or O(trigger=auto) where an own regeneration may count); 0 when the channel could not be
+          opened.
       type: int
       sample: 1
     agent_ms:

@@ -1,7 +1,8 @@
 # Copyright (c) clonesafe developers
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 
-"""One multicast on one hypervisor host: hello to every selected clone, then the instruction to all at once.
+"""One multicast on one hypervisor host: hello to every selected clone, then the instruction to all at once
+(or, with trigger=generation or auto, the proof of the regeneration a clone's agent made by itself).
 
 The libvirt side (which clones, where their channel sockets are, resuming paused clones) is
 :func:`select_targets`; the rest talks to agents only, so tests drive it with fake agents on real
@@ -11,6 +12,7 @@ sockets. Nothing here ever sees key material: agents return fingerprints and sig
 from __future__ import annotations
 
 import base64
+import copy
 import dataclasses
 import os
 import secrets
@@ -19,14 +21,17 @@ import typing as t
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.fanout import ChannelCall, call_all
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.own_regeneration import (
+    own_regeneration,
+    regenerates_by_itself,
+    why_not_provable,
+)
 from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, wire
 
 # "attest" changes nothing: it collects proofs of the secrets as they are (an audit, or the "before" picture).
 OPERATIONS = wire.ROTATE_OPERATIONS + ("attest",)
 ENTROPY_SOURCES = wire.ENTROPY_SOURCES
 TRIGGERS = ("channel", "generation", "both", "auto")
-# The guest-side watchers through which an agent regenerates by itself on a VM Generation ID change.
-GENERATION_WATCHERS = ("kmsg", "uevent")
 POLICIES = ("fail", "skip")
 HYPERVISOR_ENTROPY_BYTES = 64
 # Output bounds (guest text is escaped, so a string may grow up to four times before it is cut).
@@ -43,9 +48,12 @@ class Target:
     state: str = "running"
     role: str = "clone"
     domain_uuid: str | None = None
-    # Resumed by this task (restored paused, as clonesafe.fleet.clone leaves its clones for the multicast):
-    # only such a clone's own regeneration is this run's (trigger=auto).
-    resumed: bool = False
+    # Its NICs' links are down: not on the network since its restore (clonesafe.fleet.clone network=held,
+    # until verify_unique proves it). trigger=auto takes an own regeneration only from such a clone.
+    network_held: bool = False
+    # The generation of the last rotation a multicast proved on this domain (its attestation record), if any:
+    # an own regeneration no newer was proven before, and trigger=auto instructs the clone instead.
+    proven_generation: int | None = None
 
 
 @dataclasses.dataclass
@@ -326,78 +334,41 @@ def _attach_attestation(
     outcome.nonce_salt = salt
 
 
-def regenerated_after_restore(trigger: dict[str, t.Any], template_events: int) -> bool:
-    """Whether a "generation" regeneration followed a VM Generation ID change the template had not seen.
-
-    A clone inherits its golden's record of the golden's own earlier regenerations; only a record
-    whose event count passed the template's is this clone's (each restore adds one event).
-    """
-    events = trigger.get("vmgenid_events")
-    return isinstance(events, int) and not isinstance(events, bool) and events > template_events
-
-
-def own_regeneration(hello: dict[str, t.Any], template_events: int) -> dict[str, t.Any] | None:
-    """The clone's own regeneration on its restore, from its hello, or None while it has none to show.
-
-    The record must be a "generation" rotation counted past the template's VM Generation ID events,
-    and the agent must say that nothing is due since (``rotation_due`` false: that rotation was made in
-    this boot, at the event count the guest has now). The count restarts at every boot, so a record
-    the golden made in an earlier boot can pass the template's count: only the second condition tells
-    it from the clone's own.
-    """
-    trigger = hello.get("last_trigger")
-    if not isinstance(trigger, dict) or trigger.get("trigger") != "generation":
-        return None
-    if not regenerated_after_restore(trigger, template_events) or hello.get("rotation_due") is not False:
-        return None
-    return trigger
-
-
-def regenerates_by_itself(hello: dict[str, t.Any]) -> bool:
-    """Whether this agent, by its hello, was restored from RAM and watches for VM Generation ID changes.
-
-    Such an agent regenerates by itself after the restore, with its configured trigger_operation.
-    """
-    triggers = hello.get("triggers")
-    watching = isinstance(triggers, dict) and any(triggers.get(name) == "on" for name in GENERATION_WATCHERS)
-    return hello.get("uuid_restored") is True and watching
-
-
 def _wait_for_own_regeneration(
-    outcomes: dict[str, CloneOutcome], hellos: dict[str, dict], sockets: dict[str, str], settings: Settings, started: float
+    outcomes: dict[str, CloneOutcome], hellos: dict[str, dict], targets: dict[str, Target], settings: Settings, started: float
 ) -> list[str]:
     """Poll hello until each agent shows its own regeneration (own_regeneration); return those still waiting.
 
     ``hellos`` holds each clone's latest hello and is kept up to date. One deadline, generation_timeout
     after the multicast started, covers the first hello and the polls. With trigger=auto a clone is
-    given up sooner: when its agent answered hello for auto_grace seconds (counted from the first
-    answer looked at) without a regeneration of its own, or made one with another operation than
-    regenerate; it then gets the instruction (it is returned, and its outcome says nothing of a
-    generation trigger).
+    returned sooner, to get the instruction (its outcome then says nothing of a generation trigger):
+    when its agent answered hello for auto_grace seconds (counted from its first answer looked at)
+    without a regeneration of its own, or made one that cannot stand for the instruction
+    (why_not_provable) or that a multicast proved before (Target.proven_generation).
     """
-    waiting = list(sockets)
+    waiting = list(targets)
     deadline = started + settings.generation_timeout
-    answered_idle: dict[str, float] = {}
-    given_up: list[str] = []
+    idle_since: dict[str, float] = {}
+    to_instruct: list[str] = []
     while True:
         still = []
         now = time.monotonic()
         for name in waiting:
             own = own_regeneration(hellos[name], t.cast(int, settings.template_vmgenid_events))
             problem = why_not_provable(own, hellos[name]) if own else None
-            if own and problem and settings.trigger == "auto":
-                given_up.append(name)
+            if own and settings.trigger == "auto" and (problem or _proven_before(targets[name], own)):
+                to_instruct.append(name)
             elif own:
                 _take_own_regeneration(outcomes[name], own, problem if settings.trigger == "generation" else None)
-            elif settings.trigger == "auto" and now - answered_idle.setdefault(name, now) >= settings.auto_grace:
-                given_up.append(name)
+            elif settings.trigger == "auto" and now - idle_since.setdefault(name, now) >= settings.auto_grace:
+                to_instruct.append(name)
             else:
                 still.append(name)
         waiting = still
         if not waiting or time.monotonic() + settings.poll_interval >= deadline:
-            return waiting + given_up
+            return waiting + to_instruct
         time.sleep(settings.poll_interval)
-        calls = [ChannelCall(name, sockets[name], "hello", {}) for name in waiting]
+        calls = [ChannelCall(name, targets[name].socket_path or "", "hello", {}) for name in waiting]
         call_all(calls, max(1.0, min(settings.hello_timeout, deadline - time.monotonic())))
         for call in calls:
             if call.result is not None:
@@ -405,32 +376,18 @@ def _wait_for_own_regeneration(
                 outcomes[call.clone].hello["last_trigger"] = call.result["last_trigger"]
             else:
                 # Not an idle answer: an agent busy with its own regeneration answers when done.
-                answered_idle.pop(call.clone, None)
+                idle_since.pop(call.clone, None)
 
 
-def why_not_provable(own: dict[str, t.Any], hello: dict[str, t.Any]) -> str | None:
-    """Why the clone's own regeneration ``own`` cannot stand for the instruction, or None when it can.
-
-    It must be a regeneration (the agent's trigger_operation), and its agent must say that no provider
-    failed in it: a rotation of the agent's own triggers has no answer of its own to carry failures
-    (hooks have no fingerprint a proof could show unchanged), so hello's last_rotation carries them.
-    """
-    if own.get("operation") != "regenerate":
-        return (f"its agent answered the VM Generation ID change with operation={own.get('operation')!r} (its "
-                "trigger_operation), not regenerate")
-    last = hello.get("last_rotation")
-    if not isinstance(last, dict) or last.get("generation") != own.get("generation"):
-        return ("its agent does not say how its own regeneration went (an agent older than this collection, or one "
-                "restarted since)")
-    if last.get("failed"):
-        return "provider(s) failed in its own regeneration: " + ", ".join(wire.printable(str(name), 64) for name in last["failed"])
-    return None
+def _proven_before(target: Target, own: dict[str, t.Any]) -> bool:
+    """Whether a multicast already proved a rotation at or after this own regeneration (a clone of an earlier run)."""
+    return target.proven_generation is not None and own.get("generation", 0) <= target.proven_generation
 
 
-def _take_own_regeneration(outcome: CloneOutcome, trigger: dict[str, t.Any], problem: str | None) -> None:
-    """Record the clone's own regeneration on its outcome (its proof is asked for next), or fail it for ``problem``."""
+def _take_own_regeneration(outcome: CloneOutcome, record: dict[str, t.Any], problem: str | None) -> None:
+    """Record the clone's own regeneration (its last_trigger ``record``) on its outcome, or fail it for ``problem``."""
     outcome.trigger = "generation"
-    outcome.generation = trigger.get("generation")
+    outcome.generation = record.get("generation")
     # The agent's triggers rotate with its configured trigger_operation and the guest's entropy.
     outcome.entropy_source = "guest"
     if problem:
@@ -474,6 +431,23 @@ def _attest_all(outcomes: dict[str, CloneOutcome], targets: t.Sequence[Target], 
     return moved
 
 
+def _prove_own_regenerations(
+    outcomes: dict[str, CloneOutcome], hellos: dict[str, dict], ready: list[Target], settings: Settings, started: float
+) -> list[Target]:
+    """trigger=auto: prove the own regeneration of every clone that made one it can take; return the clones to instruct."""
+    candidates = {target.name: target for target in ready
+                  if target.network_held and regenerates_by_itself(hellos[target.name])}
+    if not candidates:
+        return ready
+    after_hello = {name: copy.deepcopy(outcomes[name]) for name in candidates}
+    instruct = set(_wait_for_own_regeneration(outcomes, hellos, candidates, settings, started))
+    moved = _attest_all(outcomes, [target for name, target in candidates.items() if name not in instruct], settings, "rotated")
+    for name in moved:
+        # Its proof is of a later rotation than the one taken: the instruction makes the secrets this run proves.
+        outcomes[name] = after_hello[name]
+    return [target for target in ready if target.name not in candidates or target.name in instruct or target.name in moved]
+
+
 def multicast(targets: t.Sequence[Target], settings: Settings, check_mode: bool = False) -> Report:
     """Run one multicast over ``targets``: hello, then (unless check mode) the instruction, at once."""
     settings.validate()
@@ -508,8 +482,7 @@ def multicast(targets: t.Sequence[Target], settings: Settings, check_mode: bool 
                           "clone's own regeneration from one it inherited: use trigger=channel", "fail")
         return _finish(outcomes, started)
     if settings.trigger in ("generation", "both") and settings.template_vmgenid_events is not None:
-        waiting = _wait_for_own_regeneration(outcomes, hellos, {target.name: target.socket_path or "" for target in ready},
-                                             settings, started)
+        waiting = _wait_for_own_regeneration(outcomes, hellos, {target.name: target for target in ready}, settings, started)
         if settings.trigger == "generation":
             for name in waiting:
                 outcomes[name].status = "failed"
@@ -521,20 +494,7 @@ def multicast(targets: t.Sequence[Target], settings: Settings, check_mode: bool 
             _attest_all(outcomes, regenerated, settings, "rotated")
             return _finish(outcomes, started)
     if settings.takes_own_regeneration():
-        # Agents that regenerated by themselves are asked for its proof; every other clone gets the instruction.
-        candidates = {target.name: target.socket_path or "" for target in ready
-                      if target.resumed and regenerates_by_itself(hellos[target.name])}
-        instruct = set(_wait_for_own_regeneration(outcomes, hellos, candidates, settings, started)) if candidates else set()
-        moved = _attest_all(outcomes, [target for target in ready if target.name in candidates and target.name not in instruct],
-                            settings, "rotated")
-        for name in moved:
-            # Whatever rotated it since, the instruction makes the secrets this run proves.
-            outcomes[name] = CloneOutcome(name=name, role=outcomes[name].role, domain_uuid=outcomes[name].domain_uuid,
-                                          agent_version=outcomes[name].agent_version, hello=outcomes[name].hello,
-                                          hello_attempts=outcomes[name].hello_attempts,
-                                          generation_before=outcomes[name].generation_before,
-                                          registered_vcpus=outcomes[name].registered_vcpus)
-        ready = [target for target in ready if target.name not in candidates or target.name in instruct or target.name in moved]
+        ready = _prove_own_regenerations(outcomes, hellos, ready, settings, started)
 
     if settings.operation == "attest":
         _attest_all(outcomes, ready, settings, "attested")

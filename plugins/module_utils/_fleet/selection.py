@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import typing as t
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
@@ -13,16 +14,23 @@ from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.multicast i
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt._libvirt_dep import libvirt
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.clones import find_clones
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.connection import LibvirtConnection
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.clone_xml import live_interfaces
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.domain_xml import read_channel_socket
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.template import load_template, utc_now
 
 
 def _target(conn: LibvirtConnection, domain: t.Any, role: str) -> Target:
+    xml = conn.domain_xml(domain)
+    links = [nic["link"] for nic in live_interfaces(xml)]
+    record = attestation_record.read_record(xml) or {}
     return Target(
         name=domain.name(),
-        socket_path=read_channel_socket(conn.domain_xml(domain)),
+        socket_path=read_channel_socket(xml),
         state=conn.domain_state(domain),
         role=role,
+        network_held=bool(links) and any(link != "up" for link in links),
+        # An attest proves no rotation: only a rotation's record says that secrets were made and proven then.
+        proven_generation=record.get("generation") if record.get("operation") not in (None, "attest") else None,
     )
 
 
@@ -59,7 +67,7 @@ def resume_paused(conn: LibvirtConnection, targets: list[Target]) -> tuple[list[
             domain = conn.get_domain(target.name)
             conn.call(f"resuming domain '{target.name}'", domain.resume)
             resumed.append(target.name)
-            target = Target(target.name, target.socket_path, conn.domain_state(domain), target.role, resumed=True)
+            target = dataclasses.replace(target, state=conn.domain_state(domain))
         updated.append(target)
     return updated, resumed
 

@@ -12,7 +12,8 @@ import pytest
 from agent_testlib import VMGENID_GPE, vmgenid_event
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.golden_proof import golden_proof
-from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.multicast import Settings, multicast, regenerates_by_itself
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.multicast import Settings, multicast
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.own_regeneration import regenerates_by_itself
 
 
 def auto(template_events, **changes):
@@ -47,8 +48,8 @@ def restored(fleet, agent_module, tmp_path):
             served["agent"] = agent
             return wrap(agent) if wrap else agent
 
-        # Restored paused, and resumed by the multicast's module (selection.resume_paused).
-        return dataclasses.replace(fleet.serve(name, root, wrap=react), resumed=True), served["agent"]
+        # Restored with its network held (clonesafe.fleet.clone network=held), as clone_fleet.yml leaves it.
+        return dataclasses.replace(fleet.serve(name, root, wrap=react), network_held=True), served["agent"]
 
     restore.template_events = template["golden_vmgenid_events"]
     return restore
@@ -138,13 +139,26 @@ def test_operation_attest_with_auto_only_collects_proofs(restored, agent_module,
     assert generation(agent_module, tmp_path / "clone") == before
 
 
-def test_a_clone_this_task_did_not_resume_is_instructed(restored, agent_module, tmp_path):
-    """A clone of an earlier run, running for months: its regeneration then is not this run's."""
+def test_a_clone_on_the_network_is_instructed(restored, agent_module, tmp_path):
+    """A clone of an earlier run, released and running for months: its regeneration then is not this run's."""
     target, agent = restored("clone")
     before = agent.state()["generation"]
-    outcome = multicast([dataclasses.replace(target, resumed=False)], auto(restored.template_events)).clones[0]
+    outcome = multicast([dataclasses.replace(target, network_held=False)], auto(restored.template_events)).clones[0]
     assert outcome.status == "rotated" and outcome.trigger == "channel", outcome.reason
     assert generation(agent_module, tmp_path / "clone") == before + 1
+
+
+def test_an_own_regeneration_a_multicast_proved_before_is_not_proven_again(restored, agent_module, tmp_path):
+    """A clone of an earlier run whose network was held again: its domain records the rotation proven then."""
+    target, agent = restored("clone")
+    before = agent.state()["generation"]
+    proven_then = dataclasses.replace(target, proven_generation=before)
+    outcome = multicast([proven_then], auto(restored.template_events)).clones[0]
+    assert outcome.status == "rotated" and outcome.trigger == "channel", outcome.reason
+    assert generation(agent_module, tmp_path / "clone") == before + 1
+    target, agent = restored("other")
+    older_proof = dataclasses.replace(target, proven_generation=agent.state()["generation"] - 1)
+    assert multicast([older_proof], auto(restored.template_events)).clones[0].trigger == "generation"
 
 
 class RegeneratesOnItsSecondHello:
@@ -181,10 +195,13 @@ class RotatesAgainBeforeTheProof:
 
 
 def test_a_proof_of_another_generation_than_the_one_taken_is_not_taken(restored, agent_module):
-    target, _agent = restored("clone", wrap=RotatesAgainBeforeTheProof)
+    target, agent = restored("clone", wrap=RotatesAgainBeforeTheProof)
+    own = agent.state()["generation"]
     outcome = multicast([target], auto(restored.template_events)).clones[0]
     # Not proven as its own regeneration: the instruction made the secrets this run proves.
     assert outcome.status == "rotated" and outcome.trigger == "channel", outcome.reason
+    assert outcome.entropy_source == "combined" and outcome.generation == own + 2, "the outcome is the instruction's"
+    assert outcome.agent_phases_ms, "the outcome is the rotate's answer, not the attest's"
     generation_only = auto(restored.template_events, trigger="generation", entropy_source=None)
     target, _agent = restored("other", wrap=RotatesAgainBeforeTheProof)
     failed = multicast([target], generation_only).clones[0]
@@ -205,7 +222,14 @@ def test_a_record_from_an_earlier_boot_of_the_golden_is_not_the_clones_own(fleet
     clone_root = tmp_path / "clone"
     shutil.copytree(golden_root, clone_root, symlinks=True)
     vmgenid_event(clone_root)  # the clone's restore (boot B, 1 event); its agent has not reacted, its record is the golden's
-    clone = dataclasses.replace(fleet.serve("clone", clone_root), resumed=True)
+    golden_rotation = agent_module.Agent(str(golden_root)).state()["last_trigger"]["generation"]
+
+    def memory_of_the_golden(agent):
+        # A memory clone's agent process is the golden's: it remembers the golden's last rotation as its own.
+        agent.last_rotation = {"generation": golden_rotation, "failed": []}
+        return agent
+
+    clone = dataclasses.replace(fleet.serve("clone", clone_root, wrap=memory_of_the_golden), network_held=True)
     outcome = multicast([clone], auto(template["golden_vmgenid_events"])).clones[0]
     assert outcome.status == "rotated" and outcome.trigger == "channel", outcome.reason
     waited = multicast([clone], auto(template["golden_vmgenid_events"], trigger="generation", generation_timeout=1.5)).clones[0]

@@ -7,7 +7,7 @@ import pytest
 from clonesafe_testlib import require_module
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
-from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet import attestation_record
+from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet import attestation_record, selection
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.multicast import CloneOutcome, Report
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.selection import (
     record_attestations,
@@ -66,3 +66,36 @@ def test_local_uris_are_accepted(uri):
 def test_remote_uri_is_refused_with_the_fix():
     with pytest.raises(ClonesafeError, match="names the remote host 'hv7'.*Run the task on that host"):
         require_local_uri("qemu+ssh://root@hv7/system", "secret_multicast reaches the agent channels through their host-side sockets")
+
+
+def test_a_target_says_whether_its_network_is_held_and_what_a_multicast_proved_on_it(conn):
+    golden = select_targets(conn, None, None, "test")[0]
+    assert golden.proven_generation is None
+    fingerprints = {"identity": "SHA256:abc"}
+    rotated = Report(clones=[CloneOutcome(name="test", status="rotated", generation=3, fingerprints=fingerprints)],
+                     collisions=[], elapsed_ms=1.0)
+    record_attestations(conn, rotated, "regenerate")
+    assert select_targets(conn, None, None, "test")[0].proven_generation == 3
+    # An attest proves no rotation: trigger=auto may still take an own regeneration after it.
+    attested = Report(clones=[CloneOutcome(name="test", status="attested", generation=4, fingerprints=fingerprints)],
+                      collisions=[], elapsed_ms=1.0)
+    record_attestations(conn, attested, "attest")
+    assert select_targets(conn, None, None, "test")[0].proven_generation is None
+
+
+@pytest.mark.parametrize("links, held", [([], False), (["up"], False), (["down"], True), (["up", "down"], True)])
+def test_network_held_is_read_from_the_links(links, held):
+    class Domain:
+        def name(self):
+            return "web-1"
+
+    class Conn:
+        def domain_xml(self, _domain):
+            nics = "".join(f"<interface type='network'><mac address='52:54:00:00:00:0{index}'/><link state='{link}'/></interface>"
+                           for index, link in enumerate(links))
+            return f"<domain type='kvm'><name>web-1</name><devices>{nics}</devices></domain>"
+
+        def domain_state(self, _domain):
+            return "running"
+
+    assert selection._target(Conn(), Domain(), "clone").network_held is held  # pylint: disable=protected-access
