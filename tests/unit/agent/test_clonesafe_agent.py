@@ -566,3 +566,14 @@ def test_a_request_without_the_domain_uuid_is_refused(agent):
         line = json.dumps({"v": wire.PROTOCOL_VERSION, "id": "u1", "op": op, "args": unbound}).encode() + b"\n"
         reply = json.loads(agent.handle_line(line))
         assert reply["ok"] is False and reply["error"]["code"] == "bad_args" and "domain_uuid" in reply["error"]["message"]
+
+
+def test_a_hook_failing_in_an_own_regeneration_is_in_hellos_last_rotation(agent, guest_root):
+    """No answer carries an own trigger's failures: hello's last_rotation does, so the host does not prove it."""
+    hooks = guest_root / "etc/clonesafe/hooks.d"
+    (hooks / "20-fails").write_text("#!/bin/sh\nexit 3\n")
+    (hooks / "20-fails").chmod(0o755)
+    agent.on_trigger("generation")
+    hello = agent.hello()
+    assert hello["last_trigger"]["trigger"] == "generation"
+    assert hello["last_rotation"] == {"generation": hello["generation"], "failed": ["hooks"]}

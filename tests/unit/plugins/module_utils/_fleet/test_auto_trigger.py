@@ -7,6 +7,7 @@ import dataclasses
 import secrets
 import shutil
 import time
+import uuid
 
 import pytest
 from agent_testlib import VMGENID_GPE, vmgenid_event
@@ -277,3 +278,20 @@ def test_an_own_regeneration_whose_outcome_the_agent_cannot_tell_is_not_proven(r
     target, _agent = restored("other", wrap=Restarted)
     failed = multicast([target], auto(restored.template_events, trigger="generation")).clones[0]
     assert failed.status == "failed" and "does not say how its own regeneration went" in failed.reason
+
+
+def test_check_mode_with_auto_only_says_hello(restored, agent_module, tmp_path):
+    target, agent = restored("clone", regenerate_by_itself=False)
+    before = agent.state()["generation"]
+    outcome = multicast([target], auto(restored.template_events), check_mode=True).clones[0]
+    assert outcome.status == "checked" and outcome.trigger is None
+    assert generation(agent_module, tmp_path / "clone") == before
+
+
+def test_missing_agent_skip_with_auto_skips_the_silent_and_proves_the_rest(restored):
+    own, _own_agent = restored("own")
+    silent = dataclasses.replace(own, name="silent", socket_path=own.socket_path + ".none", domain_uuid=str(uuid.uuid4()))
+    outcomes = {clone.name: clone for clone in multicast(
+        [own, silent], auto(restored.template_events, missing_agent="skip", hello_timeout=1, generation_timeout=1)).clones}
+    assert outcomes["silent"].status == "skipped"
+    assert (outcomes["own"].status, outcomes["own"].trigger) == ("rotated", "generation")
