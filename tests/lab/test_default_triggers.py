@@ -8,7 +8,8 @@ RSA host keys included, and shows on every restored clone:
   generation moved by one, and the user's play as shipped, clone_fleet.yml with its default
   clonesafe_trigger=auto (secret_multicast takes a regeneration recorded after the template's VM
   Generation ID event count from an agent that says it watches for the change), proves it and asks
-  for no second one;
+  for no second one; a later multicast with trigger=auto then makes it regenerate (proven and
+  released, it is no longer a fresh restore) rather than proving that regeneration again;
 - its RSA host key is its own, although the golden's agent made an RSA key just before the snapshot
   (the agent used to make RSA keys with the OpenSSL generator of its long-running process, whose
   state every memory clone copied): the fingerprints the clones prove, and the public keys read from
@@ -163,6 +164,14 @@ def test_memory_clones_of_a_role_default_golden_regenerate_once_by_themselves_wi
                 assert now["generation"] == golden_generation + 1, (clone["name"], now["generation"], now["last_trigger"])
                 trigger = now["last_trigger"]
                 assert trigger["trigger"] == "generation" and trigger["vmgenid_events"] > golden_events, trigger
+
+            # A later run asking these clones to regenerate gets new secrets, not the proof of the regeneration
+            # the play proved: proven and released, they are no longer fresh restores (_libvirt/fresh_restore.py).
+            code, again = run_module("clonesafe.fleet.secret_multicast", {
+                "uri": golden.uri, "template": template, "trigger": "auto", "timeout": 300, "hello_timeout": 120})
+            assert code == 0, again
+            assert {clone["trigger"] for clone in again["clones"]} == {"channel"}, again["clones"]
+            assert all(clone["generation"] == golden_generation + 2 for clone in again["clones"]), again["clones"]
         finally:
             code, gone = run_module("clonesafe.fleet.golden_snapshot", {
                 "uri": golden.uri, "name": template, "state": "absent", "force": True})

@@ -48,12 +48,9 @@ class Target:
     state: str = "running"
     role: str = "clone"
     domain_uuid: str | None = None
-    # Its NICs' links are down: not on the network since its restore (clonesafe.fleet.clone network=held,
-    # until verify_unique proves it). trigger=auto takes an own regeneration only from such a clone.
-    network_held: bool = False
-    # The generation of the last rotation a multicast proved on this domain (its attestation record), if any:
-    # an own regeneration no newer was proven before, and trigger=auto instructs the clone instead.
-    proven_generation: int | None = None
+    # Restored by clonesafe.fleet.clone with its network held, and no rotation proven or network released since
+    # (_libvirt/fresh_restore.py): only such a clone's own regeneration may stand for the instruction.
+    fresh_restore: bool = False
 
 
 @dataclasses.dataclass
@@ -344,7 +341,7 @@ def _wait_for_own_regeneration(
     returned sooner, to get the instruction (its outcome then says nothing of a generation trigger):
     when its agent answered hello for auto_grace seconds (counted from its first answer looked at)
     without a regeneration of its own, or made one that cannot stand for the instruction
-    (why_not_provable) or that a multicast proved before (Target.proven_generation).
+    (why_not_provable).
     """
     waiting = list(targets)
     deadline = started + settings.generation_timeout
@@ -356,7 +353,7 @@ def _wait_for_own_regeneration(
         for name in waiting:
             own = own_regeneration(hellos[name], t.cast(int, settings.template_vmgenid_events))
             problem = why_not_provable(own, hellos[name]) if own else None
-            if own and settings.trigger == "auto" and (problem or _proven_before(targets[name], own)):
+            if own and settings.trigger == "auto" and problem:
                 to_instruct.append(name)
             elif own:
                 _take_own_regeneration(outcomes[name], own, problem if settings.trigger == "generation" else None)
@@ -377,11 +374,6 @@ def _wait_for_own_regeneration(
             else:
                 # Not an idle answer: an agent busy with its own regeneration answers when done.
                 idle_since.pop(call.clone, None)
-
-
-def _proven_before(target: Target, own: dict[str, t.Any]) -> bool:
-    """Whether a multicast already proved a rotation at or after this own regeneration (a clone of an earlier run)."""
-    return target.proven_generation is not None and own.get("generation", 0) <= target.proven_generation
 
 
 def _take_own_regeneration(outcome: CloneOutcome, record: dict[str, t.Any], problem: str | None) -> None:
@@ -436,7 +428,7 @@ def _prove_own_regenerations(
 ) -> list[Target]:
     """trigger=auto: prove the own regeneration of every clone that made one it can take; return the clones to instruct."""
     candidates = {target.name: target for target in ready
-                  if target.network_held and regenerates_by_itself(hellos[target.name])}
+                  if target.fresh_restore and regenerates_by_itself(hellos[target.name])}
     if not candidates:
         return ready
     after_hello = {name: copy.deepcopy(outcomes[name]) for name in candidates}
@@ -481,6 +473,13 @@ def multicast(targets: t.Sequence[Target], settings: Settings, check_mode: bool 
                           "Generation ID events (a template taken from a golden with the agent running), to tell this "
                           "clone's own regeneration from one it inherited: use trigger=channel", "fail")
         return _finish(outcomes, started)
+    if settings.trigger == "generation":
+        for target in ready:
+            if not target.fresh_restore:
+                _fail_or_skip(outcomes[target.name], "trigger=generation proves only the regeneration of a clone that "
+                              "clonesafe.fleet.clone restored with its network held and that no multicast proved since "
+                              "(this one was proven before, released, or not made so): use trigger=channel", "fail")
+        ready = [target for target in ready if target.fresh_restore]
     if settings.trigger in ("generation", "both") and settings.template_vmgenid_events is not None:
         waiting = _wait_for_own_regeneration(outcomes, hellos, {target.name: target for target in ready}, settings, started)
         if settings.trigger == "generation":

@@ -14,23 +14,19 @@ from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.multicast i
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt._libvirt_dep import libvirt
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.clones import find_clones
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.connection import LibvirtConnection
-from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.clone_xml import live_interfaces
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt import fresh_restore
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.domain_xml import read_channel_socket
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.template import load_template, utc_now
 
 
 def _target(conn: LibvirtConnection, domain: t.Any, role: str) -> Target:
     xml = conn.domain_xml(domain)
-    links = [nic["link"] for nic in live_interfaces(xml)]
-    record = attestation_record.read_record(xml) or {}
     return Target(
         name=domain.name(),
         socket_path=read_channel_socket(xml),
         state=conn.domain_state(domain),
         role=role,
-        network_held=bool(links) and any(link != "up" for link in links),
-        # An attest proves no rotation: only a rotation's record says that secrets were made and proven then.
-        proven_generation=record.get("generation") if record.get("operation") not in (None, "attest") else None,
+        fresh_restore=role == "clone" and fresh_restore.is_marked(xml),
     )
 
 
@@ -99,5 +95,8 @@ def record_attestations(conn: LibvirtConnection, report: Report, operation: str)
             continue
         xml = attestation_record.record_xml(clone.generation, attested_at, operation, clone.fingerprints)
         conn.call(f"recording the attestation of '{clone.name}'", attestation_record.write_record, domain, libvirt, xml)
+        if clone.status == "rotated":
+            # Proven: a later multicast must not take this clone's regeneration on its restore again.
+            fresh_restore.clear(conn, domain)
         recorded.append(clone.name)
     return recorded

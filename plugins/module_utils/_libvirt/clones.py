@@ -30,7 +30,7 @@ import typing as t
 import uuid as uuidlib
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
-from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt import save_image, storage
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt import fresh_restore, save_image, storage
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt._libvirt_dep import libvirt
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.clone_xml import (
     CLONE_ROLE,
@@ -299,6 +299,8 @@ def _make_domain(conn: LibvirtConnection, runner: storage.Runner, template: Temp
         set_links(conn, domain, "down", persistent=False)
         domain = conn.define_domain(conn.domain_xml(domain, secure=True), identity.name)
         result.actions.append("defined")
+        if identity.network == "held":
+            fresh_restore.mark(conn, domain)
         return domain
     xml = rewrite_for_clone(template.source_xml, identity, keep_source_macs=False)
     domain = conn.define_domain(xml, identity.name)
@@ -421,6 +423,9 @@ def _converge(conn: LibvirtConnection, domain: t.Any, spec: dict[str, t.Any], wa
         if not check_mode:
             set_links(conn, domain, link, persistent=conn.is_persistent(domain))
         result.actions.append("network released" if network == "released" else "network held")
+    if network == "released" and not check_mode:
+        # On the network now: a regeneration it made on its restore is no longer one a multicast may take.
+        fresh_restore.clear(conn, domain)
 
 
 @dataclasses.dataclass

@@ -49,8 +49,8 @@ def restored(fleet, agent_module, tmp_path):
             served["agent"] = agent
             return wrap(agent) if wrap else agent
 
-        # Restored with its network held (clonesafe.fleet.clone network=held), as clone_fleet.yml leaves it.
-        return dataclasses.replace(fleet.serve(name, root, wrap=react), network_held=True), served["agent"]
+        # Restored with its network held by clonesafe.fleet.clone, as clone_fleet.yml leaves it (_libvirt/fresh_restore.py).
+        return dataclasses.replace(fleet.serve(name, root, wrap=react), fresh_restore=True), served["agent"]
 
     restore.template_events = template["golden_vmgenid_events"]
     return restore
@@ -140,26 +140,18 @@ def test_operation_attest_with_auto_only_collects_proofs(restored, agent_module,
     assert generation(agent_module, tmp_path / "clone") == before
 
 
-def test_a_clone_on_the_network_is_instructed(restored, agent_module, tmp_path):
-    """A clone of an earlier run, released and running for months: its regeneration then is not this run's."""
+def test_a_clone_that_is_not_a_fresh_restore_is_instructed(restored, agent_module, tmp_path):
+    """A clone of an earlier run (proven then, or released since): its regeneration then is not this run's."""
     target, agent = restored("clone")
     before = agent.state()["generation"]
-    outcome = multicast([dataclasses.replace(target, network_held=False)], auto(restored.template_events)).clones[0]
-    assert outcome.status == "rotated" and outcome.trigger == "channel", outcome.reason
-    assert generation(agent_module, tmp_path / "clone") == before + 1
-
-
-def test_an_own_regeneration_a_multicast_proved_before_is_not_proven_again(restored, agent_module, tmp_path):
-    """A clone of an earlier run whose network was held again: its domain records the rotation proven then."""
-    target, agent = restored("clone")
-    before = agent.state()["generation"]
-    proven_then = dataclasses.replace(target, proven_generation=before)
-    outcome = multicast([proven_then], auto(restored.template_events)).clones[0]
+    outcome = multicast([dataclasses.replace(target, fresh_restore=False)], auto(restored.template_events)).clones[0]
     assert outcome.status == "rotated" and outcome.trigger == "channel", outcome.reason
     assert generation(agent_module, tmp_path / "clone") == before + 1
     target, agent = restored("other")
-    older_proof = dataclasses.replace(target, proven_generation=agent.state()["generation"] - 1)
-    assert multicast([older_proof], auto(restored.template_events)).clones[0].trigger == "generation"
+    before = agent.state()["generation"]
+    refused = multicast([dataclasses.replace(target, fresh_restore=False)], auto(restored.template_events, trigger="generation"))
+    assert refused.clones[0].status == "failed" and "trigger=channel" in refused.clones[0].reason
+    assert generation(agent_module, tmp_path / "other") == before and not refused.clones[0].fingerprints
 
 
 class RegeneratesOnItsSecondHello:
@@ -230,7 +222,7 @@ def test_a_record_from_an_earlier_boot_of_the_golden_is_not_the_clones_own(fleet
         agent.last_rotation = {"generation": golden_rotation, "failed": []}
         return agent
 
-    clone = dataclasses.replace(fleet.serve("clone", clone_root, wrap=memory_of_the_golden), network_held=True)
+    clone = dataclasses.replace(fleet.serve("clone", clone_root, wrap=memory_of_the_golden), fresh_restore=True)
     outcome = multicast([clone], auto(template["golden_vmgenid_events"])).clones[0]
     assert outcome.status == "rotated" and outcome.trigger == "channel", outcome.reason
     waited = multicast([clone], auto(template["golden_vmgenid_events"], trigger="generation", generation_timeout=1.5)).clones[0]

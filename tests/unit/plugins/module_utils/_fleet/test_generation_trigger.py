@@ -17,6 +17,11 @@ from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.golden_proo
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.multicast import Settings, multicast
 
 
+def fresh(target):
+    """Restored by clonesafe.fleet.clone with its network held, and not proven since (_libvirt/fresh_restore.py)."""
+    return dataclasses.replace(target, fresh_restore=True)
+
+
 def settings(template_events):
     return Settings(hash_key=secrets.token_hex(32), trigger="generation", operation="regenerate", timeout=10,
                     generation_timeout=1.5, poll_interval=0.1, template_vmgenid_events=template_events)
@@ -37,7 +42,7 @@ def test_an_inherited_generation_record_is_not_taken_for_the_clones_own(fleet, a
     shutil.copytree(golden_root, clone_root, symlinks=True)
     vmgenid_event(clone_root)  # the clone's restore: its agent has not reacted yet
     served = {}
-    clone = fleet.serve("clone", clone_root, wrap=lambda agent: served.setdefault("agent", agent))
+    clone = fresh(fleet.serve("clone", clone_root, wrap=lambda agent: served.setdefault("agent", agent)))
     waited = multicast([clone], settings(template["golden_vmgenid_events"])).clones[0]
     assert waited.status == "failed" and "did not regenerate" in waited.reason
 
@@ -80,14 +85,14 @@ def test_a_regeneration_made_with_another_trigger_operation_fails_the_clone_nami
     clone_agent = agent_module.Agent(str(clone_root))
     clone_agent.config["trigger_operation"] = "modify"
     clone_agent.on_trigger("generation")
-    clone = fleet.serve("clone", clone_root)
+    clone = fresh(fleet.serve("clone", clone_root))
     outcome = multicast([clone], settings(template["golden_vmgenid_events"])).clones[0]
     assert outcome.status == "failed" and "operation='modify'" in outcome.reason and "trigger=channel" in outcome.reason
     assert not outcome.fingerprints, "a clone that failed was asked for a proof"
 
 
 def test_without_the_templates_record_trigger_generation_fails_loudly(fleet):
-    clone = fleet(1)[0]
+    clone = fresh(fleet(1)[0])
     outcome = multicast([clone], settings(None)).clones[0]
     assert outcome.status == "failed" and "trigger=channel" in outcome.reason
 
@@ -112,7 +117,7 @@ def test_the_first_hello_waits_for_an_agent_busy_with_its_own_regeneration(fleet
     clone_root = tmp_path / "clone"
     shutil.copytree(fleet.golden_root, clone_root, symlinks=True)
     vmgenid_event(clone_root)
-    clone = fleet.serve("clone", clone_root, wrap=lambda agent: BusyRegenerating(agent, 1.0))
+    clone = fresh(fleet.serve("clone", clone_root, wrap=lambda agent: BusyRegenerating(agent, 1.0)))
     # The hello deadline alone (0.3 s) is shorter than the regeneration; generation_timeout (3 s) is not.
     busy = dataclasses.replace(settings(template["golden_vmgenid_events"]), hello_timeout=0.3, generation_timeout=3)
     outcome = multicast([clone], busy).clones[0]
@@ -140,7 +145,7 @@ class SlowNeverRegenerating:
 def test_one_generation_timeout_covers_the_first_hello_and_the_polls(fleet, tmp_path):
     golden = fleet.serve("golden", fleet.golden_root)
     template = golden_proof("golden", golden.socket_path, "running", seal=False, domain_uuid=golden.domain_uuid)
-    clone = fleet.serve("clone", fleet.golden_root, wrap=lambda agent: SlowNeverRegenerating(agent, 3.0))
+    clone = fresh(fleet.serve("clone", fleet.golden_root, wrap=lambda agent: SlowNeverRegenerating(agent, 3.0)))
     waiting = dataclasses.replace(settings(template["golden_vmgenid_events"]), hello_timeout=0.5, generation_timeout=4)
     started = time.monotonic()
     outcome = multicast([clone], waiting).clones[0]

@@ -14,6 +14,7 @@ from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.selection i
     select_targets,
     template_hash_key,
 )
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt import fresh_restore
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.connection import LibvirtConnection, require_local_uri
 
 require_module("libvirt", "libvirt-python")
@@ -68,34 +69,20 @@ def test_remote_uri_is_refused_with_the_fix():
         require_local_uri("qemu+ssh://root@hv7/system", "secret_multicast reaches the agent channels through their host-side sockets")
 
 
-def test_a_target_says_whether_its_network_is_held_and_what_a_multicast_proved_on_it(conn):
-    golden = select_targets(conn, None, None, "test")[0]
-    assert golden.proven_generation is None
+def test_a_fresh_restore_is_a_marked_clone_until_a_rotation_is_proven(conn):
+    domain = conn.get_domain("test")
+    assert not selection._target(conn, domain, "clone").fresh_restore  # pylint: disable=protected-access
+    fresh_restore.mark(conn, domain)
+    assert selection._target(conn, domain, "clone").fresh_restore  # pylint: disable=protected-access
+    assert not selection._target(conn, domain, "golden").fresh_restore, "a golden is never a clone's fresh restore"  # pylint: disable=protected-access
     fingerprints = {"identity": "SHA256:abc"}
-    rotated = Report(clones=[CloneOutcome(name="test", status="rotated", generation=3, fingerprints=fingerprints)],
-                     collisions=[], elapsed_ms=1.0)
-    record_attestations(conn, rotated, "regenerate")
-    assert select_targets(conn, None, None, "test")[0].proven_generation == 3
-    # An attest proves no rotation: trigger=auto may still take an own regeneration after it.
+    # An attest proves no rotation: the clone's own regeneration may still be taken after it (clonesafe_show_before).
     attested = Report(clones=[CloneOutcome(name="test", status="attested", generation=4, fingerprints=fingerprints)],
                       collisions=[], elapsed_ms=1.0)
     record_attestations(conn, attested, "attest")
-    assert select_targets(conn, None, None, "test")[0].proven_generation is None
-
-
-@pytest.mark.parametrize("links, held", [([], False), (["up"], False), (["down"], True), (["up", "down"], True)])
-def test_network_held_is_read_from_the_links(links, held):
-    class Domain:
-        def name(self):
-            return "web-1"
-
-    class Conn:
-        def domain_xml(self, _domain):
-            nics = "".join(f"<interface type='network'><mac address='52:54:00:00:00:0{index}'/><link state='{link}'/></interface>"
-                           for index, link in enumerate(links))
-            return f"<domain type='kvm'><name>web-1</name><devices>{nics}</devices></domain>"
-
-        def domain_state(self, _domain):
-            return "running"
-
-    assert selection._target(Conn(), Domain(), "clone").network_held is held  # pylint: disable=protected-access
+    assert selection._target(conn, domain, "clone").fresh_restore  # pylint: disable=protected-access
+    rotated = Report(clones=[CloneOutcome(name="test", status="rotated", generation=4, fingerprints=fingerprints)],
+                     collisions=[], elapsed_ms=1.0)
+    record_attestations(conn, rotated, "regenerate")
+    assert not selection._target(conn, domain, "clone").fresh_restore  # pylint: disable=protected-access
+    fresh_restore.clear(conn, domain)  # clearing twice is nothing
