@@ -106,7 +106,8 @@ options:
       - An agent with the C(clonesafe.fleet.guest_agent) role's default triggers regenerates by itself when a memory clone
         is resumed, so with V(channel) or V(both) each clone regenerates twice; V(generation) proves the first one and
         spares the second (under TCG, 3072-bit RSA host keys make that most of the multicast's time).
-      - V(generation) takes a regeneration only when the agent's C(trigger_operation) was V(regenerate), its agent says
+      - V(generation) fails at once every clone that is not a fresh restore (see V(auto)), and takes a regeneration
+        only when the agent's C(trigger_operation) was V(regenerate), its agent says
         that no provider failed in it (C(hello)'s C(last_rotation)), and its proof is of that generation; it fails the
         clone, naming why, otherwise. A cold-booted clone (not restored from a memory template) has no such
         regeneration, and fails after O(generation_timeout).
@@ -116,15 +117,16 @@ options:
         the golden made in an earlier boot, is never taken for the clone's own. V(generation) needs O(template) with
         such a manifest, and fails each clone otherwise.
       - V(auto) takes a clone's own regeneration where it stands for what was asked, and sends the
-        instruction to every other clone. It waits for the regeneration of each clone whose network is held (its
-        links down since its restore, as M(clonesafe.fleet.clone) leaves it with C(network=held)) and whose agent
-        says in its C(hello) that its RAM was restored and that it watches for VM Generation ID changes (C(kmsg) or
-        C(uevent) on, the role's defaults). A clone gets the instruction instead when its agent keeps answering
-        C(hello) for about 10 seconds without one (counted from its first answer looked at; a clone that stops
-        answering is waited for until O(generation_timeout)), made one with another C(trigger_operation), does not
-        say how it went or says that a provider failed in it, rotated again before its proof, or when its domain
-        records a rotation that a multicast proved at or after that regeneration (a clone of an earlier run). The
-        instruction goes out once the waiting is over, for all of them at once.
+        instruction to every other clone. It waits for the regeneration of each fresh restore (a memory clone that
+        M(clonesafe.fleet.clone) restored with C(network=held), marked so in its domain metadata until a multicast
+        proves a rotation of it or its network is released) whose agent says in its C(hello) that its RAM was
+        restored and that it watches for VM Generation ID changes (C(kmsg) or C(uevent) on, the role's defaults).
+        Every other clone gets the instruction (a clone of an earlier run, a released one, the golden), and so does
+        a fresh restore whose agent keeps answering C(hello) for about 10 seconds without a regeneration of its own
+        (counted from its first answer looked at; one that stops answering is waited for until
+        O(generation_timeout)), made one with another C(trigger_operation), does not say how it went or says that a
+        provider failed in it, or rotated again before its proof. The instruction goes out once the waiting is
+        over, for all of them at once.
       - Only an O(operation=regenerate) of every provider with O(entropy_source) left out (or V(guest)), and
         O(template) with its golden's VM Generation ID events, can be met by an agent's own regeneration; with
         anything else V(auto) sends the instruction to every clone at once, as V(channel) does.
