@@ -87,7 +87,8 @@ options:
       - V(held) keeps every NIC's link down, so a clone's first contact with any network comes on release.
       - A memory clone restored with V(held) is marked a fresh restore in its domain metadata, until a multicast proves a
         rotation of it or V(released) puts its links up. Only a fresh restore's own regeneration on its restore may
-        stand for the instruction of M(clonesafe.fleet.secret_multicast) with O(clonesafe.fleet.secret_multicast#module:trigger=auto).
+        stand for the instruction of M(clonesafe.fleet.secret_multicast) (O(clonesafe.fleet.secret_multicast#module:trigger=auto);
+        O(clonesafe.fleet.secret_multicast#module:trigger=generation) fails any other clone).
       - V(released) puts the links up, each clone with its own MAC inside the guest, in QEMU and in libvirt.
       - Applies to new and existing clones; when omitted, new clones are released and existing ones are left as they are.
     type: str

@@ -109,8 +109,8 @@ options:
       - V(generation) fails at once every clone that is not a fresh restore (see V(auto)), and takes a regeneration
         only when the agent's C(trigger_operation) was V(regenerate), its agent says
         that no provider failed in it (C(hello)'s C(last_rotation)), and its proof is of that generation; it fails the
-        clone, naming why, otherwise. A cold-booted clone (not restored from a memory template) has no such
-        regeneration, and fails after O(generation_timeout).
+        clone, naming why, otherwise. A fresh restore that has no such regeneration (its triggers off, or cold-booted
+        since) fails after O(generation_timeout).
       - A regeneration counts only when the agent recorded it after a VM Generation ID change the template had not seen
         (the template manifest holds its golden's event count) and says that no rotation is due since (it was made in
         this boot, at the event count the guest has now), so a record a clone inherited from its golden, also one

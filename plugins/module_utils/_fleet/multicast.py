@@ -478,7 +478,8 @@ def multicast(targets: t.Sequence[Target], settings: Settings, check_mode: bool 
             if not target.fresh_restore:
                 _fail_or_skip(outcomes[target.name], "trigger=generation proves only the regeneration of a clone that "
                               "clonesafe.fleet.clone restored with its network held and that no multicast proved since "
-                              "(this one was proven before, released, or not made so): use trigger=channel", "fail")
+                              f"(this {target.role} is not one: proven before, released, or not made so): use trigger=channel",
+                              "fail")
         ready = [target for target in ready if target.fresh_restore]
     if settings.trigger in ("generation", "both") and settings.template_vmgenid_events is not None:
         waiting = _wait_for_own_regeneration(outcomes, hellos, {target.name: target for target in ready}, settings, started)

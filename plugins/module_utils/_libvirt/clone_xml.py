@@ -23,6 +23,7 @@ from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.domain_xm
     QEMU_NAMESPACE,
     parse_domain_xml,
 )
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.fresh_restore import NAMESPACE as FRESH_RESTORE_NAMESPACE
 
 CLONE_ROLE = "clone"
 DEFAULT_NAME_PATTERN = "{template}-{index:03d}"
@@ -254,6 +255,10 @@ def rewrite_for_clone(source_xml: str, identity: CloneIdentity, keep_source_macs
             "without ssh_forward_port"
         )
     _set_marker(root, CLONE_ROLE, identity.marker_spec())
+    # A template taken from a clone must not pass its fresh-restore mark on: clonesafe.fleet.clone sets it itself.
+    metadata = root.find("metadata")
+    for element in metadata.findall(f"{{{FRESH_RESTORE_NAMESPACE}}}restore") if metadata is not None else []:
+        metadata.remove(element)
 
     devices = root.find("devices")
     disk_sources = devices.findall("disk[@device='disk']/source")

@@ -411,6 +411,10 @@ def _converge(conn: LibvirtConnection, domain: t.Any, spec: dict[str, t.Any], wa
             f"clone '{domain.name()}' is paused and still has the golden's NIC: it can be released only "
             "while running (state: running, paused: false), because the guest must take part in the NIC swap"
         )
+    if network == "released" and not check_mode:
+        # Cleared before any link goes up: a release that fails halfway must not leave a clone that has been on
+        # the network marked as a fresh restore, whose regeneration on its restore a multicast may take.
+        fresh_restore.clear(conn, domain)
     if needs_swap and current == "running":
         swapped: list[str] = []
         try:
@@ -423,9 +427,6 @@ def _converge(conn: LibvirtConnection, domain: t.Any, spec: dict[str, t.Any], wa
         if not check_mode:
             set_links(conn, domain, link, persistent=conn.is_persistent(domain))
         result.actions.append("network released" if network == "released" else "network held")
-    if network == "released" and not check_mode:
-        # On the network now: a regeneration it made on its restore is no longer one a multicast may take.
-        fresh_restore.clear(conn, domain)
 
 
 @dataclasses.dataclass

@@ -23,7 +23,7 @@ PREFIX = "clonesafefresh"
 
 
 def _flags(conn: LibvirtConnection, domain: t.Any) -> int:
-    flags = libvirt.VIR_DOMAIN_AFFECT_LIVE if domain.isActive() else 0
+    flags = libvirt.VIR_DOMAIN_AFFECT_LIVE if conn.call(f"reading the state of '{domain.name()}'", domain.isActive) else 0
     if conn.is_persistent(domain):
         flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
     return flags

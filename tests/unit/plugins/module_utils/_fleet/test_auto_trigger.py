@@ -150,7 +150,7 @@ def test_a_clone_that_is_not_a_fresh_restore_is_instructed(restored, agent_modul
     target, agent = restored("other")
     before = agent.state()["generation"]
     refused = multicast([dataclasses.replace(target, fresh_restore=False)], auto(restored.template_events, trigger="generation"))
-    assert refused.clones[0].status == "failed" and "trigger=channel" in refused.clones[0].reason
+    assert refused.clones[0].status == "failed" and "this clone is not one" in refused.clones[0].reason
     assert generation(agent_module, tmp_path / "other") == before and not refused.clones[0].fingerprints
 
 

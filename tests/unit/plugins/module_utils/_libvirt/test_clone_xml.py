@@ -195,3 +195,12 @@ def test_a_golden_disk_must_say_it_is_qcow2(driver):
     with pytest.raises(ClonesafeError, match="qcow2"):
         clone_xml.single_disk_source(xml, "domain 'golden'")
     assert clone_xml.single_disk_source(LIVE_GOLDEN, "domain 'golden'") == "/var/lib/clonesafe/golden/golden.after-t.qcow2"
+
+
+def test_a_template_taken_from_a_fresh_restore_does_not_pass_its_mark_on():
+    from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt import fresh_restore  # pylint: disable=import-outside-toplevel
+
+    marked = LIVE_GOLDEN.replace("<metadata>", f"<metadata><f:restore xmlns:f='{fresh_restore.NAMESPACE}'/>", 1)
+    assert fresh_restore.is_marked(marked)
+    for keep_source_macs in (True, False):
+        assert not fresh_restore.is_marked(clone_xml.rewrite_for_clone(marked, identity(network="held"), keep_source_macs))

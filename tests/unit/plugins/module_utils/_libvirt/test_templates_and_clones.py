@@ -16,7 +16,7 @@ import pytest
 from clonesafe_testlib import require_module, require_tool
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._errors import ClonesafeError
-from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt import clones, save_image, template
+from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt import clones, fresh_restore, save_image, template
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.connection import LibvirtConnection
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.domain_xml import DomainSpec, build_domain_xml
 
@@ -386,3 +386,17 @@ def test_a_backing_file_not_stated_as_qcow2_is_refused(tmp_path):
     assert runner(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(image), str(top)])[0] == 0
     with pytest.raises(ClonesafeError, match="without the format qcow2: clonesafe never lets QEMU guess"):
         template.backing_chain(runner, str(top))
+
+
+def test_a_release_clears_the_fresh_restore_mark_before_any_link_goes_up(conn, made, tmp_path):
+    """Set by hand here (the test driver cannot restore); clonesafe.fleet.clone sets it on a held memory restore."""
+    clones.ensure_clones(conn, runner, request(tmp_path, count=1, start="boot", state="running", network="held"), check_mode=False)
+    domain = conn.get_domain("web-001")
+    fresh_restore.mark(conn, domain)
+    again = clones.ensure_clones(conn, runner, request(tmp_path, count=1, state="running", network="held"), check_mode=False)
+    assert not again.changed and fresh_restore.is_marked(conn.domain_xml(domain)), "holding again keeps the mark, sets none"
+    planned = clones.ensure_clones(conn, runner, request(tmp_path, count=1, state="running", network="released"), check_mode=True)
+    assert planned.changed and fresh_restore.is_marked(conn.domain_xml(domain)), "check mode changes nothing"
+    # The test driver cannot put a live link up, so this release fails there: the mark is gone all the same.
+    failed = clones.ensure_clones(conn, runner, request(tmp_path, count=1, state="running", network="released"), check_mode=False)
+    assert failed.failed and not fresh_restore.is_marked(conn.domain_xml(domain))
