@@ -40,6 +40,7 @@ Everything it makes (golden, template, clones, copies) is removed at the end, al
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import dataclasses
 import glob
@@ -252,11 +253,8 @@ def regenerations(conn: LibvirtConnection, name: str) -> dict[str, int]:
     golden_generation = found.manifest["proof"]["golden_generation"]
     calls = [ChannelCall(target.name, target.socket_path or "", "hello", {}) for target in select_targets(conn, name, None, None)]
     call_all(calls, 60)
-    counts: dict[str, int] = {}
-    for call in calls:
-        key = str(call.result["generation"] - golden_generation) if call.result else "no answer"
-        counts[key] = counts.get(key, 0) + 1
-    return counts
+    return dict(collections.Counter(str(call.result["generation"] - golden_generation) if call.result else "no answer"
+                                    for call in calls))
 
 
 def attested_ed25519_keys(known_hosts: pathlib.Path) -> dict[str, str]:
@@ -319,8 +317,7 @@ def library_path(conn: LibvirtConnection, golden: bench_golden.Golden, name: str
             # Clones whose first hello went unanswered and was asked again (fanout.silence_allowed).
             "hello_asked_again": sorted(clone.name for clone in report.clones if clone.hello_attempts > 1), **guest_cpu(names, total_s),
             # How each clone's secrets were proven (trigger=auto: generation, its own regeneration, or channel).
-            "proven_by": {trigger: sum(1 for clone in report.clones if str(clone.trigger) == trigger)
-                          for trigger in sorted({str(clone.trigger) for clone in report.clones})},
+            "proven_by": dict(sorted(collections.Counter(str(clone.trigger) for clone in report.clones).items())),
             "rotations_per_clone": regenerations(conn, name)}
 
 

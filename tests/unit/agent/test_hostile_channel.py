@@ -14,6 +14,7 @@ import importlib
 import importlib.util
 import json
 import os
+import select
 import pathlib
 import signal
 import stat
@@ -465,6 +466,19 @@ def test_a_watcher_that_fails_every_read_is_given_up_not_polled_for_ever(modules
     assert watch.fds() == []
     # hello says so, and the host does not wait for a regeneration this watcher can no longer start.
     assert list(watch.stopped()) == ["kmsg"]
+
+
+def test_the_serve_loop_reports_a_watcher_it_gave_up_as_unavailable(modules, agent_module, monkeypatch, tmp_path):
+    triggers = modules["triggers"]
+    agent = agent_module.Agent(str(make_guest_root(tmp_path / "guest")))
+    agent.start()
+    directory = os.open(tmp_path, os.O_RDONLY)
+    monkeypatch.setattr(triggers, "open_kmsg", lambda: directory)
+    watch = triggers.GenerationWatch({"triggers": {"kmsg": True, "uevent": False}}, lambda: 7)
+    for _read in range(triggers.MAX_FAILED_READS):
+        assert agent.hello()["triggers"]["kmsg"] == "on"
+        modules["serve"]._check_triggers(agent, watch, {directory: select.POLLIN})  # pylint: disable=protected-access
+    assert agent.hello()["triggers"]["kmsg"] == "unavailable"
 
 
 def test_a_watcher_that_could_not_be_opened_is_reported_stopped(modules, monkeypatch):

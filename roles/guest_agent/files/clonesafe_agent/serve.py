@@ -336,7 +336,6 @@ def serve(agent: Agent) -> None:
             # The host connected (or data arrived): look at the port now, not at the next tick.
             hup_until, hup_backoff = 0.0, HUP_BACKOFF_SECONDS
         _check_triggers(agent, watch, events)
-        agent.unavailable_triggers.update(watch.stopped())
         network.check(events)
         if channel is None or not watching_port:
             continue
@@ -388,6 +387,8 @@ def _check_triggers(agent: Agent, watch: GenerationWatch, events: dict[int, int]
         except Exception as error:  # pylint: disable=broad-exception-caught
             log(f"reading a VM generation watcher failed: {type(error).__name__}: {error}")
             continue
+        # Only a read gives a watcher up: hello says so from then on.
+        agent.unavailable_triggers.update(watch.stopped())
         if changed:
             agent.on_trigger("generation")
             watch.rotated()
