@@ -37,6 +37,7 @@ import typing as t
 import xml.etree.ElementTree as ET
 
 import benchlib
+import ssh_probe
 
 # pylint: disable=wrong-import-position
 from clonesafe_testlib import run_module, run_playbook  # noqa: E402
@@ -303,10 +304,15 @@ def key_fingerprint(key_line: str) -> str | None:
 
 
 def wait_for_new_key(port: int, old: set[str], timeout: float, interval: float = 0.25) -> tuple[str, float]:
-    """Poll ssh-keyscan until sshd serves a host key not in ``old``; (fingerprint, seconds waited)."""
+    """Poll until sshd serves a host key not in ``old``; (fingerprint, seconds waited).
+
+    Each try waits for sshd's first bytes on a fresh connection, then hands that connection to
+    ssh-keyscan (``ssh_probe``: why not ssh-keyscan in a loop)."""
     started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        fingerprint = keyscan(port)
+    deadline = started + timeout
+    while time.monotonic() < deadline:
+        lines = ssh_probe.keyscan_over(ssh_probe.wait_for_banner(port, deadline))
+        fingerprint = key_fingerprint(lines[0]) if lines else None
         if fingerprint and fingerprint not in old:
             return fingerprint, time.monotonic() - started
         time.sleep(interval)
