@@ -22,6 +22,7 @@ lab golden's shape), and removed at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -256,6 +257,14 @@ def call(channel: AgentChannel, op: str, args: dict[str, t.Any], timeout: float 
             return result
 
 
+@dataclasses.dataclass(frozen=True)
+class SshForward:
+    """127.0.0.1 ports forwarded to one guest: its sshd, and a port nothing listens on (reachability)."""
+
+    ssh: int
+    probe: int
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as probe:
@@ -274,26 +283,25 @@ def user_netdev_ids(domain: t.Any) -> list[str]:
     return ids
 
 
-def forward_ssh(domain: t.Any, port: int) -> str:
-    """Forward 127.0.0.1:``port`` to the guest's port 22 on its user-mode NIC (QEMU's hostfwd_add, at run time)."""
+def forward_port(domain: t.Any, guest_port: int) -> int:
+    """Forward a free 127.0.0.1 port to ``guest_port`` on the guest's user-mode NIC (QEMU's hostfwd_add, at run
+    time); the host port."""
     import libvirt_qemu  # pylint: disable=import-outside-toplevel
 
     netdevs = user_netdev_ids(domain)
     if not netdevs:
         raise SystemExit(f"domain {domain.name()} has no user-mode NIC to forward a port on")
-    command = f"hostfwd_add {netdevs[-1]} tcp:127.0.0.1:{port}-:22"
+    port = free_port()
+    command = f"hostfwd_add {netdevs[-1]} tcp:127.0.0.1:{port}-:{guest_port}"
     reply = libvirt_qemu.qemuMonitorCommand(domain, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
     if reply.strip():
         raise SystemExit(f"{command} on {domain.name()}: {reply.strip()}")
-    return netdevs[-1]
+    return port
 
 
-def keyscan(port: int, key_type: str = "ed25519", timeout: int = 3) -> str | None:
-    """The fingerprint (ssh-keygen -lf) of the host key sshd serves on 127.0.0.1:``port``, or None."""
-    scanned = subprocess.run(["ssh-keyscan", "-T", str(timeout), "-t", key_type, "-p", str(port), "127.0.0.1"],
-                             capture_output=True, text=True, check=False)
-    lines = [line for line in scanned.stdout.splitlines() if line and not line.startswith("#")]
-    return key_fingerprint(lines[0]) if lines else None
+def forward_ssh(domain: t.Any) -> SshForward:
+    """Forwards to the guest's sshd and to a port nothing listens on there (``ssh_probe``: why both)."""
+    return SshForward(ssh=forward_port(domain, 22), probe=forward_port(domain, ssh_probe.CLOSED_GUEST_PORT))
 
 
 def key_fingerprint(key_line: str) -> str | None:
@@ -303,20 +311,21 @@ def key_fingerprint(key_line: str) -> str | None:
     return fields[1] if listed.returncode == 0 and len(fields) > 1 else None
 
 
-def wait_for_new_key(port: int, old: set[str], timeout: float, interval: float = 0.25) -> tuple[str, float]:
+def wait_for_new_key(forward: SshForward, old: set[str], timeout: float, interval: float = 0.25) -> tuple[str, float]:
     """Poll until sshd serves a host key not in ``old``; (fingerprint, seconds waited).
 
-    Each try waits for sshd's first bytes on a fresh connection, then hands that connection to
-    ssh-keyscan (``ssh_probe``: why not ssh-keyscan in a loop)."""
+    ssh-keyscan connects only once the guest refuses a connection to its closed port, which says that
+    the guest has its address (``ssh_probe``: why not ssh-keyscan in a loop)."""
     started = time.monotonic()
     deadline = started + timeout
     while time.monotonic() < deadline:
-        lines = ssh_probe.keyscan_over(ssh_probe.wait_for_banner(port, deadline))
+        ssh_probe.wait_until_reachable(forward.probe, deadline)
+        lines = ssh_probe.keyscan(forward.ssh)
         fingerprint = key_fingerprint(lines[0]) if lines else None
         if fingerprint and fingerprint not in old:
             return fingerprint, time.monotonic() - started
         time.sleep(interval)
-    raise TimeoutError(f"no new host key on 127.0.0.1:{port} within {timeout:g} s")
+    raise TimeoutError(f"no new host key on 127.0.0.1:{forward.ssh} within {timeout:g} s")
 
 
 class ConsoleWatch:
@@ -382,9 +391,7 @@ class Golden:
             nonce = fresh_hex()
             attestation = call(channel, "attest", {"nonce": nonce, "hash_key": fresh_hex(), "domain_uuid": domain.UUIDString()})
         self.fingerprints = proof.verify_attestation(attestation, nonce, expected_domain_uuid=domain.UUIDString())
-        port = free_port()
-        forward_ssh(domain, port)
-        self.ssh_fingerprint, _waited = wait_for_new_key(port, set(), timeout)
+        self.ssh_fingerprint, _waited = wait_for_new_key(forward_ssh(domain), set(), timeout)
         while watch.seen is None and time.monotonic() - started < timeout:
             time.sleep(0.2)
         watch.finish()

@@ -141,9 +141,7 @@ def scan_clones(conn: LibvirtConnection, names: list[str], golden_key: str, atte
     def one(name: str) -> float:
         started = time.monotonic()
         domain = conn.conn.lookupByName(name)
-        port = bench_golden.free_port()
-        bench_golden.forward_ssh(domain, port)
-        fingerprint, _waited = bench_golden.wait_for_new_key(port, {golden_key}, SSH_TIMEOUT)
+        fingerprint, _waited = bench_golden.wait_for_new_key(bench_golden.forward_ssh(domain), {golden_key}, SSH_TIMEOUT)
         expected = attested.get(name)
         if not expected:
             raise RuntimeError(f"clone {name}: its proof attested no ed25519 host key")
@@ -367,9 +365,8 @@ class Usual:
         booted = time.monotonic()
         domain = self.conn.conn.lookupByName(name)
         domain.create()
-        port = bench_golden.free_port()
-        bench_golden.forward_ssh(domain, port)
-        fingerprint, _waited = bench_golden.wait_for_new_key(port, {self.golden.ssh_fingerprint}, SSH_TIMEOUT)
+        fingerprint, _waited = bench_golden.wait_for_new_key(bench_golden.forward_ssh(domain), {self.golden.ssh_fingerprint},
+                                                             SSH_TIMEOUT)
         boot_s = time.monotonic() - booted
         return {"clone": name, "copy_wait_s": round(waited_s, 2), "copy_s": round(copy_s, 2), "sysprep_s": round(sysprep_s, 2),
                 "boot_to_ssh_s": round(boot_s, 2), "total_s": round(time.monotonic() - started, 2), "ssh_fingerprint": fingerprint,
