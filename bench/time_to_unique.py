@@ -11,7 +11,8 @@ Run from the repository root, as root, with the lab up (`make lab`) and the benc
 Every path starts from the same golden VM (bench/bench_golden.py: the lab image with this checkout's
 agent and a static network, 512 MiB, 1 vCPU, TCG when the lab has no KVM), and every path ends the same
 way: ``ssh-keyscan`` over a port forward on 127.0.0.1 gets, from each clone's sshd, an ed25519 host key
-that is not the golden's (and, on our paths, is the one the clone's signed proof attested). For each N:
+that is not the golden's (and, on our paths, is the one the clone's signed proof attested). It connects
+once the guest refuses a connection to a closed port, asked every 0.25 s (ssh_probe.py: why). For each N:
 
 (a) ours, the user's path: ``ansible-playbook playbooks/clone_fleet.yml -e clonesafe_clone_count=N``
     (template present: restore N clones paused with the network held, one multicast that regenerates

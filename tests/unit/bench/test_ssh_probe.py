@@ -93,3 +93,22 @@ def test_a_port_that_answers_is_an_error_not_a_reachable_guest() -> None:
             ssh_probe.wait_until_reachable(forward.port, time.monotonic() + 5)
     finally:
         forward.close()
+
+
+def test_a_connection_qemu_does_not_accept_is_a_lost_probe_not_an_error() -> None:
+    # A listener that never accepts, with its backlog full, as QEMU's forward is when its main loop is busy.
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    port = listener.getsockname()[1]
+    filling = [socket.socket() for _index in range(2)]
+    for connection in filling:
+        connection.setblocking(False)
+        connection.connect_ex(("127.0.0.1", port))
+    try:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match=str(port)):
+            ssh_probe.wait_until_reachable(port, started + 3)
+        assert time.monotonic() - started < 3 + ssh_probe.CONNECT_WAIT_S + 0.5
+    finally:
+        for connection in filling:
+            connection.close()
+        listener.close()
