@@ -44,7 +44,7 @@ import ssh_probe
 from clonesafe_testlib import run_module, run_playbook  # noqa: E402
 from helpers.agent_channel import AgentChannel, AgentError, fresh_hex  # noqa: E402
 
-from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, wire  # noqa: E402
+from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, replies, wire  # noqa: E402
 
 IMAGES = pathlib.Path("/var/cache/clonesafe/bench-images")
 WORK = pathlib.Path("/var/lib/clonesafe/bench")
@@ -210,7 +210,7 @@ def _reply_to(line: t.Any, sent: set[str], op: str) -> dict[str, t.Any] | None:
         return None
     if message_id not in sent:
         return None
-    reply = wire.parse_response(line, message_id, op)
+    reply = replies.parse_response(line, message_id, op)
     if not reply["ok"]:
         raise AgentError(reply["error"])
     return reply["result"]

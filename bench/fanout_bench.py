@@ -45,7 +45,7 @@ sys.path.insert(0, str(benchlib.REPO / "bench"))
 import fake_agents  # noqa: E402
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet import multicast as mc  # noqa: E402
-from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, wire  # noqa: E402
+from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, replies, wire  # noqa: E402
 
 
 def serve(directory: str, clones: list[tuple[str, str, bytes]], ready, stop, cpu_out) -> None:
@@ -75,7 +75,7 @@ def serve(directory: str, clones: list[tuple[str, str, bytes]], ready, stop, cpu
                   "providers": providers, "duration_ms": 40, "vcpu_interrupts": [1],
                   "attestation": proof.sign_attestation(clone.key, args["nonce"], clone.uuid, clone.generation,
                                                         fingerprints[clone.name], domain_uuid=args["domain_uuid"])}
-        return json.dumps(wire.make_result(request["id"], result),
+        return json.dumps(replies.make_result(request["id"], result),
                           separators=(",", ":")).encode() + b"\n", False, False
 
     fleet = fake_agents.FakeFleet(directory, fakes, respond)

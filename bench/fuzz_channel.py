@@ -19,7 +19,7 @@ Host targets:
   valid ones, signed over the nonce of the request, or mutated ones. Each input is one reply line
   (or a reply broken off), to ``hello`` or to ``rotate``; every round is one multicast over
   ``--clones`` clones, each with its own plan.
-- ``host.wire``: the same generated and mutated replies fed to ``wire.parse_response`` directly,
+- ``host.wire``: the same generated and mutated replies fed to ``replies.parse_response`` directly,
   many more per second.
 
 Mutations: truncation, bit flips, inserted/deleted/duplicated bytes, invalid UTF-8 (including
@@ -69,7 +69,7 @@ sys.path.insert(0, str(REPO / "build" / "collections"))
 
 # pylint: disable=wrong-import-position
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet import multicast as mc  # noqa: E402
-from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, wire  # noqa: E402
+from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, replies, wire  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
 from fake_agents import FakeClone, FakeFleet, make_target, valid_attestation, valid_hello, valid_rotate  # noqa: E402
@@ -210,7 +210,7 @@ def output_problems(report: mc.Report) -> list[str]:
 # Host targets
 
 
-@register("host.wire", "host", 0.5, "generated and mutated replies straight into wire.parse_response")
+@register("host.wire", "host", 0.5, "generated and mutated replies straight into replies.parse_response")
 def fuzz_wire(rng: random.Random, count: int, stats: Stats, options: argparse.Namespace) -> None:
     """parse_response either returns a reply whose strings are UTF-8-encodable, or raises ProtocolError."""
     clone = FakeClone("c", str(uuidlib.UUID(int=rng.getrandbits(128))), proof.generate_identity_key(rng.randbytes(32)))
@@ -225,12 +225,12 @@ def fuzz_wire(rng: random.Random, count: int, stats: Stats, options: argparse.Na
             result = valid_rotate(rng, clone, args)[0]
         else:
             result = valid_attestation(rng, clone, args["nonce"])
-        message = wire.make_result("r1", result) if rng.random() < 0.9 else wire.make_error("r1", "busy", "x\ny")
+        message = replies.make_result("r1", result) if rng.random() < 0.9 else replies.make_error("r1", "busy", "x\ny")
         plan = make_plan(rng, options.mutation_rate)
         for line in render(rng, plan, message):
             stats.inputs += 1
             try:
-                parsed = wire.parse_response(line, "r1", op)
+                parsed = replies.parse_response(line, "r1", op)
             except wire.ProtocolError as error:
                 stats.count(f"rejected:{error.code}")
                 if UNPRINTABLE.search(error.message):
@@ -271,13 +271,13 @@ def fuzz_multicast(rng: random.Random, count: int, stats: Stats, options: argpar
                 op = request["op"]
                 plan = plans.get((clone.name, op), Plan())
                 if op == "hello":
-                    message = wire.make_result(request["id"], valid_hello(responder_rng, clone))
+                    message = replies.make_result(request["id"], valid_hello(responder_rng, clone))
                     fingerprints = None
                 elif op == "rotate":
                     result, fingerprints = valid_rotate(responder_rng, clone, request["args"])
-                    message = wire.make_result(request["id"], result)
+                    message = replies.make_result(request["id"], result)
                 else:
-                    message = wire.make_result(request["id"], valid_attestation(responder_rng, clone, request["args"]["nonce"]))
+                    message = replies.make_result(request["id"], valid_attestation(responder_rng, clone, request["args"]["nonce"]))
                     fingerprints = message["result"]["fingerprints"]
                 lines = render(responder_rng, plan, message)
                 data = b"".join(lines)

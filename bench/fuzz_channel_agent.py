@@ -21,7 +21,7 @@ carriage returns); and lines generated from nothing (random bytes, random JSON, 
 
 Checked for every line (a broken check counts as an escaped exception):
 
-- ``handle_line`` returns, with exactly one line that the host's own ``wire.parse_response`` accepts
+- ``handle_line`` returns, with exactly one line that the host's own ``replies.parse_response`` accepts
   as a reply (UTF-8, within the limit, schema of the operation when it succeeded);
 - a reply that succeeds is for a request that parses, and carries its id; every unmutated valid
   request succeeds;
@@ -59,7 +59,7 @@ for _path in (REPO / "build" / "collections", REPO / "roles" / "guest_agent" / "
         sys.path.insert(0, str(_path))
 
 # pylint: disable=wrong-import-position
-from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import wire  # noqa: E402
+from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import replies, wire  # noqa: E402
 from clonesafe_agent import agent as agent_module  # noqa: E402
 from clonesafe_agent import serve as serve_module  # noqa: E402
 
@@ -364,7 +364,7 @@ def reply_problems(guest: GuestAgent, line: bytes | wire.OversizedLine, item: In
             return [f"reply id {reply_id!r} for request {request['id']!r}"]
         op = request["op"]
     try:
-        wire.parse_response(reply, reply_id if isinstance(reply_id, str) else "none", op)
+        replies.parse_response(reply, reply_id if isinstance(reply_id, str) else "none", op)
     except wire.ProtocolError as error:
         return [f"the host would refuse the reply ({error.code}: {error.message}): {reply[:300]!r}"]
     problems = []

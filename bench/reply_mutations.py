@@ -18,7 +18,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "build" / "
 
 # pylint: disable=wrong-import-position
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet import fanout  # noqa: E402
-from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import wire  # noqa: E402
+from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import replies, wire  # noqa: E402
 
 
 def nested(rng: random.Random, depth: int) -> t.Any:
@@ -211,6 +211,6 @@ def render(rng: random.Random, plan: Plan, message: dict[str, t.Any]) -> list[by
         data = mutate_bytes(rng, data)
     lines = []
     for _stale in range(plan.stale):
-        lines.append(encode(rng, wire.make_result(f"old{rng.randrange(10**6)}", {"x": 1})) + b"\n")
+        lines.append(encode(rng, replies.make_result(f"old{rng.randrange(10**6)}", {"x": 1})) + b"\n")
     lines.append(data + b"\n")
     return lines

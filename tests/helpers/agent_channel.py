@@ -1,7 +1,7 @@
 """A minimal host-side client of the agent channel (the unix socket libvirt binds for the domain).
 
 For tests and benchmarks only; the modules have their own. Everything read is parsed with the
-collection's wire.parse_response, exactly as a module would.
+collection's replies.parse_response, exactly as a module would.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import socket
 import time
 import typing as t
 
-from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import wire
+from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import replies, wire
 
 
 class AgentError(Exception):
@@ -79,7 +79,7 @@ class AgentChannel:
         # later, on whatever connection is open then: skip such stale replies, as the modules do.
         for _stale in range(16):
             try:
-                reply = wire.parse_response(self.read_line(max(0.0, deadline - time.monotonic())), request_id, op)
+                reply = replies.parse_response(self.read_line(max(0.0, deadline - time.monotonic())), request_id, op)
             except wire.ProtocolError as error:
                 if error.code == "wrong_id":
                     continue

@@ -15,7 +15,7 @@ import pytest
 from clonesafe_testlib import require_module, run_module, run_playbook
 from helpers.agent_channel import AgentChannel, fresh_hex, wait_for_agent
 
-from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, wire
+from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, replies, wire
 
 pytestmark = pytest.mark.lab
 require_module("libvirt", "libvirt-python")
@@ -143,7 +143,7 @@ def test_garbage_gets_an_error_reply_and_the_agent_keeps_serving(agent_vm):
         reply = json.loads(channel.read_line(60))
         assert reply["ok"] is False and reply["error"]["code"] == code, reply
     channel.send_raw(b'{"v":2,"id":"bad","op":"rotate","args":{"operation":"regenerate"}}\n')
-    reply = wire.parse_response(channel.read_line(60), "bad")
+    reply = replies.parse_response(channel.read_line(60), "bad")
     assert reply["ok"] is False and reply["error"]["code"] == "bad_args", reply
     assert channel.call("hello")["protocol"] == wire.PROTOCOL_VERSION
 

@@ -31,7 +31,7 @@ import yaml
 from clonesafe_testlib import require_module, require_tool, run_module, run_playbook
 from helpers.agent_channel import wait_for_agent
 
-from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import wire
+from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import replies, wire
 
 pytestmark = pytest.mark.lab
 require_module("libvirt", "libvirt-python")
@@ -160,7 +160,7 @@ def hello_within(path: str, timeout: float = HELLO_WITHIN) -> tuple[float, dict,
                 raise AssertionError(f"hello not answered within {timeout:g} s ({stale} other line(s) first)")
             message = json.loads(lines[0])
             if message.get("id") == request_id:
-                return time.monotonic() - started, wire.parse_response(lines[0], request_id, "hello")["result"], stale
+                return time.monotonic() - started, replies.parse_response(lines[0], request_id, "hello")["result"], stale
             stale += 1
     finally:
         sock.close()
@@ -249,7 +249,7 @@ def test_a_1_mib_line(guest, record_property):
         sock.sendall(data)
         sock.setblocking(False)
         (reply,) = read_lines(sock, 1, 120)
-        message = wire.parse_response(reply, "none")
+        message = replies.parse_response(reply, "none")
         assert message["ok"] is False and message["error"]["code"] == "too_large", message
     finally:
         sock.close()
@@ -271,7 +271,7 @@ def test_nul_bytes(guest, record_property):
         sock.close()
     assert len(replies) == len(frames)
     for reply in replies:
-        assert wire.parse_response(reply, "none")["ok"] is False
+        assert replies.parse_response(reply, "none")["ok"] is False
     assert_recovered(guest, record_property, "nul")
 
 
@@ -326,8 +326,8 @@ def test_a_thousand_mutated_rotate_frames(guest, record_property):
     assert len(replies) == len(frames)
     codes: dict[str, int] = {}
     for reply in replies:
-        message = wire.parse_response(reply, "none") if json.loads(reply)["id"] is None \
-            else wire.parse_response(reply, json.loads(reply)["id"])
+        message = replies.parse_response(reply, "none") if json.loads(reply)["id"] is None \
+            else replies.parse_response(reply, json.loads(reply)["id"])
         assert message["ok"] is False, message
         codes[message["error"]["code"]] = codes.get(message["error"]["code"], 0) + 1
     print(f"error codes: {codes}")

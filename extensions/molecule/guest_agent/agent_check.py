@@ -12,7 +12,7 @@ import sys
 import time
 import uuid
 
-from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, wire
+from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, replies, wire
 
 
 def main(path: str) -> None:
@@ -34,7 +34,7 @@ def main(path: str) -> None:
     def call(op, args=None):
         request_id = secrets.token_hex(6)
         sock.sendall(wire.encode_request(op, args or {}, request_id))
-        reply = wire.parse_response(read_line(), request_id, op)
+        reply = replies.parse_response(read_line(), request_id, op)
         if not reply["ok"]:
             raise SystemExit(f"{op} failed: {reply['error']}")
         return reply["result"]
@@ -61,7 +61,7 @@ def main(path: str) -> None:
         raise SystemExit(f"fingerprints did not change: {unchanged}")
     print(f"rotate: generation {result['generation']} in {result['duration_ms']} ms, {json.dumps(result['providers'])}")
     sock.sendall(b"this is not a request\n")
-    garbage = wire.parse_response(read_line(), "none")
+    garbage = replies.parse_response(read_line(), "none")
     if garbage["ok"] or garbage["error"]["code"] != "bad_json":
         raise SystemExit(f"garbage was not refused: {garbage}")
     print(f"garbage: refused with {garbage['error']['code']}; hello again: generation {call('hello')['generation']}")

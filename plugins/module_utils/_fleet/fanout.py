@@ -20,7 +20,7 @@ import socket
 import time
 import typing as t
 
-from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import wire
+from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import replies, wire
 
 # Replies to earlier requests (a previous client that left early) may still sit in the channel.
 MAX_STALE_REPLIES = 16
@@ -117,7 +117,7 @@ def _handle_line(pending: _Pending, line: bytes | wire.OversizedLine) -> bool:
     """Take one reply line; True when the call is finished."""
     call = pending.call
     try:
-        message = wire.parse_response(line, call.request_id, call.op)
+        message = replies.parse_response(line, call.request_id, call.op)
     except wire.ProtocolError as error:
         if error.code == "wrong_id" and pending.stale < MAX_STALE_REPLIES:
             pending.stale += 1

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, wire
+from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, replies, wire
 
 from agent_testlib import AGENT_FILES, FAKE_UUID, agent, agent_module, guest_root, load_agent_module, make_guest_root  # noqa: F401  pylint: disable=unused-import
 
@@ -34,7 +34,7 @@ SECRET_FILES = (
 
 
 def request(agent, op, args=None, request_id="r1"):
-    reply = wire.parse_response(agent.handle_line(wire.encode_request(op, args or {}, request_id)), request_id, op)
+    reply = replies.parse_response(agent.handle_line(wire.encode_request(op, args or {}, request_id)), request_id, op)
     assert reply["ok"], reply
     return reply["result"]
 
@@ -247,7 +247,7 @@ def test_garbage_gets_an_error_reply_and_the_agent_keeps_serving(agent, data):
 def test_any_bytes_get_exactly_one_error_line(agent, data):
     reply = agent.handle_line(data.replace(b"\n", b""))
     assert reply.endswith(b"\n") and reply.count(b"\n") == 1
-    assert wire.parse_response(reply, "none")["ok"] is False
+    assert replies.parse_response(reply, "none")["ok"] is False
 
 
 # -- crash safety --------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import wire
+from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import replies, wire
 
 from agent_testlib import AGENT_FILES, FAKE_UUID, agent, agent_module, guest_root, load_agent_module  # noqa: F401  pylint: disable=unused-import
 
@@ -191,14 +191,14 @@ def test_link_changes_leave_a_fork_to_a_running_generation_watcher_but_not_a_col
 
 
 def test_hello_reports_the_triggers_and_whether_a_rotation_is_due(golden, guest_root):
-    reply = wire.parse_response(golden.handle_line(wire.encode_request("hello", {}, "h1")), "h1", "hello")
+    reply = replies.parse_response(golden.handle_line(wire.encode_request("hello", {}, "h1")), "h1", "hello")
     hello = reply["result"]
     assert hello["triggers"] == {"boot_uuid": "on", "kmsg": "on", "network": "on", "session": "off", "uevent": "on"}
     assert hello["rotation_due"] is False
     assert hello["last_trigger"]["boot_id"] == BOOT and hello["last_trigger"]["uuid"] == FAKE_UUID
     write_guest(guest_root, events=1)
     golden.unavailable_triggers["network"] = "no rtnetlink socket"
-    hello = wire.parse_response(golden.handle_line(wire.encode_request("hello", {}, "h2")), "h2", "hello")["result"]
+    hello = replies.parse_response(golden.handle_line(wire.encode_request("hello", {}, "h2")), "h2", "hello")["result"]
     assert hello["rotation_due"] is True and hello["triggers"]["network"] == "unavailable"
 
 
@@ -206,7 +206,7 @@ def test_hello_says_how_the_last_rotation_of_this_process_went(golden):
     """An own trigger's rotation has no answer: hello carries its failed providers, for that generation only."""
     assert "last_rotation" not in type(golden)(golden.root).hello(), "a process that made no rotation cannot tell"
     golden.on_trigger("generation")
-    hello = wire.parse_response(golden.handle_line(wire.encode_request("hello", {}, "h1")), "h1", "hello")["result"]
+    hello = replies.parse_response(golden.handle_line(wire.encode_request("hello", {}, "h1")), "h1", "hello")["result"]
     assert hello["last_rotation"] == {"generation": hello["generation"], "failed": []}
     golden.last_rotation = {"generation": hello["generation"] - 1, "failed": []}
     assert "last_rotation" not in golden.hello(), "a record of another generation is not this one's"
@@ -223,9 +223,9 @@ def test_hello_says_how_the_last_rotation_of_this_process_went(golden):
 def test_the_host_refuses_a_hello_with_bad_trigger_fields(golden, field, value):
     hello = golden.hello()
     hello[field] = value
-    line = wire.encode_message(wire.make_result("h1", hello))
+    line = wire.encode_message(replies.make_result("h1", hello))
     with pytest.raises(wire.ProtocolError):
-        wire.parse_response(line, "h1", "hello")
+        replies.parse_response(line, "h1", "hello")
 
 
 def configure(root, **triggers):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import subprocess
 
-from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, wire
+from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, replies, wire
 
 from agent_testlib import agent, agent_module, guest_root  # noqa: F401  pylint: disable=unused-import
 
@@ -15,7 +15,7 @@ ATTEST_ARGS = {"nonce": NONCE, "hash_key": "c3" * 32, "domain_uuid": DOMAIN_UUID
 
 
 def request(instance, op, args):
-    reply = wire.parse_response(instance.handle_line(wire.encode_request(op, args, "k1")), "k1", op)
+    reply = replies.parse_response(instance.handle_line(wire.encode_request(op, args, "k1")), "k1", op)
     assert reply["ok"], reply
     return reply["result"]
 

@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import wire
+from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import replies, wire
 
 from agent_testlib import agent_module, make_guest_root  # noqa: F401  pylint: disable=unused-import
 from virtio_port import OsWithPort, SelectWithPort, Spinning, Stopped, VirtioPort
@@ -205,7 +205,7 @@ def test_a_half_line_of_a_host_that_left_is_not_glued_to_the_next_request(make_h
 
     harness.run(host)
     (reply,) = harness.port.replies()
-    assert wire.parse_response(reply, "new", "hello")["ok"]
+    assert replies.parse_response(reply, "new", "hello")["ok"]
 
 
 # -- a host that stops reading ---------------------------------------------------------------------
@@ -285,7 +285,7 @@ def test_a_reply_cut_off_by_the_write_timeout_does_not_spoil_the_next_one(make_h
     harness.run(host)
     torn, reply = harness.port.replies()
     assert len(torn) == 10
-    assert wire.parse_response(reply, "second", "hello")["ok"]
+    assert replies.parse_response(reply, "second", "hello")["ok"]
 
 
 # -- lines that break the agent's own code ---------------------------------------------------------
@@ -321,7 +321,7 @@ def test_handle_line_answers_even_when_the_parser_or_the_request_fails(agent_mod
         raise RecursionError("maximum recursion depth exceeded")
 
     monkeypatch.setattr(wire, "parse_request", broken)
-    reply = wire.parse_response(agent.handle_line(hello("x")), "x")
+    reply = replies.parse_response(agent.handle_line(hello("x")), "x")
     assert reply["ok"] is False and reply["id"] is None and reply["error"]["code"] == "internal"
     monkeypatch.undo()
 
@@ -329,23 +329,23 @@ def test_handle_line_answers_even_when_the_parser_or_the_request_fails(agent_mod
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(agent.irq, "channel_interrupts", unreadable)
-    reply = wire.parse_response(agent.handle_line(hello("y")), "y")
+    reply = replies.parse_response(agent.handle_line(hello("y")), "y")
     assert reply["ok"] is False and reply["error"]["code"] == "failed" and "Input/output error" in reply["error"]["message"]
 
 
 @pytest.mark.parametrize("text, shown", [("\udcff", "\\udcff"), ("a\ud800b", "a\\ud800b"),
                                          ("ok \U0001f600 \udcff", "ok \U0001f600 \\udcff")])
 def test_an_error_or_a_result_holding_a_lone_surrogate_is_sent_as_utf8_text(text, shown):
-    reply = wire.parse_response(wire.encode_message(wire.make_error("x", "failed", text)), "x")
+    reply = replies.parse_response(wire.encode_message(replies.make_error("x", "failed", text)), "x")
     assert reply["error"]["message"] == shown
-    result = json.loads(wire.encode_message(wire.make_result("y", {text: [text, {"k": text}]})).decode("utf-8"))
+    result = json.loads(wire.encode_message(replies.make_result("y", {text: [text, {"k": text}]})).decode("utf-8"))
     assert result["result"] == {shown: [shown, {"k": shown}]}
 
 
 def test_an_error_message_fits_the_limit_after_escaping_and_anything_makes_an_error():
-    reply = wire.parse_response(wire.encode_message(wire.make_error("x", "failed", "\udfff" * 3000)), "x")
+    reply = replies.parse_response(wire.encode_message(replies.make_error("x", "failed", "\udfff" * 3000)), "x")
     assert reply["error"]["message"].startswith("\\udfff\\udfff")
-    assert wire.make_error(None, None, None)["error"] == {"code": "internal", "message": "None"}
+    assert replies.make_error(None, None, None)["error"] == {"code": "internal", "message": "None"}
 
 
 def test_a_rotation_whose_outcome_names_an_undecodable_file_is_reported_not_lost(agent_module, tmp_path, quiet_config):
@@ -357,7 +357,7 @@ def test_a_rotation_whose_outcome_names_an_undecodable_file_is_reported_not_lost
     agent = agent_module.Agent(str(root))
     agent.start()
     args = {"operation": "regenerate", "nonce": NONCE, "hash_key": HASH_KEY, "domain_uuid": DOMAIN_UUID, "entropy_source": "guest"}
-    reply = wire.parse_response(agent.handle_line(wire.encode_request("rotate", args, "r")), "r", "rotate")
+    reply = replies.parse_response(agent.handle_line(wire.encode_request("rotate", args, "r")), "r", "rotate")
     assert reply["ok"], reply
     outcome = reply["result"]["providers"]["hooks"]
     assert outcome["status"] == "failed" and "50-\\udcff-fails exited 3" in outcome["error"]
@@ -409,7 +409,7 @@ def test_a_uevent_storm_does_not_end_the_serve_loop(make_harness, modules, monke
     harness.run(host)
     flooded.close()
     (reply,) = harness.port.replies()
-    result = wire.parse_response(reply, "after", "hello")["result"]
+    result = replies.parse_response(reply, "after", "hello")["result"]
     assert result["generation"] == 0, "lost uevents rotated although the VM generation counter did not move"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import wire
+from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import replies, wire
 
 from agent_testlib import FAKE_UUID, load_agent_module, make_guest_root
 
@@ -20,7 +20,7 @@ def hello_of(tmp_path, gpe_line: str | None) -> dict:
     agent = load_agent_module().Agent(str(root))
     agent.start()
     result = agent.hello()
-    wire.parse_response(wire.encode_message(wire.make_result("h1", result)).rstrip(b"\n"), "h1", "hello")
+    replies.parse_response(wire.encode_message(replies.make_result("h1", result)).rstrip(b"\n"), "h1", "hello")
     return result
 
 
@@ -39,12 +39,12 @@ def test_hello_says_whether_the_smbios_uuid_is_the_booted_ones(tmp_path, gpe_lin
 def test_the_host_refuses_a_uuid_restored_that_is_not_a_boolean(tmp_path, value):
     result = hello_of(tmp_path, "       1     enabled      unmasked\n")
     result["uuid_restored"] = value
-    line = wire.encode_message(wire.make_result("h2", result)).rstrip(b"\n")
+    line = wire.encode_message(replies.make_result("h2", result)).rstrip(b"\n")
     with pytest.raises(wire.ProtocolError, match="uuid_restored"):
-        wire.parse_response(line, "h2", "hello")
+        replies.parse_response(line, "h2", "hello")
 
 
 def test_an_older_agent_without_the_field_still_passes(tmp_path):
     result = hello_of(tmp_path, "       0     enabled      unmasked\n")
     del result["uuid_restored"]
-    assert wire.parse_response(wire.encode_message(wire.make_result("h3", result)).rstrip(b"\n"), "h3", "hello")["ok"]
+    assert replies.parse_response(wire.encode_message(replies.make_result("h3", result)).rstrip(b"\n"), "h3", "hello")["ok"]

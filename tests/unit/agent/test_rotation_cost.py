@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import wire
+from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import replies, wire
 
 from agent_testlib import load_agent_module
 from lab_guest import make_lab_guest_root
@@ -74,9 +74,9 @@ def live_lab_agent(agent_module, tmp_path, monkeypatch):
 
 def multicast(agent, request_id: str) -> dict:
     """What the host's multicast asks one clone: hello, rotate (with the attestation); then the notifications."""
-    wire.parse_response(agent.handle_line(wire.encode_request("hello", {}, f"h{request_id}")), f"h{request_id}", "hello")
+    replies.parse_response(agent.handle_line(wire.encode_request("hello", {}, f"h{request_id}")), f"h{request_id}", "hello")
     args = {**ARGS, "entropy": base64.b64encode(os.urandom(48)).decode()}
-    reply = wire.parse_response(agent.handle_line(wire.encode_request("rotate", args, request_id)), request_id, "rotate")
+    reply = replies.parse_response(agent.handle_line(wire.encode_request("rotate", args, request_id)), request_id, "rotate")
     assert reply["ok"], reply
     agent.run_notifications()
     return reply["result"]

@@ -5,6 +5,6 @@
 
 # pylint: disable=unused-import
 try:
-    from clonesafe_protocol import proof, wire  # noqa: F401  as installed in the guest
+    from clonesafe_protocol import proof, replies, wire  # noqa: F401  as installed in the guest
 except ImportError:  # run from a collection checkout (unit tests) rather than from the guest install
-    from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, wire  # noqa: F401
+    from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, replies, wire  # noqa: F401

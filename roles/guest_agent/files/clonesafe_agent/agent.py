@@ -14,7 +14,7 @@ import time
 import typing as t
 
 from . import AGENT_VERSION, forks
-from ._protocol import proof, wire
+from ._protocol import proof, replies, wire
 from .config import DEFAULT_CONFIG_PATH, load_config
 from .discovery import Discovery
 from .entropy import Entropy
@@ -349,14 +349,14 @@ class Agent:
             # A failure outside any request (the parser itself, encoding the reply): the line gets
             # an answer all the same, and the loop serves the next one.
             log(f"request line not handled: {type(error).__name__}: {wire.printable(str(error), 200)}")
-            return wire.encode_message(wire.make_error(None, "internal", "the agent could not handle this request"))
+            return wire.encode_message(replies.make_error(None, "internal", "the agent could not handle this request"))
 
     def _respond(self, line: bytes | wire.OversizedLine) -> bytes:
         received = time.monotonic()
         try:
             request = wire.parse_request(line)
         except wire.ProtocolError as error:
-            return wire.encode_message(wire.make_error(error.request_id, error.code, error.message))
+            return wire.encode_message(replies.make_error(error.request_id, error.code, error.message))
         parsed = time.monotonic()
         try:
             # Read once the line is a request: a flood of garbage costs no /proc/interrupts read per line.
@@ -365,10 +365,10 @@ class Agent:
             if "phases_ms" in result:
                 result["phases_ms"]["request"] = int((parsed - received) * 1000)
                 result["phases_ms"]["total"] = int((time.monotonic() - received) * 1000)
-            return wire.encode_message(wire.make_result(request["id"], result))
+            return wire.encode_message(replies.make_result(request["id"], result))
         except Exception as error:  # pylint: disable=broad-exception-caught
             log(f"request {request['id']} ({request['op']}) failed: {type(error).__name__}: {wire.printable(str(error), 500)}")
-            return wire.encode_message(wire.make_error(request["id"], "failed", f"{request['op']} failed: {type(error).__name__}: {error}"))
+            return wire.encode_message(replies.make_error(request["id"], "failed", f"{request['op']} failed: {type(error).__name__}: {error}"))
 
     def rotation_due(self, state: dict[str, t.Any] | None = None) -> forks.Due | None:
         """Why this guest must rotate before its network or a session is used (forks.rotation_due), or None."""

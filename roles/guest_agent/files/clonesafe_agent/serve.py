@@ -22,7 +22,7 @@ import time
 import typing as t
 
 from . import AGENT_VERSION
-from ._protocol import wire
+from ._protocol import replies, wire
 from .agent import Agent
 from .log import log
 from .network import NetworkWatch
@@ -135,7 +135,7 @@ class Channel:
         except Exception as error:  # pylint: disable=broad-exception-caught
             # handle_line answers every line itself: this is the last line of defence.
             log(f"request not handled: {type(error).__name__}: {wire.printable(str(error), 200)}")
-            response = wire.encode_message(wire.make_error(None, "internal", "the agent could not handle this request"))
+            response = wire.encode_message(replies.make_error(None, "internal", "the agent could not handle this request"))
         self.reply = memoryview(b"\n" + response if self.torn else response)
         self.torn = False
         self.written = 0

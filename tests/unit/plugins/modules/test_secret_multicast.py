@@ -18,7 +18,7 @@ from clonesafe_testlib import require_module, run_module
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.clone_xml import CloneIdentity, clone_paths, rewrite_for_clone
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.domain_xml import AGENT_CHANNEL_NAME, DomainSpec, build_domain_xml
-from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, wire
+from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, replies
 
 require_module("libvirt", "libvirt-python")
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[4]
@@ -75,7 +75,7 @@ def hostile_host(tmp_path):
                 result["attestation"] = proof.sign_attestation(
                     clone.key, attestation["nonce"], attestation["uuid"], attestation["generation"], attestation["fingerprints"],
                     domain_uuid=attestation["domain_uuid"])
-        return json.dumps(wire.make_result(request["id"], result)).encode() + b"\n", False, False
+        return json.dumps(replies.make_result(request["id"], result)).encode() + b"\n", False, False
 
     fleet = fuzz.FakeFleet(str(tmp_path), clones, respond, paths=paths)
     yield f"test://{node}", lies

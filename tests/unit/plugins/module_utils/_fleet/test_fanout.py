@@ -13,7 +13,7 @@ import pytest
 from helpers.fake_port import read_request_line
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.fanout import ChannelCall, call_all
-from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, wire
+from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, replies, wire
 
 HASH_KEY = secrets.token_hex(32)
 DOMAIN_UUID = "3c1b2a4e-5d6f-4a7b-8c9d-0e1f2a3b4c5d"
@@ -24,7 +24,7 @@ def good_attest_reply(request: dict) -> bytes:
     fingerprints = {"identity": proof.identity_fingerprint(proof.raw_public_key(key))}
     attestation = proof.sign_attestation(key, request["args"]["nonce"], "uuid", 3, fingerprints,
                                          domain_uuid=request["args"]["domain_uuid"])
-    return wire.encode_message(wire.make_result(request["id"], attestation))
+    return wire.encode_message(replies.make_result(request["id"], attestation))
 
 
 class FakeAgent:
@@ -88,7 +88,7 @@ def test_garbage_reply_names_the_clone(agents):
 
 
 def test_reply_of_the_wrong_shape_is_refused(agents):
-    call = agents("c", lambda request: wire.encode_message(wire.make_result(request["id"], {"nonce": "x"})))
+    call = agents("c", lambda request: wire.encode_message(replies.make_result(request["id"], {"nonce": "x"})))
     call_all([call], timeout=5)
     assert "invalid reply" in call.failure()
 
@@ -101,7 +101,7 @@ def test_oversized_reply_is_refused_without_reading_it_all(agents):
 
 def test_stale_reply_is_skipped(agents):
     def stale_then_good(request):
-        stale = wire.encode_message(wire.make_result("old-request", {"anything": 1}))
+        stale = wire.encode_message(replies.make_result("old-request", {"anything": 1}))
         return stale + good_attest_reply(request)
 
     call = agents("c", stale_then_good)
@@ -110,7 +110,7 @@ def test_stale_reply_is_skipped(agents):
 
 
 def test_error_reply_is_reported(agents):
-    call = agents("c", lambda request: wire.encode_message(wire.make_error(request["id"], "busy", "rotation in progress")))
+    call = agents("c", lambda request: wire.encode_message(replies.make_error(request["id"], "busy", "rotation in progress")))
     call_all([call], timeout=5)
     assert call.failure() == "agent of clone 'c' refused attest: busy: rotation in progress"
 

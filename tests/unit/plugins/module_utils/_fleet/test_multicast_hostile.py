@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet import multicast as mc
-from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, wire
+from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, replies
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[5]
 UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\u2028\u2029\u202a-\u202e\u2066-\u2069\ufeff]")
@@ -41,9 +41,9 @@ def hostile_fleet(tmp_path):
 
     def respond(clone, request):
         if request["op"] == "hello":
-            message = wire.make_result(request["id"], fuzz.valid_hello(rng, clone))
+            message = replies.make_result(request["id"], fuzz.valid_hello(rng, clone))
         else:
-            message = wire.make_result(request["id"], fuzz.valid_rotate(rng, clone, request["args"])[0])
+            message = replies.make_result(request["id"], fuzz.valid_rotate(rng, clone, request["args"])[0])
         edit = edits.get((clone.name, request["op"]))
         data = edit(message) if edit else message
         if isinstance(data, dict):
@@ -129,7 +129,7 @@ def test_guest_text_reaches_the_output_escaped_and_bounded(hostile_fleet):
     edits[("clone-1", "rotate")] = lambda message: set_in(
         message, ("result", "providers", "identity"),
         {"status": "failed", "method": None, "error": "\x1b[2J\x1b]0;pwned\x07line\nnext\u202e" + "x" * 1900})
-    edits[("clone-3", "hello")] = lambda message: wire.make_error(
+    edits[("clone-3", "hello")] = lambda message: replies.make_error(
         message["id"], "busy", "\x1b[31mred\r\n\u2028" + "y" * 2000)
     outcomes = run(targets)
     assert outcomes["clone-1"].status == "failed"

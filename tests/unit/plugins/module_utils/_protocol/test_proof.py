@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, wire
+from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, replies
 
 NONCE = "0a" * 32
 HASH_KEY = "02" * 32
@@ -30,7 +30,7 @@ def signed(key=None, nonce=NONCE, **fingerprints):
 def test_signed_attestation_verifies_and_returns_fingerprints():
     attestation = signed(machine_id="HMAC-SHA256:00")
     assert proof.verify_attestation(attestation, NONCE, expected_domain_uuid=DOMAIN) == attestation["fingerprints"]
-    wire.check_attestation_shape(attestation)
+    replies.check_attestation_shape(attestation)
 
 
 def test_replayed_attestation_is_rejected():
@@ -218,7 +218,7 @@ def test_attested_host_keys_are_bound_to_the_signed_fingerprints():
     attestation = signed(**{"ssh_host_key.ed25519": sha256_of_line(line)})
     attestation["host_keys"] = {"ssh_host_key.ed25519": line}
     assert proof.verify_attestation(attestation, NONCE, expected_domain_uuid=DOMAIN)["ssh_host_key.ed25519"] == sha256_of_line(line)
-    wire.check_attestation_shape(attestation)
+    replies.check_attestation_shape(attestation)
 
     swapped = copy.deepcopy(attestation)
     swapped["host_keys"]["ssh_host_key.ed25519"] = ssh_key_line()
