@@ -36,7 +36,6 @@ from .wire import (
     check_str,
     check_version,
     decode_line,
-    printable,
     shown,
 )
 

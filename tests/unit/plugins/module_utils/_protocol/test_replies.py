@@ -238,3 +238,25 @@ def test_deep_nesting_is_refused_before_any_schema_walks_it():
         with pytest.raises(wire.ProtocolError) as caught:
             replies.parse_response(message, "r")
         assert caught.value.code in ("bad_message", "bad_json")
+
+
+def test_free_text_may_hold_control_characters_that_printable_escapes():
+    error = wire.encode_message(replies.make_error("r", "failed", "line one\nline two\x1b[31m"))
+    message = replies.parse_response(error, "r")["error"]["message"]
+    assert wire.printable(message) == "line one\\x0aline two\\x1b[31m"
+    failed = {"status": "failed", "method": None, "error": "OSError:\n\tdisk full"}
+    rotate = reply(with_path(ROTATE_RESULT, ("providers", "identity"), failed), "rotate")
+    assert rotate["result"]["providers"]["identity"]["error"] == "OSError:\n\tdisk full"
+
+
+@settings(deadline=None, max_examples=300)
+@given(st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x10FFFF), max_size=80))
+def test_error_messages_about_any_field_name_or_version_are_printable(text):
+    for message in ({"v": V, "id": "r", "ok": True, "result": {**ATTESTATION, text: 1}},
+                    {"v": text, "id": "r", "ok": True, "result": ATTESTATION},
+                    {"v": V, "id": text, "ok": True, "result": ATTESTATION}):
+        try:
+            replies.parse_response(json.dumps(message).encode() + b"\n", "r", "attest")
+        except wire.ProtocolError as error:
+            assert wire.printable(error.message, 10**6) == error.message
+            error.message.encode("utf-8")
