@@ -291,12 +291,14 @@ def forward_port(domain: t.Any, guest_port: int) -> int:
     netdevs = user_netdev_ids(domain)
     if not netdevs:
         raise SystemExit(f"domain {domain.name()} has no user-mode NIC to forward a port on")
-    port = free_port()
-    command = f"hostfwd_add {netdevs[-1]} tcp:127.0.0.1:{port}-:{guest_port}"
-    reply = libvirt_qemu.qemuMonitorCommand(domain, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
-    if reply.strip():
-        raise SystemExit(f"{command} on {domain.name()}: {reply.strip()}")
-    return port
+    # free_port's port can be taken before QEMU binds it (forwards for other clones are made meanwhile).
+    for _attempt in range(5):
+        port = free_port()
+        command = f"hostfwd_add {netdevs[-1]} tcp:127.0.0.1:{port}-:{guest_port}"
+        reply = libvirt_qemu.qemuMonitorCommand(domain, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+        if not reply.strip():
+            return port
+    raise SystemExit(f"{command} on {domain.name()}: {reply.strip()}")
 
 
 def forward_ssh(domain: t.Any) -> SshForward:
@@ -318,14 +320,21 @@ def wait_for_new_key(forward: SshForward, old: set[str], timeout: float, interva
     the guest has its address (``ssh_probe``: why not ssh-keyscan in a loop)."""
     started = time.monotonic()
     deadline = started + timeout
+    served = None
     while time.monotonic() < deadline:
-        ssh_probe.wait_until_reachable(forward.probe, deadline)
+        try:
+            ssh_probe.wait_until_reachable(forward.probe, deadline)
+        except TimeoutError as error:
+            if served is None:
+                raise
+            raise TimeoutError(f"no new host key on 127.0.0.1:{forward.ssh} within {timeout:g} s (it served {served})") from error
         lines = ssh_probe.keyscan(forward.ssh)
         fingerprint = key_fingerprint(lines[0]) if lines else None
+        served = fingerprint or "nothing"
         if fingerprint and fingerprint not in old:
             return fingerprint, time.monotonic() - started
         time.sleep(interval)
-    raise TimeoutError(f"no new host key on 127.0.0.1:{forward.ssh} within {timeout:g} s")
+    raise TimeoutError(f"no new host key on 127.0.0.1:{forward.ssh} within {timeout:g} s (it served {served})")
 
 
 class ConsoleWatch:

@@ -7,7 +7,8 @@ when a connection to a forwarded port is made. A connection made before the gues
 its SYN with that ARP, and slirp's TCP sends the SYN again only after its initial retransmission timeout,
 6 s, longer than ``ssh-keyscan -T 3`` waits. Every attempt that starts a little too early then costs its
 whole timeout: captured with QEMU's filter-dump on 8 clones just released (bench/README.md), the first ARP
-went unanswered, the second, 6.1-6.6 s later, was answered at once, and the key came 1.1 s after that. The
+went unanswered, the second, 6.1-6.6 s later, was answered at once, and the key came 1.1 s after that
+(two of the 8 captured). The
 wait measured slirp's timer, not the clone; a client on a real network, whose kernel asks ARP again every
 second and keeps the packet, does not see it.
 
@@ -22,6 +23,8 @@ its address and slirp its MAC. Only then does ``ssh-keyscan``, a real client, co
 
 from __future__ import annotations
 
+import errno
+import os
 import selectors
 import socket
 import subprocess
@@ -33,7 +36,6 @@ PROBE_WAIT_S = 2.0
 # The discard port: nothing listens on it in the bench's guests, so their kernels refuse it.
 CLOSED_GUEST_PORT = 9
 KEYSCAN_TIMEOUT_S = 10
-CONNECT_WAIT_S = 1.0
 
 
 def wait_until_reachable(port: int, deadline: float) -> float:
@@ -52,10 +54,9 @@ def wait_until_reachable(port: int, deadline: float) -> float:
                 raise TimeoutError(f"127.0.0.1:{port} was never refused: the guest did not answer")
             if now >= next_probe:
                 probe = _connect(port)
-                if probe is not None:
-                    selector.register(probe, selectors.EVENT_READ)
-                    expiries[probe] = now + PROBE_WAIT_S
-                next_probe = time.monotonic() + PROBE_INTERVAL_S
+                selector.register(probe, selectors.EVENT_READ)
+                expiries[probe] = now + PROBE_WAIT_S
+                next_probe = now + PROBE_INTERVAL_S
             for probe in [probe for probe, expiry in expiries.items() if expiry <= now]:
                 _drop(selector, expiries, probe)
             wake = min([next_probe, deadline, *expiries.values()])
@@ -64,8 +65,11 @@ def wait_until_reachable(port: int, deadline: float) -> float:
                     data = key.fileobj.recv(1)
                 except BlockingIOError:
                     continue
-                except OSError:  # reset: refused
+                except ConnectionResetError:  # slirp reset it rather than closed it: the guest refused all the same
                     data = b""
+                except ConnectionRefusedError as error:
+                    raise ConnectionRefusedError(error.errno, f"nothing listens on 127.0.0.1:{port}: QEMU's forward is "
+                                                              "gone") from error
                 if data:
                     raise RuntimeError(f"something in the guest answers on the port 127.0.0.1:{port} forwards to "
                                        f"({CLOSED_GUEST_PORT}): reachability needs a port nothing listens on")
@@ -76,17 +80,19 @@ def wait_until_reachable(port: int, deadline: float) -> float:
         selector.close()
 
 
-def _connect(port: int) -> socket.socket | None:
-    """A non-blocking connection to 127.0.0.1:``port``, or None if it could not be made in CONNECT_WAIT_S.
+def _connect(port: int) -> socket.socket:
+    """A connection to 127.0.0.1:``port``, started and not waited for.
 
     QEMU accepts forwarded connections in its main loop, with a backlog of one: with guests booting on
-    every core, a connection can wait for QEMU; that probe is lost, not the wait.
+    every core a connection can wait for QEMU, and a refusal already on an earlier probe must not wait
+    with it. A probe QEMU never accepts is given up at its expiry like a silent one.
     """
-    try:
-        probe = socket.create_connection(("127.0.0.1", port), timeout=CONNECT_WAIT_S)
-    except OSError:
-        return None
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     probe.setblocking(False)
+    error = probe.connect_ex(("127.0.0.1", port))
+    if error not in (0, errno.EINPROGRESS):
+        probe.close()
+        raise ConnectionRefusedError(error, f"connecting to 127.0.0.1:{port}: {os.strerror(error)}")
     return probe
 
 

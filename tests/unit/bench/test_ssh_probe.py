@@ -66,7 +66,7 @@ def test_the_first_refused_probe_ends_the_wait_and_the_silent_ones_are_closed() 
         started = time.monotonic()
         waited = ssh_probe.wait_until_reachable(forward.port, started + 20)
         # A new probe every PROBE_INTERVAL_S, not one after another's PROBE_WAIT_S.
-        assert 3 * ssh_probe.PROBE_INTERVAL_S <= waited < 3 * ssh_probe.PROBE_INTERVAL_S + 0.5
+        assert 3 * ssh_probe.PROBE_INTERVAL_S <= waited < 3 * ssh_probe.PROBE_INTERVAL_S + 1.0
         assert forward.accepted == 4
         assert all(closed_by_peer(connection) for connection in forward.held), "a silent probe was left open"
     finally:
@@ -95,7 +95,7 @@ def test_a_port_that_answers_is_an_error_not_a_reachable_guest() -> None:
         forward.close()
 
 
-def test_a_connection_qemu_does_not_accept_is_a_lost_probe_not_an_error() -> None:
+def test_connections_qemu_does_not_accept_are_lost_probes_not_an_error() -> None:
     # A listener that never accepts, with its backlog full, as QEMU's forward is when its main loop is busy.
     listener = socket.create_server(("127.0.0.1", 0), backlog=0)
     port = listener.getsockname()[1]
@@ -107,8 +107,35 @@ def test_a_connection_qemu_does_not_accept_is_a_lost_probe_not_an_error() -> Non
         started = time.monotonic()
         with pytest.raises(TimeoutError, match=str(port)):
             ssh_probe.wait_until_reachable(port, started + 3)
-        assert time.monotonic() - started < 3 + ssh_probe.CONNECT_WAIT_S + 0.5
+        assert time.monotonic() - started < 3.5
     finally:
         for connection in filling:
             connection.close()
         listener.close()
+
+
+def test_a_refusal_is_seen_while_later_probes_wait_to_be_accepted() -> None:
+    # QEMU accepted the first probe and the guest refused it 0.6 s later; QEMU's main loop, busy, accepts
+    # nothing more meanwhile, and its backlog of one fills with later probes.
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    port = listener.getsockname()[1]
+
+    def accept_one_then_refuse() -> None:
+        connection, _address = listener.accept()
+        time.sleep(0.6)
+        connection.close()
+
+    threading.Thread(target=accept_one_then_refuse, daemon=True).start()
+    try:
+        waited = ssh_probe.wait_until_reachable(port, time.monotonic() + 10)
+        assert 0.5 < waited < 1.0
+    finally:
+        listener.close()
+
+
+def test_a_port_nothing_listens_on_is_an_error_naming_it() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.close()
+    with pytest.raises(ConnectionRefusedError, match=str(port)):
+        ssh_probe.wait_until_reachable(port, time.monotonic() + 5)
