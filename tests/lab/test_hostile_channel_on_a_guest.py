@@ -266,11 +266,11 @@ def test_nul_bytes(guest, record_property):
         sock.setblocking(True)
         sock.sendall(b"".join(frame + b"\n" for frame in frames))
         sock.setblocking(False)
-        replies = read_lines(sock, len(frames), 60)
+        answers = read_lines(sock, len(frames), 60)
     finally:
         sock.close()
-    assert len(replies) == len(frames)
-    for reply in replies:
+    assert len(answers) == len(frames)
+    for reply in answers:
         assert replies.parse_response(reply, "none")["ok"] is False
     assert_recovered(guest, record_property, "nul")
 
@@ -303,13 +303,13 @@ def mutated_rotate_frames(count: int, seed: int = 12) -> list[bytes]:
 def test_a_thousand_mutated_rotate_frames(guest, record_property):
     frames = mutated_rotate_frames(1000)
     sock = connect(guest["socket"])
-    replies: list = []
+    answers: list = []
     buffer = wire.LineBuffer(1 << 21)
     started = time.monotonic()
     try:
         pending = memoryview(b"".join(frame + b"\n" for frame in frames))
         deadline = time.monotonic() + 300
-        while len(replies) < len(frames) and time.monotonic() < deadline:
+        while len(answers) < len(frames) and time.monotonic() < deadline:
             readable, writable = select.select([sock], [sock] if pending else [], [], 1.0)[:2]
             if writable:
                 try:
@@ -319,13 +319,13 @@ def test_a_thousand_mutated_rotate_frames(guest, record_property):
             if readable:
                 data = sock.recv(1 << 20)
                 assert data, "the agent's side closed"
-                replies += buffer.feed(data)
+                answers += buffer.feed(data)
     finally:
         sock.close()
     print(f"\n1000 mutated rotate frames answered in {time.monotonic() - started:.1f} s")
-    assert len(replies) == len(frames)
+    assert len(answers) == len(frames)
     codes: dict[str, int] = {}
-    for reply in replies:
+    for reply in answers:
         message = replies.parse_response(reply, "none") if json.loads(reply)["id"] is None \
             else replies.parse_response(reply, json.loads(reply)["id"])
         assert message["ok"] is False, message

@@ -111,9 +111,9 @@ def test_fingerprints_match_what_openssh_and_the_files_say(agent, guest_root):
 
 
 def test_no_private_key_material_in_any_reply(agent, guest_root):
-    replies = [agent.handle_line(wire.encode_request(op, args, "x")) for op, args in
+    answers = [agent.handle_line(wire.encode_request(op, args, "x")) for op, args in
                (("hello", {}), ("rotate", rotate_args()), ("attest", ATTEST_ARGS))]
-    text = b"".join(replies)
+    text = b"".join(answers)
     identity = serialization.load_pem_private_key((guest_root / "var/lib/clonesafe-agent/identity.key").read_bytes(), None)
     seed = identity.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
     assert base64.b64encode(seed) not in text and seed.hex().encode() not in text
