@@ -12,6 +12,7 @@ import secrets
 import sys
 
 import pytest
+from protocol_values import nested
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet import multicast as mc
 from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, replies
@@ -71,13 +72,6 @@ def set_in(message, path, value):
         node = node[key]
     node[path[-1]] = value
     return message
-
-
-def nested(depth):
-    value = 0
-    for _level in range(depth):
-        value = [value]
-    return value
 
 
 @pytest.mark.parametrize(

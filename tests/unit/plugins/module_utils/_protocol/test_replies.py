@@ -7,23 +7,13 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from protocol_values import json_values, line, nested
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import replies, wire
 
 NONCE = "ab" * 32
 DOMAIN_UUID = "3c1b2a4e-5d6f-4a7b-8c9d-0e1f2a3b4c5d"
 V = wire.PROTOCOL_VERSION
-
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
-    max_leaves=20,
-)
-
-
-def line(obj) -> bytes:
-    return json.dumps(obj).encode() + b"\n"
-
 
 # -- responses (host side) ---------------------------------------------------------------------
 
@@ -148,13 +138,6 @@ def with_path(document, path, value):
         node = node[key]
     node[path[-1]] = value
     return copy
-
-
-def nested(depth):
-    value = 0
-    for _level in range(depth):
-        value = [value]
-    return value
 
 
 def test_a_complete_hello_parses():

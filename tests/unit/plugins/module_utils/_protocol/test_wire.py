@@ -8,6 +8,7 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from protocol_values import json_values, line
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import wire
 
@@ -25,16 +26,6 @@ VALID_REQUESTS = [
     {"v": V, "id": "r4", "op": "rotate", "args": {**ATTEST_ARGS, "operation": "modify", "entropy_source": "combined",
                                                   "entropy": ENTROPY, "providers": ["identity", "machine_id"]}},
 ]
-
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
-    max_leaves=20,
-)
-
-
-def line(obj) -> bytes:
-    return json.dumps(obj).encode() + b"\n"
 
 
 @pytest.mark.parametrize("request_obj", VALID_REQUESTS, ids=lambda r: r["id"])
