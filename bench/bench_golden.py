@@ -324,10 +324,10 @@ def wait_for_new_key(forward: SshForward, old: set[str], timeout: float, interva
     while time.monotonic() < deadline:
         try:
             ssh_probe.wait_until_reachable(forward.probe, deadline)
-        except TimeoutError as error:
+        except TimeoutError:
             if served is None:
                 raise
-            raise TimeoutError(f"no new host key on 127.0.0.1:{forward.ssh} within {timeout:g} s (it served {served})") from error
+            break
         lines = ssh_probe.keyscan(forward.ssh)
         fingerprint = key_fingerprint(lines[0]) if lines else None
         served = fingerprint or "nothing"
