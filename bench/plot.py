@@ -34,6 +34,8 @@ import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=wrong-import-posi
 HERE = pathlib.Path(__file__).resolve().parent
 # time_to_unique runs with the golden's agent baked with the guest_agent role's defaults (--out of each).
 ROLE_DEFAULT_RUNS = ("time_to_unique-role-defaults", "time_to_unique-role-defaults-generation", "time_to_unique-role-defaults-auto")
+# The library path's phases in the order they run (time_to_unique.library_path).
+LIBRARY_PHASES = ("restore_s", "multicast_s", "release_s", "ssh_s")
 
 
 def _load(directory: pathlib.Path, name: str) -> dict | None:
@@ -215,6 +217,12 @@ def headline_table(directory: pathlib.Path) -> list[str]:
                 library = f"failed at N={entry['clones']} (see below)" + (
                     f"; N={done[-1]['clones']}: {done[-1]['library_ratio']}x ({done[-1]['library_s']} s)" if done else "")
             rows.append(f"| the same through the library >= 50x | {library} | same run |")
+            by_phase = entry.get("library_guest_cpu_per_clone_by_phase_s")
+            if by_phase:
+                order = [phase for phase in LIBRARY_PHASES if phase in by_phase] + sorted(set(by_phase) - set(LIBRARY_PHASES))
+                spent = ", ".join(f"{phase.removesuffix('_s')} {by_phase[phase]} s" for phase in order)
+                rows.append(f"| (the library path's guests: QEMU CPU per clone by phase, N={entry['clones']}, median of the runs) "
+                            f"| {spent} | same run |")
         if ttu.get("template"):
             rows.append(f"| (memory template, made once, not in the ratios) | {ttu['template']['create_s']} s | same run |")
     for name in ROLE_DEFAULT_RUNS:

@@ -154,6 +154,11 @@ def scan_clones(conn: LibvirtConnection, names: list[str], golden_key: str, atte
         return dict(zip(names, pool.map(one, names)))
 
 
+def clones_cpu_s(names: list[str]) -> float:
+    """CPU the clones' QEMU processes used so far, summed (seconds)."""
+    return sum(benchlib.process_cpu_ns(benchlib.qemu_pid(name)) for name in names) / 1e9
+
+
 def guest_cpu(names: list[str], wall_s: float) -> dict[str, float]:
     """Host CPU the clones' QEMU processes used since they started (restore or boot), less what they
     burn idle, spread over this machine's cores: no ordering of that work ends sooner (``cpu_floor_s``).
@@ -279,6 +284,8 @@ def library_path(conn: LibvirtConnection, golden: bench_golden.Golden, name: str
     if made.failed:
         raise RuntimeError(f"restore failed: {[result.line() for result in made.failed]}")
     phases["restore_s"] = time.monotonic() - started
+    restored = [result.name for result in made.results]
+    guest_phases = {"restore_s": clones_cpu_s(restored)}
     found = template.load_template(template.DEFAULT_TEMPLATES_DIR, name)
     run_secret = secrets.token_hex(32)
     # The play's multicast: entropy_source left out (combined for the instruction, guest for an own regeneration).
@@ -291,6 +298,7 @@ def library_path(conn: LibvirtConnection, golden: bench_golden.Golden, name: str
     report = multicast(targets, settings)
     record_attestations(conn, report, "regenerate")
     phases["multicast_s"] = time.monotonic() - mark
+    guest_phases["multicast_s"] = clones_cpu_s(restored) - sum(guest_phases.values())
     mark = time.monotonic()
     results = {"localhost": {"clones": [clone.as_dict() for clone in report.clones]}}
     golden_fingerprints = found.summary()["golden_fingerprints"]
@@ -306,13 +314,17 @@ def library_path(conn: LibvirtConnection, golden: bench_golden.Golden, name: str
     if released.failed:
         raise RuntimeError(f"release failed: {[result.line() for result in released.failed]}")
     phases["release_s"] = time.monotonic() - mark
+    guest_phases["release_s"] = clones_cpu_s(restored) - sum(guest_phases.values())
     proven_s = time.monotonic() - started
     attested = {clone.name: clone.fingerprints.get("ssh_host_key.ed25519", "") for clone in report.clones}
     scan = scan_clones(conn, names, golden.ssh_fingerprint, attested)
     total_s = time.monotonic() - started
+    guest_phases["ssh_s"] = clones_cpu_s(restored) - sum(guest_phases.values())
     return {"path": "library", "clones": count, "proven_released_s": round(proven_s, 2),
             "ssh_after_release_s": round(max(scan.values()), 2), "to_ssh_s": round(total_s, 2),
-            "phases_s": {key: round(value, 2) for key, value in phases.items()}, "verified": len(names), "unique": verdict.unique,
+            "phases_s": {key: round(value, 2) for key, value in phases.items()},
+            # The clones' QEMU CPU in each phase, idle burn included (summed over the clones): where the floor goes.
+            "guest_cpu_by_phase_s": {key: round(value, 2) for key, value in guest_phases.items()}, "verified": len(names), "unique": verdict.unique,
             # Clones whose first hello went unanswered and was asked again (fanout.silence_allowed).
             "hello_asked_again": sorted(clone.name for clone in report.clones if clone.hello_attempts > 1), **guest_cpu(names, total_s),
             # How each clone's secrets were proven (trigger=auto: generation, its own regeneration, or channel).
@@ -445,6 +457,10 @@ def ratios(rows: list[dict], template_s: float) -> list[dict]:
                      for row in done if "host_cpu_s" in row and None not in row["host_cpu_s"].values()]
             if spent:
                 entry[f"{path}_cpu_per_clone_s"] = round(statistics.median(spent), 2)
+            by_phase = [row["guest_cpu_by_phase_s"] for row in done if "guest_cpu_by_phase_s" in row]
+            if by_phase:
+                entry[f"{path}_guest_cpu_per_clone_by_phase_s"] = {
+                    phase: round(statistics.median(row[phase] for row in by_phase) / count, 2) for phase in by_phase[0]}
         for path in ("ansible", "library"):
             if runs[path]:
                 ours = round(statistics.median(runs[path]), 2)

@@ -1,0 +1,40 @@
+# Copyright (c) clonesafe developers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""bench/time_to_unique.py's report: the ratios it prints and keeps, worked out from its rows by hand here."""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[3] / "bench"))
+import time_to_unique  # noqa: E402  pylint: disable=wrong-import-position,import-error
+
+
+def library_row(total: float, by_phase: dict[str, float], clones: int = 2) -> dict:
+    return {"path": "library", "clones": clones, "to_ssh_s": total, "guest_cpu_s": 4.0, "cpu_floor_s": 2.0,
+            "host_cpu_s": {"this_process": 0.5, "commands": 0.3, "libvirtd": 0.2}, "guest_cpu_by_phase_s": by_phase}
+
+
+def test_guest_cpu_by_phase_is_the_median_run_per_clone() -> None:
+    rows = [library_row(3.0, {"restore_s": 2.0, "multicast_s": 1.0, "release_s": 0.6, "ssh_s": 1.2}),
+            library_row(4.0, {"restore_s": 1.6, "multicast_s": 3.0, "release_s": 0.8, "ssh_s": 1.0}),
+            library_row(5.0, {"restore_s": 1.8, "multicast_s": 2.0, "release_s": 1.0, "ssh_s": 1.4}),
+            {"path": "usual", "clones": 2, "to_ssh_s": 40.0}]
+    [entry] = time_to_unique.ratios(rows, template_s=5.0)
+    assert entry["library_s"] == 4.0
+    assert entry["library_ratio"] == 10.0
+    assert entry["library_ratio_with_template"] == round(40.0 / 9.0, 1)
+    # Each phase's median over the runs (1.8, 2.0, 0.8, 1.2 s for both clones), per clone.
+    assert entry["library_guest_cpu_per_clone_by_phase_s"] == {"restore_s": 0.9, "multicast_s": 1.0, "release_s": 0.4, "ssh_s": 0.6}
+    # (guest 4.0 + host 1.0) s over 2 clones.
+    assert entry["library_cpu_per_clone_s"] == 2.5
+
+
+def test_a_failed_run_is_counted_and_has_no_phases() -> None:
+    rows = [library_row(3.0, {"restore_s": 2.0}), {"path": "library", "clones": 2, "error": "restore failed"},
+            {"path": "usual", "clones": 2, "to_ssh_s": 30.0}]
+    [entry] = time_to_unique.ratios(rows, template_s=0.0)
+    assert entry["library_failed_runs"] == 1
+    assert entry["library_runs_s"] == [3.0]
+    assert entry["library_guest_cpu_per_clone_by_phase_s"] == {"restore_s": 1.0}
