@@ -29,13 +29,11 @@ import json
 import os
 import pathlib
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
 import time
 import typing as t
-import xml.etree.ElementTree as ET
 
 import benchlib
 import ssh_probe
@@ -43,6 +41,7 @@ import ssh_probe
 # pylint: disable=wrong-import-position
 from clonesafe_testlib import run_module, run_playbook  # noqa: E402
 from helpers.agent_channel import AgentChannel, AgentError, fresh_hex  # noqa: E402
+from helpers.user_net import forward_port  # noqa: E402
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._protocol import proof, replies, wire  # noqa: E402
 
@@ -263,42 +262,6 @@ class SshForward:
 
     ssh: int
     probe: int
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def user_netdev_ids(domain: t.Any) -> list[str]:
-    """QEMU netdev ids of the domain's live user-mode NICs (libvirt names them 'host' + the device alias)."""
-    root = ET.fromstring(domain.XMLDesc(0))
-    ids = []
-    for interface in root.findall("devices/interface"):
-        alias = interface.find("alias")
-        if interface.get("type") == "user" and alias is not None:
-            ids.append("host" + alias.get("name", ""))
-    return ids
-
-
-def forward_port(domain: t.Any, guest_port: int) -> int:
-    """Forward a free 127.0.0.1 port to ``guest_port`` on the guest's user-mode NIC (QEMU's hostfwd_add, at run
-    time); the host port."""
-    import libvirt_qemu  # pylint: disable=import-outside-toplevel
-
-    netdevs = user_netdev_ids(domain)
-    if not netdevs:
-        raise SystemExit(f"domain {domain.name()} has no user-mode NIC to forward a port on")
-    # free_port's port can be taken before QEMU binds it (forwards for other clones are made meanwhile).
-    for _attempt in range(5):
-        port = free_port()
-        command = f"hostfwd_add {netdevs[-1]} tcp:127.0.0.1:{port}-:{guest_port}"
-        reply = libvirt_qemu.qemuMonitorCommand(domain, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
-        if not reply.strip():
-            return port
-    raise SystemExit(f"{command} on {domain.name()}: {reply.strip()}")
 
 
 def forward_ssh(domain: t.Any) -> SshForward:

@@ -63,8 +63,7 @@ def test_the_first_ssh_session_to_a_memory_clone_gets_the_clones_own_key(golden)
         assert before["rotation_due"] is True and before["generation"] == generation, before
         assert before["last_trigger"] == golden_hello["last_trigger"], "nothing rotated the clone before the session"
 
-        port = trigger_golden.free_port()
-        trigger_golden.forward_ssh(clone, port)
+        port = trigger_golden.forward_ssh(clone)
         started = time.monotonic()
         first = keyscan(port)
         first_seconds = time.monotonic() - started

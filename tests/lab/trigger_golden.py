@@ -24,6 +24,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from clonesafe_testlib import run_module, run_playbook
+from helpers import user_net
 from helpers.agent_channel import AgentChannel, fresh_hex, wait_for_agent
 from lab_vm import raw_copy
 
@@ -323,33 +324,18 @@ def restore_clone(golden: Golden, template: str, network: str) -> Clone:
                  clone["overlay"], clone["uuid"].lower())
 
 
-def forward_ssh(vm: t.Any, port: int) -> None:
-    """Forward 127.0.0.1:``port`` on the host to the guest's sshd through its user-mode NIC (QEMU's hostfwd_add).
-
-    Added to the running clone: a forward in the golden's XML would be copied to every clone (the clone
-    module refuses such a golden). Only the loopback of this host can reach it.
-    """
+def forward_ssh(vm: t.Any) -> int:
+    """Forward a free 127.0.0.1 port of the host to the guest's sshd through its one user-mode NIC; the port."""
     import libvirt  # pylint: disable=import-outside-toplevel
-    import libvirt_qemu  # pylint: disable=import-outside-toplevel
 
     conn = libvirt.open(vm.uri)
     try:
         domain = conn.lookupByName(vm.name)
-        aliases = [alias.get("name") for alias in ET.fromstring(domain.XMLDesc(0)).findall("devices/interface/alias")]
-        assert len(aliases) == 1, f"{vm.name} has {len(aliases)} NICs"
-        reply = libvirt_qemu.qemuMonitorCommand(domain, f"hostfwd_add host{aliases[0]} tcp:127.0.0.1:{port}-{ADDRESS}:22",
-                                                libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
-        assert "fail" not in reply.lower() and "error" not in reply.lower(), reply
+        netdevs = user_net.user_netdev_ids(domain)
+        assert len(netdevs) == 1, f"{vm.name} has {len(netdevs)} user-mode NICs"
+        return user_net.forward_port(domain, 22, ADDRESS)
     finally:
         conn.close()
-
-
-def free_port() -> int:
-    import socket  # pylint: disable=import-outside-toplevel
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def keyscan(port: int) -> dict[str, str]:
