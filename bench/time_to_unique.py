@@ -599,6 +599,11 @@ def main() -> None:
         ratio = "; ".join(f"usual/{path} {per_clone['usual'] / per_clone[path]:.1f}x" for path in ("ansible", "library")
                           if per_clone["usual"] and per_clone[path])
         print(f"{entry['clones']:>3}  " + "; ".join(f"{path} {value:.2f}" for path, value in per_clone.items() if value) + f"   ({ratio})")
+    print("the library path's clones, QEMU CPU per clone by phase (median of the runs), s")
+    for entry in result["ratios"]:
+        by_phase = entry.get("library_guest_cpu_per_clone_by_phase_s")
+        if by_phase:
+            print(f"{entry['clones']:>3}  " + "; ".join(f"{phase.removesuffix('_s')} {seconds:.2f}" for phase, seconds in by_phase.items()))
     benchlib.finish(result, args.out)
 
 
