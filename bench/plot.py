@@ -31,11 +31,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=wrong-import-position
 
+from time_to_unique_report import phase_order  # noqa: E402  pylint: disable=wrong-import-position
+
 HERE = pathlib.Path(__file__).resolve().parent
 # time_to_unique runs with the golden's agent baked with the guest_agent role's defaults (--out of each).
 ROLE_DEFAULT_RUNS = ("time_to_unique-role-defaults", "time_to_unique-role-defaults-generation", "time_to_unique-role-defaults-auto")
-# The library path's phases in the order they run (time_to_unique.library_path).
-LIBRARY_PHASES = ("restore_s", "multicast_s", "release_s", "ssh_s")
 
 
 def _load(directory: pathlib.Path, name: str) -> dict | None:
@@ -219,8 +219,7 @@ def headline_table(directory: pathlib.Path) -> list[str]:
             rows.append(f"| the same through the library >= 50x | {library} | same run |")
             by_phase = entry.get("library_guest_cpu_per_clone_by_phase_s")
             if by_phase:
-                order = [phase for phase in LIBRARY_PHASES if phase in by_phase] + sorted(set(by_phase) - set(LIBRARY_PHASES))
-                spent = ", ".join(f"{phase.removesuffix('_s')} {by_phase[phase]} s" for phase in order)
+                spent = ", ".join(f"{phase.removesuffix('_s')} {by_phase[phase]} s" for phase in phase_order(by_phase))
                 rows.append(f"| (the library path's guests: QEMU CPU per clone by phase, N={entry['clones']}, median of the runs) "
                             f"| {spent} | same run |")
         if ttu.get("template"):

@@ -1,4 +1,6 @@
 #!/usr/bin/env python
+# Copyright (c) clonesafe developers
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """What a memory clone's restore costs its QEMU process, against a cold start of the same clone.
 
 time_to_unique.py reports the restore's share of a clone's CPU (``guest_cpu_by_phase_s``). This bench
@@ -71,14 +73,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=5, help="clones per start method, one at a time")
     args = parser.parse_args()
+    if args.samples < 1:
+        parser.error("--samples must be at least 1")
     lab = benchlib.lab_summary()
     result = benchlib.header("restore_cost", lab)
     tag = secrets.token_hex(3)
     name = f"restorecost{tag}"
     image = bench_golden.ensure_image(lab)
     conn = LibvirtConnection(lab["uri"])
-    golden = bench_golden.Golden(lab, image, conn.conn, tag)
+    golden = None
     try:
+        golden = bench_golden.Golden(lab, image, conn.conn, tag)
         golden.boot()
         code, made = run_module("clonesafe.fleet.golden_snapshot", {"uri": lab["uri"], "name": name, "golden": golden.name,
                                                                     "memory": True})
@@ -106,7 +111,8 @@ def main() -> None:
     finally:
         clones.ensure_clones(conn, runner, request(name, state="absent"), False)
         run_module("clonesafe.fleet.golden_snapshot", {"uri": lab["uri"], "name": name, "state": "absent", "force": True})
-        golden.remove()
+        if golden is not None:
+            golden.remove()
         conn.close()
     benchlib.finish(result, "restore_cost")
 

@@ -34,7 +34,9 @@ per N and the ratio takes the median (every run is kept). Each path also records
 clones' QEMU processes used, start to new host key (``guest_cpu_s``); for ours, less their idle burn and
 divided by the cores (``cpu_floor_s``), an estimate of the time the same guest work needs on this machine whatever the
 order; and the host CPU besides (``host_cpu_s``: this process, the commands it ran, libvirtd), so
-the CPU each path spends per clone is compared too. Writes bench/results/time_to_unique.json.
+the CPU each path spends per clone is compared too. The library path also records its clones' CPU in
+each of its phases (``guest_cpu_by_phase_s``: restore, multicast, release, until ssh-keyscan got the key),
+and its ratios the median per clone (time_to_unique_report.py). Writes bench/results/time_to_unique.json.
 Everything it makes (golden, template, clones, copies) is removed at the end, also on failure.
 """
 
@@ -63,6 +65,7 @@ import xml.etree.ElementTree as ET
 
 import benchlib
 import bench_golden
+from time_to_unique_report import PATHS, print_report, ratios
 
 # pylint: disable=wrong-import-position
 import libvirt  # noqa: E402
@@ -83,7 +86,6 @@ from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.connectio
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.domain_xml import METADATA_NAMESPACE  # noqa: E402
 
 TOOLS = {"virt-clone": "virtinst", "virt-sysprep": "libguestfs-tools"}
-PATHS = ("ansible", "library", "usual")
 # Seconds over which the clones' idle CPU burn is measured, after a path was timed.
 IDLE_SAMPLE_S = 2.0
 SYSPREP_OPERATIONS = "ssh-hostkeys,machine-id"
@@ -284,7 +286,10 @@ def library_path(conn: LibvirtConnection, golden: bench_golden.Golden, name: str
     if made.failed:
         raise RuntimeError(f"restore failed: {[result.line() for result in made.failed]}")
     phases["restore_s"] = time.monotonic() - started
-    restored = [result.name for result in made.results]
+    restored = list(made.after)
+    # The clones' CPU per phase: all they used so far, less the phases before. Its boundaries are those of phases_s,
+    # except that the multicast's CPU also holds the resume and the release's the verdict (the clones' CPU is read
+    # only where this function marks a phase).
     guest_phases = {"restore_s": clones_cpu_s(restored)}
     found = template.load_template(template.DEFAULT_TEMPLATES_DIR, name)
     run_secret = secrets.token_hex(32)
@@ -430,50 +435,6 @@ class Usual:
         shutil.rmtree(self.work, ignore_errors=True)
 
 
-# -- report -----------------------------------------------------------------------------------------------
-
-
-def ratios(rows: list[dict], template_s: float) -> list[dict]:
-    """Per N: the usual path's time against the median of our runs (``--repeats``), each run's time kept."""
-    out = []
-    for count in sorted({row["clones"] for row in rows}):
-        # A failed run (--keep-going) has no time: it is counted, not left out unannounced.
-        tried = {path: [row for row in rows if row["clones"] == count and row["path"] == path] for path in PATHS}
-        succeeded = {path: [row for row in tried[path] if "error" not in row] for path in PATHS}
-        runs = {path: [row["to_ssh_s"] for row in succeeded[path]] for path in PATHS}
-        entry: dict = {"clones": count}
-        entry.update({f"{path}_failed_runs": len(tried[path]) - len(succeeded[path]) for path in PATHS
-                      if len(tried[path]) > len(succeeded[path])})
-        usual = statistics.median(runs["usual"]) if runs["usual"] else None
-        if usual is not None:
-            entry["usual_s"] = usual
-        for path in PATHS:
-            done = succeeded[path]
-            floors = [row["cpu_floor_s"] for row in done if "cpu_floor_s" in row]
-            if floors:
-                entry[f"{path}_cpu_floor_s"] = round(statistics.median(floors), 2)
-            # A run whose libvirt daemon CPU is unknown (None) has no CPU per clone: unknown is not zero.
-            spent = [(row["guest_cpu_s"] + sum(row["host_cpu_s"].values())) / count
-                     for row in done if "host_cpu_s" in row and None not in row["host_cpu_s"].values()]
-            if spent:
-                entry[f"{path}_cpu_per_clone_s"] = round(statistics.median(spent), 2)
-            by_phase = [row["guest_cpu_by_phase_s"] for row in done if "guest_cpu_by_phase_s" in row]
-            if by_phase:
-                entry[f"{path}_guest_cpu_per_clone_by_phase_s"] = {
-                    phase: round(statistics.median(row[phase] for row in by_phase) / count, 2) for phase in by_phase[0]}
-        for path in ("ansible", "library"):
-            if runs[path]:
-                ours = round(statistics.median(runs[path]), 2)
-                entry[f"{path}_s"] = ours
-                entry[f"{path}_runs_s"] = runs[path]
-                if usual is not None:  # no usual run at this N (--paths): times kept, no ratio
-                    entry[f"{path}_ratio"] = round(usual / ours, 1)
-                    entry[f"{path}_ratio_with_template"] = round(usual / (ours + template_s), 1)
-        if len(entry) > 1:
-            out.append(entry)
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clones", type=int, nargs="+", default=[1, 4, 8])
@@ -573,37 +534,7 @@ def main() -> None:
                     pass
     result["rows"] = rows
     result["ratios"] = ratios(rows, result["template"]["create_s"])
-    print(f"\ntemplate creation (once): {result['template']['create_s']:.2f} s")
-    print(f"{'N':>3}  {'usual (parallel)':>17}  {'ansible-playbook':>17}  {'ratio':>6}  {'library':>8}  {'ratio':>6}   (s to the last clone's new "
-          "host key seen by ssh-keyscan; ratio with the template's creation in brackets)")
-    for entry in (entry for entry in result["ratios"] if "usual_s" in entry):
-        print(f"{entry['clones']:>3}  {entry['usual_s']:>17.1f}  {entry.get('ansible_s', float('nan')):>17.1f}  "
-              f"{entry.get('ansible_ratio', float('nan')):>5.1f}x  {entry.get('library_s', float('nan')):>8.2f}  "
-              f"{entry.get('library_ratio', float('nan')):>5.1f}x   "
-              f"[{entry.get('ansible_ratio_with_template', float('nan'))}x, {entry.get('library_ratio_with_template', float('nan'))}x]")
-    for entry in result["ratios"]:
-        for path in PATHS:
-            if entry.get(f"{path}_failed_runs"):
-                print(f"N={entry['clones']}: {entry[f'{path}_failed_runs']} {path} run(s) FAILED, not in the median (see rows)")
-    print("the clones' own work (their QEMU processes' CPU, start to new host key, less idle burn) over the cores: "
-          "an estimate of the floor (see guest_cpu)")
-    for entry in result["ratios"]:
-        floors = [f"{path} {entry[f'{path}_cpu_floor_s']:.1f} s" for path in PATHS if f"{path}_cpu_floor_s" in entry]
-        if floors:
-            print(f"{entry['clones']:>3}  " + "; ".join(floors))
-    print("CPU per clone, guests and host (QEMU, this process, the commands run, libvirtd), s; usual / ours")
-    for entry in result["ratios"]:
-        per_clone = {path: entry.get(f"{path}_cpu_per_clone_s") for path in PATHS}
-        if not any(per_clone.values()):
-            continue
-        ratio = "; ".join(f"usual/{path} {per_clone['usual'] / per_clone[path]:.1f}x" for path in ("ansible", "library")
-                          if per_clone["usual"] and per_clone[path])
-        print(f"{entry['clones']:>3}  " + "; ".join(f"{path} {value:.2f}" for path, value in per_clone.items() if value) + f"   ({ratio})")
-    print("the library path's clones, QEMU CPU per clone by phase (median of the runs), s")
-    for entry in result["ratios"]:
-        by_phase = entry.get("library_guest_cpu_per_clone_by_phase_s")
-        if by_phase:
-            print(f"{entry['clones']:>3}  " + "; ".join(f"{phase.removesuffix('_s')} {seconds:.2f}" for phase, seconds in by_phase.items()))
+    print_report(result)
     benchlib.finish(result, args.out)
 
 
