@@ -189,6 +189,11 @@ def plot_fanout(data: dict, out: pathlib.Path) -> None:
     plt.close(figure)
 
 
+def _measured_on(data: dict) -> str:
+    """When and on which host CPU a results file was measured: figures compare only within one host."""
+    return f"{data['load']['before']['at'][:10]}, {data['machine'].get('cpu_model', 'host CPU unknown')}"
+
+
 def headline_table(directory: pathlib.Path) -> list[str]:
     """The headline figures as Markdown table rows (goal, measured, command), from the results files."""
     rows = ["| goal (this machine) | measured | command |", "|---|---|---|"]
@@ -261,7 +266,7 @@ def headline_table(directory: pathlib.Path) -> list[str]:
                     f"| {emulation['native']['cpu_ms_per_multicast']} ms natively, {emulation['tcg_guest']['cpu_ms_per_multicast']} ms "
                     f"in the guest ({emulation['tcg_over_native']}x); at most "
                     f"{emulation['tcg_guest']['qemu_host_cpu_ms_per_multicast_upper_bound']} ms of the guest QEMU's host CPU per "
-                    f"multicast | `{emulation['command']}` (user lab up) |")
+                    f"multicast ({_measured_on(emulation)}) | `{emulation['command']}` (user lab up) |")
     fanout = _load(directory, "fanout-1000")
     if fanout:
         rows.append(f"| fan-out <= 1 ms host time per clone at 1,000 fake agents | wall {fanout['wall_per_clone_ms']['p50']} ms, "
