@@ -42,8 +42,6 @@ import benchlib
 import bench_golden
 
 # pylint: disable=wrong-import-position
-from clonesafe_testlib import run_module  # noqa: E402
-
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet import multicast as mc  # noqa: E402
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet import uniqueness  # noqa: E402
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.selection import resume_paused, select_targets, template_hash_key  # noqa: E402
@@ -173,10 +171,7 @@ def main() -> None:
         golden = bench_golden.Golden(lab, image, conn.conn, tag)
         try:
             golden.boot()
-            code, made = run_module("clonesafe.fleet.golden_snapshot", {"uri": lab["uri"], "name": name, "golden": golden.name,
-                                                                        "memory": True})
-            if code != 0:
-                raise SystemExit(f"golden_snapshot failed: {made.get('msg')}")
+            golden.make_memory_template(name)
             golden.power_off()
             found = template.load_template(template.DEFAULT_TEMPLATES_DIR, name)
             golden_fingerprints = found.summary()["golden_fingerprints"]
@@ -231,7 +226,7 @@ def main() -> None:
                 benchlib.write_result(args.out, result)
         finally:
             remove(conn, name)
-            run_module("clonesafe.fleet.golden_snapshot", {"uri": lab["uri"], "name": name, "state": "absent", "force": True})
+            golden.remove_template(name)
             golden.remove()
     result["per_n"] = per_n
     benchlib.finish(result, args.out)

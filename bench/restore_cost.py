@@ -29,8 +29,6 @@ import bench_golden
 import benchlib
 
 # pylint: disable=wrong-import-position
-from clonesafe_testlib import run_module  # noqa: E402
-
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt import clones, template  # noqa: E402
 from ansible_collections.clonesafe.fleet.plugins.module_utils._libvirt.connection import LibvirtConnection  # noqa: E402
 
@@ -85,10 +83,7 @@ def main() -> None:
     try:
         golden = bench_golden.Golden(lab, image, conn.conn, tag)
         golden.boot()
-        code, made = run_module("clonesafe.fleet.golden_snapshot", {"uri": lab["uri"], "name": name, "golden": golden.name,
-                                                                    "memory": True})
-        if code != 0:
-            raise SystemExit(f"golden_snapshot failed: {made.get('msg')}")
+        golden.make_memory_template(name)
         golden.power_off()
         found = template.load_template(template.DEFAULT_TEMPLATES_DIR, name)
         result["memory_state_mib"] = round(os.path.getsize(found.memory) / 2**20, 1)
@@ -110,8 +105,8 @@ def main() -> None:
               f"more than a paused cold start", flush=True)
     finally:
         clones.ensure_clones(conn, runner, request(name, state="absent"), False)
-        run_module("clonesafe.fleet.golden_snapshot", {"uri": lab["uri"], "name": name, "state": "absent", "force": True})
-        if golden is not None:
+        if golden is not None:  # no golden, no template of it
+            golden.remove_template(name)
             golden.remove()
         conn.close()
     benchlib.finish(result, "restore_cost")

@@ -70,7 +70,7 @@ from time_to_unique_report import PATHS, print_report, ratios
 # pylint: disable=wrong-import-position
 import libvirt  # noqa: E402
 
-from clonesafe_testlib import run_module, run_playbook  # noqa: E402
+from clonesafe_testlib import run_playbook  # noqa: E402
 
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet import uniqueness  # noqa: E402
 from ansible_collections.clonesafe.fleet.plugins.module_utils._fleet.fanout import ChannelCall, call_all  # noqa: E402
@@ -476,12 +476,7 @@ def main() -> None:
         try:
             golden.boot()
             result["golden"] = {"name": golden.name, "boot_to_ssh_s": round(golden.boot_s, 1), "ssh_fingerprint": golden.ssh_fingerprint}
-            started = time.monotonic()
-            code, made = run_module("clonesafe.fleet.golden_snapshot", {"uri": lab["uri"], "name": name, "golden": golden.name,
-                                                                        "memory": True})
-            template_s = time.monotonic() - started
-            if code != 0:
-                raise SystemExit(f"golden_snapshot failed: {made.get('msg')}")
+            template_s = golden.make_memory_template(name)
             memory_bytes = (template.load_template(template.DEFAULT_TEMPLATES_DIR, name).manifest.get("memory") or {}).get("size")
             result["template"] = {"create_s": round(template_s, 2), "how": "clonesafe.fleet.golden_snapshot memory=true (ansible ad hoc)",
                                   "memory_bytes": memory_bytes}
@@ -522,7 +517,7 @@ def main() -> None:
                 print("  " + json.dumps({k: v for k, v in row.items() if k != "per_clone"}), flush=True)
         finally:
             remove_clones(conn, name)
-            run_module("clonesafe.fleet.golden_snapshot", {"uri": lab["uri"], "name": name, "state": "absent", "force": True})
+            golden.remove_template(name)
             if usual:
                 usual.remove()
             golden.remove()
