@@ -26,6 +26,11 @@ once the guest refuses a connection to a closed port, asked every 0.25 s (ssh_pr
 (c) the usual path, scripted in parallel as a user would: per clone ``virt-clone`` (full copy; the
     copies one at a time, virt-clone's storage pool is shared), ``virt-sysprep --operations
     ssh-hostkeys,machine-id``, cold boot, port forward, ``ssh-keyscan`` until the new key.
+(d) not a way to clone, a bound: the unproven path, the library path without its multicast and its proof
+    (restored held, resumed, released at once, until ssh-keyscan gets any host key from each clone). Its
+    ratio is the most any path that restores its clones from the template and ends when sshd serves can
+    reach on this machine; the report prints what each goal of issue 15 (20x, 50x) leaves, after it, for
+    the multicast, the proof and Ansible.
 
 The template's creation (clonesafe.fleet.golden_snapshot with memory, through Ansible) is timed and
 reported on its own line: it is made once for any number of clones. Ratios are printed for every N,
@@ -139,12 +144,18 @@ def libguestfs_env(lab: dict) -> tuple[dict[str, str], bool]:
 # -- our paths ----------------------------------------------------------------------------------------
 
 
-def scan_clones(conn: LibvirtConnection, names: list[str], golden_key: str, attested: dict[str, str]) -> dict[str, float]:
-    """Forward a port to each clone's sshd and wait for its new host key; seconds per clone from now."""
+def scan_clones(conn: LibvirtConnection, names: list[str], golden_key: str | None, attested: dict[str, str] | None) -> dict[str, float]:
+    """Forward a port to each clone's sshd and wait for its new host key; seconds per clone from now.
+
+    With ``golden_key`` None, any host key ends the wait; with ``attested`` None, it is not compared (the unproven path's
+    clones rotated and proved nothing)."""
     def one(name: str) -> float:
         started = time.monotonic()
         domain = conn.conn.lookupByName(name)
-        fingerprint, _waited = bench_golden.wait_for_new_key(bench_golden.forward_ssh(domain), {golden_key}, SSH_TIMEOUT)
+        old = {golden_key} if golden_key else set()
+        fingerprint, _waited = bench_golden.wait_for_new_key(bench_golden.forward_ssh(domain), old, SSH_TIMEOUT)
+        if attested is None:
+            return time.monotonic() - started
         expected = attested.get(name)
         if not expected:
             raise RuntimeError(f"clone {name}: its proof attested no ed25519 host key")
@@ -276,17 +287,31 @@ def attested_ed25519_keys(known_hosts: pathlib.Path) -> dict[str, str]:
     return found
 
 
-def library_path(conn: LibvirtConnection, golden: bench_golden.Golden, name: str, count: int, trigger: str = "auto") -> dict:
-    """(b): what the play's modules do, called in this process; then ssh-keyscan of every clone."""
-    phases = {}
-    started = time.monotonic()
+def restore_held(conn: LibvirtConnection, name: str, count: int) -> list[str]:
+    """The play's first task: ``count`` clones of template ``name`` restored paused, network held; their names."""
     request = clones.Request(template=name, templates_dir=template.DEFAULT_TEMPLATES_DIR, clones_dir=clones.DEFAULT_CLONES_DIR,
                              state="running", count=count, start="restore", paused=True, network="held")
     made = clones.ensure_clones(conn, runner, request, False)
     if made.failed:
         raise RuntimeError(f"restore failed: {[result.line() for result in made.failed]}")
+    return list(made.after)
+
+
+def release(conn: LibvirtConnection, name: str, names: list[str]) -> None:
+    """The play's last task: the network of clones ``names`` released (each its own MAC, link up)."""
+    released = clones.ensure_clones(conn, runner, clones.Request(template=name, templates_dir=template.DEFAULT_TEMPLATES_DIR,
+                                                                 clones_dir=clones.DEFAULT_CLONES_DIR, state="running",
+                                                                 names=names, network="released"), False)
+    if released.failed:
+        raise RuntimeError(f"release failed: {[result.line() for result in released.failed]}")
+
+
+def library_path(conn: LibvirtConnection, golden: bench_golden.Golden, name: str, count: int, trigger: str = "auto") -> dict:
+    """(b): what the play's modules do, called in this process; then ssh-keyscan of every clone."""
+    phases = {}
+    started = time.monotonic()
+    restored = restore_held(conn, name, count)
     phases["restore_s"] = time.monotonic() - started
-    restored = list(made.after)
     # The clones' CPU per phase: all they used so far, less the phases before. Its boundaries are those of phases_s,
     # except that the multicast's CPU also holds the resume and the release's the verdict (the clones' CPU is read
     # only where this function marks a phase).
@@ -313,11 +338,7 @@ def library_path(conn: LibvirtConnection, golden: bench_golden.Golden, name: str
         raise RuntimeError(f"not proven unique: {verdict.failure_message()}")
     phases["verify_s"] = time.monotonic() - mark
     mark = time.monotonic()
-    released = clones.ensure_clones(conn, runner, clones.Request(template=name, templates_dir=template.DEFAULT_TEMPLATES_DIR,
-                                                                 clones_dir=clones.DEFAULT_CLONES_DIR, state="running",
-                                                                 names=names, network="released"), False)
-    if released.failed:
-        raise RuntimeError(f"release failed: {[result.line() for result in released.failed]}")
+    release(conn, name, names)
     phases["release_s"] = time.monotonic() - mark
     guest_phases["release_s"] = clones_cpu_s(restored) - sum(guest_phases.values())
     proven_s = time.monotonic() - started
@@ -335,6 +356,30 @@ def library_path(conn: LibvirtConnection, golden: bench_golden.Golden, name: str
             # How each clone's secrets were proven (trigger=auto: generation, its own regeneration, or channel).
             "proven_by": dict(sorted(collections.Counter(str(clone.trigger) for clone in report.clones).items())),
             "rotations_per_clone": regenerations(conn, name)}
+
+
+def unproven_path(conn: LibvirtConnection, name: str, count: int) -> dict:
+    """(d), not a way to clone: the library path without its multicast and its proof. The clones are restored held,
+    resumed and released at once, until ssh-keyscan gets a host key from each (the golden's, unless an agent with the
+    role's default triggers regenerated by itself). What any path that restores its clones from the template and ends,
+    as the others do, when sshd serves a real client pays on this machine: its time bounds their ratios."""
+    phases = {}
+    started = time.monotonic()
+    restored = restore_held(conn, name, count)
+    phases["restore_s"] = time.monotonic() - started
+    guest_phases = {"restore_s": clones_cpu_s(restored)}
+    mark = time.monotonic()
+    resume_paused(conn, select_targets(conn, name, None, None))
+    release(conn, name, restored)
+    phases["release_s"] = time.monotonic() - mark
+    # The resume's CPU is counted with the release here; on the library path it is the multicast's.
+    guest_phases["release_s"] = clones_cpu_s(restored) - sum(guest_phases.values())
+    scan = scan_clones(conn, restored, None, None)
+    total_s = time.monotonic() - started
+    guest_phases["ssh_s"] = clones_cpu_s(restored) - sum(guest_phases.values())
+    return {"path": "unproven", "clones": count, "ssh_after_release_s": round(max(scan.values()), 2), "to_ssh_s": round(total_s, 2),
+            "phases_s": {key: round(value, 2) for key, value in phases.items()},
+            "guest_cpu_by_phase_s": {key: round(value, 2) for key, value in guest_phases.items()}, **guest_cpu(restored, total_s)}
 
 
 # -- the usual path -------------------------------------------------------------------------------------
@@ -499,6 +544,8 @@ def main() -> None:
                         row = ansible_path(conn, golden, name, count, work, args.trigger)
                     elif path == "library":
                         row = library_path(conn, golden, name, count, args.trigger)
+                    elif path == "unproven":
+                        row = unproven_path(conn, name, count)
                     else:
                         row = usual.run(count)
                 except (RuntimeError, TimeoutError, OSError, ValueError) as error:  # OSError: a clone's QEMU gone

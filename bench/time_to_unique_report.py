@@ -10,7 +10,11 @@ from __future__ import annotations
 import statistics
 import typing as t
 
-PATHS = ("ansible", "library", "usual")
+PATHS = ("ansible", "library", "unproven", "usual")
+# Our paths and the unproven one (time_to_unique.unproven_path): timed against the usual path.
+TIMED_PATHS = ("ansible", "library", "unproven")
+# Issue 15's goals against the usual path: the play's and the library path's.
+GOALS = (20, 50)
 # The library path's phases in the order they run (time_to_unique.library_path), for its clones' CPU too.
 LIBRARY_PHASES = ("restore_s", "multicast_s", "release_s", "ssh_s")
 
@@ -49,7 +53,7 @@ def ratios(rows: list[dict], template_s: float) -> list[dict]:
             if by_phase:
                 entry[f"{path}_guest_cpu_per_clone_by_phase_s"] = {
                     phase: round(statistics.median(row[phase] for row in by_phase) / count, 2) for phase in phase_order(by_phase[0])}
-        for path in ("ansible", "library"):
+        for path in TIMED_PATHS:
             if runs[path]:
                 ours = round(statistics.median(runs[path]), 2)
                 entry[f"{path}_s"] = ours
@@ -57,9 +61,19 @@ def ratios(rows: list[dict], template_s: float) -> list[dict]:
                 if usual is not None:  # no usual run at this N (--paths): times kept, no ratio
                     entry[f"{path}_ratio"] = round(usual / ours, 1)
                     entry[f"{path}_ratio_with_template"] = round(usual / (ours + template_s), 1)
+        entry.update(goal_budgets(entry))
         if len(entry) > 1:
             out.append(entry)
     return out
+
+
+def goal_budgets(entry: dict) -> dict:
+    """For each goal, the time it allows (the usual path's over the goal) and what the unproven path leaves of it
+    for the multicast, the proof and Ansible; negative when restoring, releasing and reaching sshd alone take longer."""
+    if "usual_s" not in entry or "unproven_s" not in entry:
+        return {}
+    return {f"goal_{goal}x": {"allowed_s": round(entry["usual_s"] / goal, 2),
+                              "left_after_unproven_s": round(entry["usual_s"] / goal - entry["unproven_s"], 2)} for goal in GOALS}
 
 
 def print_report(result: dict) -> None:
@@ -72,6 +86,12 @@ def print_report(result: dict) -> None:
               f"{entry.get('ansible_ratio', float('nan')):>5.1f}x  {entry.get('library_s', float('nan')):>8.2f}  "
               f"{entry.get('library_ratio', float('nan')):>5.1f}x   "
               f"[{entry.get('ansible_ratio_with_template', float('nan'))}x, {entry.get('library_ratio_with_template', float('nan'))}x]")
+    print("the unproven path (restored, resumed, released, until ssh-keyscan gets a key; no multicast, no proof): the most a "
+          "path that restores its clones can reach here, and what each goal leaves for the multicast, the proof and Ansible")
+    for entry in (entry for entry in result["ratios"] if "unproven_ratio" in entry):
+        budgets = [f"{goal}x allows {entry[f'goal_{goal}x']['allowed_s']:.2f} s, leaves {entry[f'goal_{goal}x']['left_after_unproven_s']:+.2f} s"
+                   for goal in GOALS]
+        print(f"{entry['clones']:>3}  {entry['unproven_s']:.2f} s, {entry['unproven_ratio']:.1f}x   ({'; '.join(budgets)})")
     for entry in result["ratios"]:
         for path in PATHS:
             if entry.get(f"{path}_failed_runs"):
@@ -87,11 +107,12 @@ def print_report(result: dict) -> None:
         per_clone = {path: entry.get(f"{path}_cpu_per_clone_s") for path in PATHS}
         if not any(per_clone.values()):
             continue
-        ratio = "; ".join(f"usual/{path} {per_clone['usual'] / per_clone[path]:.1f}x" for path in ("ansible", "library")
+        ratio = "; ".join(f"usual/{path} {per_clone['usual'] / per_clone[path]:.1f}x" for path in TIMED_PATHS
                           if per_clone["usual"] and per_clone[path])
         print(f"{entry['clones']:>3}  " + "; ".join(f"{path} {value:.2f}" for path, value in per_clone.items() if value) + f"   ({ratio})")
-    print("the library path's clones, QEMU CPU per clone by phase (median of the runs), s")
-    for entry in result["ratios"]:
-        by_phase = entry.get("library_guest_cpu_per_clone_by_phase_s")
-        if by_phase:
-            print(f"{entry['clones']:>3}  " + "; ".join(f"{phase.removesuffix('_s')} {by_phase[phase]:.2f}" for phase in phase_order(by_phase)))
+    for path in ("library", "unproven"):
+        print(f"the {path} path's clones, QEMU CPU per clone by phase (median of the runs), s")
+        for entry in result["ratios"]:
+            by_phase = entry.get(f"{path}_guest_cpu_per_clone_by_phase_s")
+            if by_phase:
+                print(f"{entry['clones']:>3}  " + "; ".join(f"{phase.removesuffix('_s')} {by_phase[phase]:.2f}" for phase in phase_order(by_phase)))

@@ -30,7 +30,9 @@ MAX_GUEST_TEXT = 512
 # A request the host may ask again, on a new connection, after this long with not a byte in reply.
 # The guest's virtio console learns "host connected" in a work queue after the request's bytes
 # arrive; in a loaded guest (just restored, regenerating) that can come too late, and the agent then
-# takes the request for what a departed host left and drops it: the host would wait for nothing.
+# takes the request for what a departed host left and drops it: the host would wait for nothing. (An
+# agent of this collection keeps a lone hello for the host for 3 s, held_hello.py: an older agent, an
+# attest, or a guest slower still, still need the asking again.)
 # Only what changes nothing is asked again (with the same id: a late reply to the first asking is as
 # good): hello, the one that waits longest after a restore, and attest (a signature over the same
 # nonce). Never rotate. The silence allowed doubles with each asking (3, 6, 12 s), then stays at

@@ -173,7 +173,9 @@ def test_a_host_that_leaves_while_its_request_is_served_is_forgotten_before_the_
     assert [line for line in harness.handled if b"old" in line] == [hello("old0").rstrip(b"\n")]
 
 
-def test_a_request_readable_before_its_host_is_marked_connected_is_served(make_harness):
+# Within serve.HANGUP_GRACE_SECONDS, and well after it, as in a just-restored guest under load (held_hello.py).
+@pytest.mark.parametrize("late", [0.02, 0.5, 2.0])
+def test_a_hello_readable_before_its_host_is_marked_connected_is_served(make_harness, late):
     harness = make_harness()
 
     def host(port):
@@ -182,11 +184,91 @@ def test_a_request_readable_before_its_host_is_marked_connected_is_served(make_h
         assert port.wait_for(port.replies, 2.0)
         port.hangup()
         time.sleep(0.3)
-        port.connect_late(hello("second"), 0.02)
-        assert port.wait_for(port.replies, 2.0), "the new host's request was thrown away as a departed host's"
+        started = time.monotonic()
+        port.connect_late(hello("second"), late)
+        assert port.wait_for(port.replies, 2.0), "the new host's hello was thrown away as a departed host's"
+        harness.answered_in = time.monotonic() - started
 
     harness.run(host)
     assert ids(harness.port.replies()) == ["second"]
+    assert harness.answered_in < late + 1.0
+
+
+def rotate_request(request_id: str) -> bytes:
+    args = {"operation": "regenerate", "nonce": NONCE, "hash_key": HASH_KEY, "domain_uuid": DOMAIN_UUID, "entropy_source": "guest"}
+    return wire.encode_request("rotate", args, request_id)
+
+
+def test_a_rotation_readable_long_before_its_host_is_marked_connected_is_not_served(make_harness):
+    # Past the grace the port cannot tell a new host's request from a departed host's: only a hello is kept.
+    harness = make_harness()
+
+    def host(port):
+        port.connect_late(rotate_request("early"), 0.5)
+        time.sleep(0.3)
+        port.send(hello("after"))
+        assert port.wait_for(port.replies, 2.0)
+        time.sleep(0.2)
+
+    harness.run(host)
+    assert ids(harness.port.replies()) == ["after"]
+    assert not [line for line in harness.handled if b'"rotate"' in line], "a rotation no host was there for was served"
+
+
+def test_a_departed_hosts_lone_hello_is_answered_to_the_next_host_which_skips_it(make_harness):
+    harness = make_harness()
+
+    def host(port):
+        port.connect()
+        with port.lock:  # written and gone before the agent looks
+            port.send(hello("old"))
+            port.hangup()
+        time.sleep(0.3)
+        port.connect()
+        port.send(hello("new"))
+        assert port.wait_for(lambda: len(port.replies()) >= 2, 2.0)
+
+    harness.run(host)
+    assert ids(harness.port.replies()) == ["old", "new"]
+
+
+@pytest.mark.parametrize("left", [b"half a hello", hello("a") + hello("b"), b'{"v":1,"id":"x","op":"hello","args":[]}\n'])
+def test_nothing_but_one_whole_valid_hello_is_kept_for_the_next_host(make_harness, left):
+    harness = make_harness()
+
+    def host(port):
+        port.connect()
+        with port.lock:
+            port.send(left)
+            port.hangup()
+        time.sleep(0.3)
+        port.connect()
+        port.send(hello("new"))
+        assert port.wait_for(port.replies, 2.0)
+        time.sleep(0.2)
+
+    harness.run(host)
+    assert ids(harness.port.replies()) == ["new"]
+
+
+def test_a_kept_hello_no_host_claims_in_time_is_dropped(make_harness, monkeypatch):
+    held_hello = importlib.import_module("clonesafe_agent.held_hello")
+    monkeypatch.setattr(held_hello, "HOLD_SECONDS", 0.2)
+    harness = make_harness()
+
+    def host(port):
+        port.connect()
+        with port.lock:
+            port.send(hello("old"))
+            port.hangup()
+        time.sleep(0.6)
+        port.connect()
+        port.send(hello("new"))
+        assert port.wait_for(port.replies, 2.0)
+        time.sleep(0.2)
+
+    harness.run(host)
+    assert ids(harness.port.replies()) == ["new"]
 
 
 def test_a_half_line_of_a_host_that_left_is_not_glued_to_the_next_request(make_harness):

@@ -54,3 +54,23 @@ def test_the_printed_table_gives_the_phases_per_clone(capsys) -> None:
     printed = capsys.readouterr().out.splitlines()
     assert "  2  restore 1.00; multicast 0.50; release 0.30; ssh 0.60" in printed
     assert any(line.split() == ["2", "40.0", "nan", "nanx", "3.00", "13.3x", "[nanx,", "5.0x]"] for line in printed), printed
+
+
+def test_the_unproven_path_bounds_the_ratios_and_leaves_each_goal_its_budget(capsys) -> None:
+    rows = [{"path": "unproven", "clones": 8, "to_ssh_s": 9.0}, {"path": "unproven", "clones": 8, "to_ssh_s": 11.0},
+            {"path": "unproven", "clones": 8, "to_ssh_s": 10.0}, {"path": "usual", "clones": 8, "to_ssh_s": 240.0}]
+    [entry] = time_to_unique_report.ratios(rows, template_s=5.0)
+    assert entry["unproven_s"] == 10.0
+    assert entry["unproven_ratio"] == 24.0
+    # 240 / 20 = 12 s allowed, 2 s of it left; 240 / 50 = 4.8 s allowed, 5.2 s short.
+    assert entry["goal_20x"] == {"allowed_s": 12.0, "left_after_unproven_s": 2.0}
+    assert entry["goal_50x"] == {"allowed_s": 4.8, "left_after_unproven_s": -5.2}
+    time_to_unique_report.print_report({"template": {"create_s": 5.0}, "ratios": [entry]})
+    printed = capsys.readouterr().out.splitlines()
+    assert "  8  10.00 s, 24.0x   (20x allows 12.00 s, leaves +2.00 s; 50x allows 4.80 s, leaves -5.20 s)" in printed, printed
+
+
+def test_no_budget_without_both_the_usual_and_the_unproven_path() -> None:
+    rows = [{"path": "unproven", "clones": 1, "to_ssh_s": 2.0}, {"path": "usual", "clones": 4, "to_ssh_s": 100.0}]
+    assert [sorted(entry) for entry in time_to_unique_report.ratios(rows, 0.0)] == [
+        ["clones", "unproven_runs_s", "unproven_s"], ["clones", "usual_s"]]

@@ -24,6 +24,7 @@ import typing as t
 from . import AGENT_VERSION
 from ._protocol import replies, wire
 from .agent import Agent
+from .held_hello import HeldHello
 from .log import log
 from .network import NetworkWatch
 from .triggers import GenerationWatch
@@ -59,7 +60,7 @@ class Channel:
     One request at a time, in order: a line is served once the reply before it is out, the port is
     read when every line read was served (memory: one read, one reply; a host that does not read
     is not read). What a host that left or stopped reading sent or is owed is dropped: never served
-    after it left, never answered to whoever connects next.
+    after it left, never answered to whoever connects next; but a lone hello (held_hello.py).
     """
 
     def __init__(self, agent: Agent, fd: int) -> None:
@@ -77,6 +78,7 @@ class Channel:
         self.discarded = 0
         self.early = bytearray()
         self.checking = False
+        self.held = HeldHello()
 
     @property
     def busy(self) -> bool:
@@ -103,6 +105,7 @@ class Channel:
             self.hangup()
             if revents & HOST_GONE:
                 return False
+        self.lines.extend(self.buffer.feed(self.held.take()))
         if self.reply:
             if revents & select.POLLOUT and not self.flush():
                 return False
@@ -237,7 +240,7 @@ class Channel:
 
         virtio_console keeps a departed host's input readable until read; see HANGUP_GRACE_SECONDS.
         """
-        discarded = 0
+        discarded, first = 0, b""
         for _read in range(MAX_DISCARD_READS):
             if not self.no_host():
                 break
@@ -249,7 +252,10 @@ class Channel:
                 break
             if not discarded and self.host_returns():
                 return data, 0
+            first = first or data
             discarded += len(data)
+        if discarded == len(first) and self.held.keep(first):
+            return b"", 0
         return b"", discarded
 
 
@@ -367,7 +373,7 @@ def serve(agent: Agent) -> None:
 def _timeout_ms(channel: Channel | None, watching_port: bool, hup_until: float, now: float) -> int:
     """How long the next poll() may wait."""
     if channel is not None and watching_port:
-        if channel.left or (channel.lines and not channel.reply):
+        if channel.left or (channel.lines and not channel.reply) or channel.held.data:
             return 0
         deadline = channel.deadline()
         if channel.reply and deadline is not None:
