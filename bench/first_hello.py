@@ -10,7 +10,7 @@ holds up the whole multicast. Each round restores ``--clones`` clones of the ben
 (bench_golden.py: 512 MiB, 1 vCPU) paused with the network held, resumes them, sends every clone a hello
 with the product's own fan-out (fanout.call_all), records each clone's time to its answer and how many times
 it was asked, and removes the clones. Self-contained on purpose: copied into an older checkout, it measures
-that checkout's agent (``--build-image`` bakes it).
+that checkout's agent (baked into a bench image of its own unless ``--reuse-image``).
 
 Needs the lab (``make lab``); run as root from the repository root, the lab lock held:
 ``flock /tmp/clonesafe-lab.lock .venv/bin/python bench/first_hello.py --clones 8 --rounds 24``.
@@ -19,7 +19,6 @@ Needs the lab (``make lab``); run as root from the repository root, the lab lock
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import time
 import uuid
@@ -66,13 +65,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clones", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=24)
-    parser.add_argument("--build-image", action="store_true",
-                        help="bake this checkout's agent into a bench image even if a newer image exists")
+    parser.add_argument("--reuse-image", action="store_true",
+                        help="take the newest bench image even if its agent is not this checkout's")
     parser.add_argument("--out", default="first_hello", help="results file name under bench/results (without .json)")
     args = parser.parse_args()
     lab = benchlib.lab_summary()
     result = benchlib.header("first_hello", lab)
-    image = bench_golden.ensure_image(lab, reuse=not args.build_image)
+    image = bench_golden.ensure_image(lab, reuse=args.reuse_image)
     result.update({"image": image, "clones": args.clones, "rounds": args.rounds})
     tag = uuid.uuid4().hex[:6]
     name = f"bench{tag}"
@@ -99,8 +98,7 @@ def main() -> None:
         "rounds_with_one_asked_again": sum(1 for row in rows if any(count > 1 for count in row["asked"])),
         "failed": sum(len(row["errors"]) for row in rows),
         "last_answer_s": benchlib.summarize([row["last_answer_s"] for row in rows], 2),
-        "answer_ms": benchlib.summarize([ms for row in rows for ms in row["answer_ms"] if ms is not None], 0),
-        "median_round_s": round(statistics.median(row["last_answer_s"] for row in rows), 2)}
+        "answer_ms": benchlib.summarize([ms for row in rows for ms in row["answer_ms"] if ms is not None], 0)}
     summary = result["summary"]
     print(f"{summary['hellos']} first hellos to {args.clones} clones at once, {args.rounds} rounds: {summary['asked_again']} asked again "
           f"({summary['rounds_with_one_asked_again']} rounds held up), {summary['failed']} failed; last answer per round p50 "

@@ -233,7 +233,7 @@ def headline_table(directory: pathlib.Path) -> list[str]:
                 rows.append(f"| (the library path's guests: QEMU CPU per clone by phase, N={entry['clones']}, median of the runs) "
                             f"| {spent} | same run |")
             if "unproven_ratio" in entry:
-                left = "; ".join(f"{goal} allows {entry[f'goal_{goal}x']['allowed_s']} s, leaves "
+                left = "; ".join(f"{goal}x allows {entry[f'goal_{goal}x']['allowed_s']} s, leaves "
                                  f"{entry[f'goal_{goal}x']['left_after_unproven_s']:+} s" for goal in (20, 50))
                 rows.append(f"| (a bound: restored, resumed, released, sshd reached, with no multicast and no proof, "
                             f"N={entry['clones']}) | {entry['unproven_ratio']}x ({entry['unproven_s']} s): {left} "

@@ -86,9 +86,11 @@ def print_report(result: dict) -> None:
               f"{entry.get('ansible_ratio', float('nan')):>5.1f}x  {entry.get('library_s', float('nan')):>8.2f}  "
               f"{entry.get('library_ratio', float('nan')):>5.1f}x   "
               f"[{entry.get('ansible_ratio_with_template', float('nan'))}x, {entry.get('library_ratio_with_template', float('nan'))}x]")
-    print("the unproven path (restored, resumed, released, until ssh-keyscan gets a key; no multicast, no proof): the most a "
-          "path that restores its clones can reach here, and what each goal leaves for the multicast, the proof and Ansible")
-    for entry in (entry for entry in result["ratios"] if "unproven_ratio" in entry):
+    bounded = [entry for entry in result["ratios"] if "unproven_ratio" in entry]
+    if bounded:
+        print("the unproven path (restored, resumed, released, until ssh-keyscan gets a key; no multicast, no proof): the most "
+              "a path built on this restore and release reaches here, and what each goal leaves for the multicast, the proof and Ansible")
+    for entry in bounded:
         budgets = [f"{goal}x allows {entry[f'goal_{goal}x']['allowed_s']:.2f} s, leaves {entry[f'goal_{goal}x']['left_after_unproven_s']:+.2f} s"
                    for goal in GOALS]
         print(f"{entry['clones']:>3}  {entry['unproven_s']:.2f} s, {entry['unproven_ratio']:.1f}x   ({'; '.join(budgets)})")

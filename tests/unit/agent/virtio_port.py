@@ -67,6 +67,8 @@ class VirtioPort:
         self.opened = 0
         self.guest_thread = threading.get_ident()
         self.closed = False
+        # Bytes a read returns at most (None: all that is queued, up to the size asked).
+        self.read_limit: int | None = None
 
     # -- the host --------------------------------------------------------------------------------
 
@@ -130,6 +132,11 @@ class VirtioPort:
         with self.lock:
             return wire.LineBuffer(1 << 24).feed(bytes(self.received))
 
+    def watched(self) -> bool:
+        """Whether the agent opened the port and asked for SIGIO (serve() is up: what the host does now, it sees)."""
+        with self.lock:
+            return self.opened > 0 and not self.closed and bool(fcntl.fcntl(self.fd, fcntl.F_GETFL) & os.O_ASYNC)
+
     def wait_for(self, predicate: t.Callable[[], bool], timeout: float) -> bool:
         """Poll ``predicate`` until it holds or ``timeout`` passes."""
         deadline = time.monotonic() + timeout
@@ -151,8 +158,9 @@ class VirtioPort:
         with self.lock:
             self._gone_call()
             if self.inbuf:
-                data = bytes(self.inbuf[:size])
-                del self.inbuf[:size]
+                # The driver hands out one buffer per read: what QEMU pushed at once, not all that is queued.
+                data = bytes(self.inbuf[:min(size, self.read_limit or size)])
+                del self.inbuf[:len(data)]
                 return data
             if not self.host_connected:
                 return b""

@@ -49,13 +49,14 @@ class HeldHello:
         self.data, self.since = data, time.monotonic()
         return True
 
-    def take(self) -> bytes:
-        """For a host now connected: the hello kept for it, or nothing (none kept, or kept too long ago)."""
-        data, self.data = self.data, b""
+    def take(self) -> list[bytes]:
+        """For a host now connected: the hello kept for it as a line of its own (without its newline: never joined to
+        the start of a line the host sent), or nothing (none kept, or kept too long ago)."""
+        data, since, self.data = self.data, self.since, b""
         if not data:
-            return b""
-        if time.monotonic() - self.since > HOLD_SECONDS:
+            return []
+        if time.monotonic() - since > HOLD_SECONDS:
             log(f"a hello found with no host connected was not claimed within {HOLD_SECONDS:g} s: dropped")
-            return b""
+            return []
         log("serving a hello the port showed before its host")
-        return data
+        return [data[:-1]]

@@ -105,7 +105,7 @@ class Channel:
             self.hangup()
             if revents & HOST_GONE:
                 return False
-        self.lines.extend(self.buffer.feed(self.held.take()))
+        self.lines.extend(self.held.take())
         if self.reply:
             if revents & select.POLLOUT and not self.flush():
                 return False
@@ -186,15 +186,16 @@ class Channel:
                 + (f", {partial + discarded} byte(s) of input" if partial or discarded else ""))
 
     def hangup(self) -> None:
-        """The host left: drop what it sent and is owed, and what it wrote that is still in the port."""
+        """The host left: drop what it sent and is owed and what it wrote still in the port (check_host's notes reset first)."""
         self.checking = True
         try:
             kept, discarded = self.leftovers()
+            kept, self.early = bytes(self.early) + kept, bytearray()
+            discarded, self.discarded, self.left = self.discarded + discarded, 0, False
         finally:
             self.checking = False
-        kept, self.early = bytes(self.early) + kept, bytearray()
-        self.drop("the host left", self.discarded + discarded)
-        self.discarded, self.left, self.torn = 0, False, False
+        self.drop("the host left", discarded)
+        self.torn = False
         if kept:
             self.lines.extend(self.buffer.feed(kept))
 
@@ -252,9 +253,8 @@ class Channel:
                 break
             if not discarded and self.host_returns():
                 return data, 0
-            first = first or data
-            discarded += len(data)
-        if discarded == len(first) and self.held.keep(first):
+            first, discarded = first or data, discarded + len(data)
+        if first and discarded == len(first) and self.held.keep(first):
             return b"", 0
         return b"", discarded
 
