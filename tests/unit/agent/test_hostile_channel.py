@@ -88,7 +88,7 @@ class Harness:
             try:
                 # A loaded machine can take longer to start the agent than a script to act: the script starts on a
                 # serving agent, or a host that "left" before the agent looked would be one that never left.
-                if not self.port.wait_for(self.port.watched, 30.0):
+                if not self.port.wait_for(lambda: self.port.watched() or self.port.stop, 30.0):
                     raise AssertionError("the agent did not open the port and ask for SIGIO within 30 s")
                 script(self.port)
             except BaseException as error:  # pylint: disable=broad-exception-caught

@@ -103,8 +103,8 @@ class Channel:
         if self.left or revents & HOST_GONE:
             # Seen by this poll(), or on SIGIO while a request was served (a new host may be there now).
             self.hangup()
-            if revents & HOST_GONE:
-                return False
+            if revents & HOST_GONE or self.left:  # or gone again while hangup() ran: nothing is served for it
+                return not revents & HOST_GONE
         self.lines.extend(self.held.take())
         if self.reply:
             if revents & select.POLLOUT and not self.flush():
